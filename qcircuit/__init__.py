@@ -1,0 +1,8 @@
+"""qcircuit: QuanTA adapters written as quantum-style circuits, compiled for PyTorch."""
+from .errors import QCError, Span
+from .ir import ApplyRule, Circuit, Gate, Pattern, Program, all_pairs_qudits, balanced_factors
+from .parser import parse, parse_file
+
+__version__ = "0.1.0"
+__all__ = ["QCError", "Span", "Circuit", "Gate", "Program", "ApplyRule", "Pattern",
+           "all_pairs_qudits", "balanced_factors", "parse", "parse_file", "__version__"]

@@ -1,0 +1,53 @@
+"""QCError: the one exception users see, with a source location when it comes from text."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where something was written: file (None for a string), 1-based line and column."""
+
+    file: str | None
+    line: int
+    column: int
+    source_line: str = ""
+
+    def at(self) -> str:
+        return f"{self.file or '<string>'}:{self.line}:{self.column}"
+
+
+class QCError(ValueError):
+    """A user error: bad circuit text, a circuit that does not fit, a bad checkpoint.
+
+    From text it carries ``file``, ``line`` and ``column`` (1-based) and prints the
+    offending line with a caret under the column.
+    """
+
+    def __init__(self, message: str, span: Span | None = None, expected: str | None = None):
+        self.message = message
+        self.span = span
+        self.expected = expected
+        self.file = span.file if span else None
+        self.line = span.line if span else None
+        self.column = span.column if span else None
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        if self.span is None:
+            text = self.message
+            return f"{text} (expected {self.expected})" if self.expected else text
+        lines = [f"{self.span.at()}: error: {self.message}"]
+        if self.span.source_line:
+            source = self.span.source_line.rstrip("\n").expandtabs(1)
+            lines.append(f"    {source}")
+            lines.append("    " + " " * max(self.span.column - 1, 0) + "^")
+        if self.expected:
+            lines.append(f"expected {self.expected}")
+        return "\n".join(lines)
+
+    def one_line(self) -> str:
+        """The message on one line, for the command line."""
+        where = f"{self.span.at()}: " if self.span else ""
+        tail = f" (expected {self.expected})" if self.expected else ""
+        return f"{where}{self.message}{tail}"

@@ -1,0 +1,439 @@
+"""The immutable IR: ``Gate``, ``Circuit`` (also the builder) and ``Program``.
+
+Semantics (see DESIGN.md): a gate on qudits ``(a, b, …)`` maps their current dims
+``in_dims`` to ``out_dims``; its tensor has shape ``out_dims + in_dims``. The circuit
+operator is ``T = G_K ⋯ G_1`` (first gate applied first). Equality ignores source spans.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Iterable, Mapping, Sequence
+
+from .errors import QCError, Span
+
+Dims = tuple[int, ...]
+
+#: option name -> default value; the parser and ``Program`` check keys against it.
+OPTION_DEFAULTS: Mapping[str, object] = MappingProxyType(
+    {"init": "freeze_one", "scale": 1.0, "dropout": 0.0}
+)
+INIT_MODES = ("freeze_one", "zero_last")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A dense gate on ``qudits``. In an auto circuit (dims unknown yet) both dims are ``()``."""
+
+    qudits: tuple[int, ...]
+    in_dims: Dims
+    out_dims: Dims
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def arity(self) -> int:
+        return len(self.qudits)
+
+    @property
+    def shape(self) -> Dims:
+        """Tensor shape: outputs first, then inputs, both in ``qudits`` order."""
+        return self.out_dims + self.in_dims
+
+    @property
+    def in_size(self) -> int:
+        return math.prod(self.in_dims)
+
+    @property
+    def out_size(self) -> int:
+        return math.prod(self.out_dims)
+
+    @property
+    def num_params(self) -> int:
+        return self.in_size * self.out_size
+
+    @property
+    def is_square(self) -> bool:
+        return self.in_dims == self.out_dims
+
+
+def parse_dims(text: str | Sequence[int] | int, span: Span | None = None) -> Dims:
+    """``"16x43"`` or ``(16, 43)`` or ``16`` -> ``(16, 43)``; every dim must be positive."""
+    if isinstance(text, int):
+        dims: tuple = (text,)
+    elif isinstance(text, str):
+        parts = text.strip().lower().split("x")
+        if not all(re.fullmatch(r"\s*-?\d+\s*", p) for p in parts):
+            raise QCError(f"bad dims {text!r}", span, expected="dims like 16x8")
+        dims = tuple(int(p) for p in parts)
+    else:
+        dims = tuple(text)
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+            raise QCError(f"dims must be positive integers, got {d!r}", span)
+    return dims
+
+
+def _split_gate_dims(dims, out) -> tuple[Dims | None, Dims | None]:
+    if isinstance(dims, str) and "->" in dims:
+        if out is not None:
+            raise QCError("give output dims either after '->' or as out=, not both")
+        left, right = dims.split("->", 1)
+        return parse_dims(left), parse_dims(right)
+    return (None if dims is None else parse_dims(dims)), (None if out is None else parse_dims(out))
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """A gate as written: qudits, and dims only where the author wrote them."""
+
+    qudits: tuple[int, ...]
+    in_dims: Dims | None = None
+    out_dims: Dims | None = None
+    span: Span | None = field(default=None, compare=False)
+
+
+def build_gates(
+    wires: Sequence[int | None],
+    specs: Iterable[GateSpec],
+    out_dims: Sequence[int] | None = None,
+) -> tuple[tuple[int | None, ...], tuple[Gate, ...]]:
+    """Infer and check every gate's dims from the wires; return ``(in_dims, gates)``.
+
+    A dim left unwritten is taken from the wire. A wire with unknown dim (``None``)
+    learns it from the first gate that names it. With declared ``out_dims``, the last
+    gate on a qudit maps it to its declared output dim unless that gate says otherwise;
+    the circuit's final dims must equal ``out_dims``.
+    """
+    specs = list(specs)
+    in_dims = list(wires)
+    current = list(wires)
+    last_on: dict[int, int] = {}
+    for k, spec in enumerate(specs):
+        if not spec.qudits:
+            raise QCError("a gate needs at least one qudit", spec.span)
+        if len(set(spec.qudits)) != len(spec.qudits):
+            raise QCError(f"qudit repeated in gate {spec.qudits}", spec.span, expected="distinct qudits")
+        for q in spec.qudits:
+            if not isinstance(q, int) or isinstance(q, bool) or q < 0:
+                raise QCError(f"qudit index must be a non-negative integer, got {q!r}", spec.span)
+            last_on[q] = k
+    gates = []
+    for k, spec in enumerate(specs):
+        for name, written in (("input", spec.in_dims), ("output", spec.out_dims)):
+            if written is not None and len(written) != len(spec.qudits):
+                raise QCError(
+                    f"gate on {len(spec.qudits)} qudits written with {len(written)} {name} dims",
+                    spec.span, expected=f"{len(spec.qudits)} dims")
+        for q in spec.qudits:
+            if q >= len(current):
+                raise QCError(f"qudit {q} out of range: the circuit has {len(current)} qudits "
+                              f"(0..{len(current) - 1})", spec.span)
+        ins = []
+        for i, q in enumerate(spec.qudits):
+            written = spec.in_dims[i] if spec.in_dims is not None else None
+            if current[q] is None:
+                if written is None:
+                    raise QCError(f"qudit {q} has no dims yet: write them on its first gate", spec.span,
+                                  expected="dims like 16x16")
+                current[q] = in_dims[q] = written
+            elif written is not None and written != current[q]:
+                raise QCError(
+                    f"gate dims {'x'.join(map(str, spec.in_dims))} disagree with the wires: "
+                    f"qudit {q} carries dim {current[q]}", spec.span,
+                    expected="x".join(str(current[p]) for p in spec.qudits))
+            ins.append(current[q])
+        if spec.out_dims is not None:
+            outs = list(spec.out_dims)
+        elif out_dims is not None:
+            outs = [out_dims[q] if last_on[q] == k else current[q] for q in spec.qudits]
+        else:
+            outs = list(ins)
+        for q, d in zip(spec.qudits, outs):
+            current[q] = d
+        gates.append(Gate(tuple(spec.qudits), tuple(ins), tuple(outs), spec.span))
+    if out_dims is not None and tuple(current) != tuple(out_dims):
+        bad = [q for q in range(len(current)) if current[q] != out_dims[q]]
+        span = specs[-1].span if specs else None
+        raise QCError(
+            f"declared output dims {' '.join(map(str, out_dims))} are not reached: the gates end "
+            f"with {' '.join(map(str, current))} (qudit {bad[0]})", span)
+    return tuple(in_dims), tuple(gates)
+
+
+def all_pairs_qudits(n: int) -> list[tuple[int, int]]:
+    """The paper's reference order: ``(i, j)``, ``i < j``, by ``j`` then ``i`` descending."""
+    return [(i, j) for j in range(n - 1, 0, -1) for i in range(j - 1, -1, -1)]
+
+
+def balanced_factors(n: int, parts: int) -> Dims:
+    """Factorise ``n`` into ``parts`` factors as equal as possible, largest first."""
+    if n <= 0 or parts <= 0:
+        raise QCError(f"cannot factorise {n} into {parts} factors")
+    primes, m, p = [], n, 2
+    while p * p <= m:
+        while m % p == 0:
+            primes.append(p)
+            m //= p
+        p += 1
+    if m > 1:
+        primes.append(m)
+    factors = [1] * parts
+    for prime in sorted(primes, reverse=True):
+        factors[factors.index(min(factors))] *= prime
+    return tuple(sorted(factors, reverse=True))
+
+
+@dataclass(frozen=True, init=False)
+class Circuit:
+    """An immutable circuit, and its builder: every method returns a new ``Circuit``.
+
+    ``Circuit(16, 8, 8, 4)`` fixes the input dims; ``Circuit()`` learns each qudit's dims
+    from its first gate; ``Circuit.auto(n)`` leaves them to be factorised from the layer
+    it is bound to (``resolve``).
+    """
+
+    dims: tuple[int | None, ...]
+    gates: tuple[Gate, ...]
+    auto: int | None
+    span: Span | None = field(compare=False, repr=False)
+    learns: bool = field(compare=False, repr=False)
+
+    def __init__(self, *dims: int, gates: Sequence[Gate] = (), auto: int | None = None,
+                 span: Span | None = None, learns: bool | None = None):
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        checked = tuple(None if d is None else parse_dims(d, span)[0] for d in dims)
+        if auto is not None and (dims or not isinstance(auto, int) or auto <= 0):
+            raise QCError("an auto circuit takes a positive qudit count and no dims", span)
+        object.__setattr__(self, "dims", checked)
+        object.__setattr__(self, "gates", tuple(gates))
+        object.__setattr__(self, "auto", auto)
+        object.__setattr__(self, "span", span)
+        object.__setattr__(self, "learns", (not dims and auto is None) if learns is None else learns)
+
+    @classmethod
+    def auto_dims(cls, n: int) -> "Circuit":
+        """A circuit on ``n`` qudits whose dims come from the layer at bind time."""
+        return cls(auto=n)
+
+    # --- shape -----------------------------------------------------------------------
+    @property
+    def num_qudits(self) -> int:
+        return self.auto if self.auto is not None else len(self.dims)
+
+    @property
+    def is_auto(self) -> bool:
+        return self.auto is not None
+
+    def check_complete(self) -> None:
+        """Raise ``QCError`` unless every qudit has known dims (not auto, none unlearnt)."""
+        if self.auto is not None:
+            raise QCError(f"this circuit has 'qudits auto {self.auto}': bind it to a layer first "
+                          "(Circuit.resolve(in_features, out_features))", self.span)
+        for q, d in enumerate(self.dims):
+            if d is None:
+                raise QCError(f"qudit {q} has no dims: no gate gives them", self.span)
+
+    @property
+    def in_dims(self) -> Dims:
+        self.check_complete()
+        return self.dims  # type: ignore[return-value]
+
+    @property
+    def out_dims(self) -> Dims:
+        current = list(self.in_dims)
+        for g in self.gates:
+            for q, d in zip(g.qudits, g.out_dims):
+                current[q] = d
+        return tuple(current)
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_dims)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_dims)
+
+    @property
+    def params_per_gate(self) -> tuple[int, ...]:
+        self.check_complete()
+        return tuple(g.num_params for g in self.gates)
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.params_per_gate)
+
+    # --- builder -----------------------------------------------------------------------
+    def _with(self, specs: Sequence[GateSpec]) -> "Circuit":
+        if self.auto is not None:
+            for s in specs:
+                if s.in_dims is not None or s.out_dims is not None:
+                    raise QCError("an auto circuit takes its dims from the layer: write gates "
+                                  "without dims", s.span)
+                build_gates([1] * self.auto, [s])  # checks qudits only
+            new = tuple(Gate(tuple(s.qudits), (), (), s.span) for s in specs)
+            return Circuit(gates=self.gates + new, auto=self.auto, span=self.span)
+        wires = list(self.out_dims_partial())
+        if self.learns:  # Circuit(): qudits appear as gates name them
+            top = max((q for s in specs for q in s.qudits if isinstance(q, int)), default=-1)
+            wires += [None] * (top + 1 - len(wires))
+        learnt, gates = build_gates(wires, specs)
+        dims = tuple(learnt[q] if q >= len(self.dims) or self.dims[q] is None else self.dims[q]
+                     for q in range(len(learnt)))
+        return Circuit(*dims, gates=self.gates + gates, span=self.span, learns=self.learns)
+
+    def out_dims_partial(self) -> tuple[int | None, ...]:
+        """Current dims of every wire, ``None`` where not yet learnt (builder use)."""
+        current = list(self.dims)
+        for g in self.gates:
+            for q, d in zip(g.qudits, g.out_dims):
+                current[q] = d
+        return tuple(current)
+
+    def gate(self, qudits: Sequence[int] | int, dims: str | Sequence[int] | None = None,
+             out: str | Sequence[int] | None = None) -> "Circuit":
+        """Append a gate. ``dims`` (``"16x16"``, ``"16x16 -> 16x43"`` or a tuple) are
+        checked against the wires; ``out`` gives new output dims (default: unchanged)."""
+        qudits = (qudits,) if isinstance(qudits, int) else tuple(qudits)
+        ins, outs = _split_gate_dims(dims, out)
+        return self._with([GateSpec(qudits, ins, outs)])
+
+    def all_pairs(self) -> "Circuit":
+        """One square gate on every pair of qudits, in the paper's reference order."""
+        return self._with([GateSpec(p) for p in all_pairs_qudits(self.num_qudits)])
+
+    def then(self, other: "Circuit") -> "Circuit":
+        """This circuit followed by ``other``'s gates (on the same qudits)."""
+        return self._with([GateSpec(g.qudits, g.in_dims or None, g.out_dims or None, g.span)
+                           for g in other.gates])
+
+    def repeat(self, k: int) -> "Circuit":
+        """The gate sequence played ``k`` times."""
+        if not isinstance(k, int) or k < 1:
+            raise QCError(f"repeat count must be a positive integer, got {k!r}")
+        out = self
+        for _ in range(k - 1):
+            out = out.then(Circuit(gates=self.gates))
+        return out
+
+    def resolve(self, in_features: int, out_features: int | None = None) -> "Circuit":
+        """Bind to a layer of that size: auto dims are factorised (balanced); a concrete
+        circuit is checked against the sizes. A qudit changes dim at its last gate."""
+        out_features = in_features if out_features is None else out_features
+        if self.auto is None:
+            if (self.in_features, self.out_features) != (in_features, out_features):
+                raise QCError(
+                    f"circuit {' '.join(map(str, self.in_dims))} -> "
+                    f"{' '.join(map(str, self.out_dims))} ({self.in_features} -> "
+                    f"{self.out_features} features) does not fit a {in_features} -> "
+                    f"{out_features} layer", self.span)
+            return self
+        ins = balanced_factors(in_features, self.auto)
+        outs = balanced_factors(out_features, self.auto)
+        specs = [GateSpec(g.qudits, None, None, g.span) for g in self.gates]
+        dims, gates = build_gates(list(ins), specs, outs if outs != ins else None)
+        return Circuit(*dims, gates=gates, span=self.span)
+
+    # --- views -------------------------------------------------------------------------
+    def to_qc(self, name: str = "c") -> str:
+        """Canonical ``.qc`` text that parses back to an equal circuit."""
+        from .printer import circuit_to_qc
+        return circuit_to_qc(self, name)
+
+    def diagram(self, width: int = 100) -> str:
+        """A terminal drawing: one wire per qudit, a box per gate, long circuits wrapped."""
+        from .diagram import text_diagram
+        return text_diagram(self, width=width)
+
+    def draw(self, path: str) -> None:
+        """Write the diagram as SVG or PNG (by the file's suffix)."""
+        from .diagram import draw
+        draw(self, path)
+
+    def _repr_svg_(self) -> str:
+        from .diagram import svg
+        return svg(self)
+
+    def summary(self) -> str:
+        """Qudits, features and parameters, one line each."""
+        from .printer import circuit_summary
+        return circuit_summary(self)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A module-name pattern: a suffix of dotted names (``q_proj``) or a ``/regex/``."""
+
+    text: str
+    regex: bool = False
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def matches(self, module_name: str) -> bool:
+        if self.regex:
+            return re.search(self.text, module_name) is not None
+        return module_name == self.text or module_name.endswith("." + self.text)
+
+    def __str__(self) -> str:
+        return f"/{self.text}/" if self.regex else self.text
+
+
+@dataclass(frozen=True)
+class ApplyRule:
+    """``apply CIRCUIT to PATTERN, …``."""
+
+    circuit: str
+    patterns: tuple[Pattern, ...]
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+
+def check_option(key: str, value: object, span: Span | None = None) -> object:
+    """Validate one option; return its normalised value."""
+    if key not in OPTION_DEFAULTS:
+        raise QCError(f"unknown option {key!r}", span, expected=" or ".join(OPTION_DEFAULTS))
+    if key == "init":
+        if value not in INIT_MODES:
+            raise QCError(f"unknown init mode {value!r}", span, expected=" or ".join(INIT_MODES))
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise QCError(f"option {key} takes a number, got {value!r}", span)
+    if key == "dropout" and not 0.0 <= value < 1.0:
+        raise QCError(f"dropout must be in [0, 1), got {value}", span)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Program:
+    """Named circuits, the rules that apply them to modules, and options."""
+
+    circuits: Mapping[str, Circuit]
+    rules: tuple[ApplyRule, ...] = ()
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for rule in self.rules:
+            if rule.circuit not in self.circuits:
+                raise QCError(f"apply names unknown circuit {rule.circuit!r}", rule.span,
+                              expected=" or ".join(self.circuits) or "a circuit defined above")
+        options = {k: check_option(k, v) for k, v in self.options.items()}
+        object.__setattr__(self, "circuits", MappingProxyType(dict(self.circuits)))
+        object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "options", MappingProxyType(options))
+
+    def option(self, key: str) -> object:
+        """The option's value, or its default."""
+        return self.options.get(key, OPTION_DEFAULTS[key])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Program):
+            return NotImplemented
+        return (dict(self.circuits) == dict(other.circuits) and self.rules == other.rules
+                and dict(self.options) == dict(other.options))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_qc(self) -> str:
+        from .printer import program_to_qc
+        return program_to_qc(self)
