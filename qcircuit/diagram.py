@@ -86,6 +86,12 @@ def _runs(qudits: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 # --- text -----------------------------------------------------------------------------
+def _center(text: str, width: int, fill: str = " ") -> str:
+    """``text`` centred in ``width``; an odd leftover goes to the right (unlike str.center)."""
+    left = (width - len(text)) // 2
+    return fill * left + text + fill * (width - len(text) - left)
+
+
 def _box_width(name: str, labels: tuple[str, ...]) -> int:
     return max(len(name), *map(len, labels)) + 4  # two edges, one space each side
 
@@ -101,11 +107,11 @@ def _draw_box(canvas: list[list[str]], x: int, name: str, qudits: tuple[int, ...
         top, bottom = ROWS * lo, ROWS * hi + ROWS - 1
         for r in range(top, bottom + 1):
             if r == top:
-                text = "┌" + (name.center(inner, "─") if i == 0 else "─" * inner) + "┐"
+                text = "┌" + (_center(name, inner, "─") if i == 0 else "─" * inner) + "┐"
             elif r == bottom:
                 text = "└" + "─" * inner + "┘"
             elif r % ROWS == 1:
-                text = "┤" + label_of[r // ROWS].center(inner) + "├"
+                text = "┤" + _center(label_of[r // ROWS], inner) + "├"
             else:
                 text = "│" + " " * inner + "│"
             canvas[r][x:x + width] = text
