@@ -1,0 +1,135 @@
+"""Binding a Program to a model: which layer gets which (resolved) circuit.
+
+``bind(model, program)`` walks the ``apply`` rules in order; each pattern (a dotted-name
+suffix or a ``/regex/``) selects modules by name. Every selected module must be an
+``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 style: weight stored ``(in, out)``),
+must be selected once only, and must fit its circuit: ``qudits auto N`` circuits are
+factorised for the layer, concrete circuits must have the layer's in/out features.
+Any violation is a ``QCError`` naming the module, its shape and the circuit's dims,
+located at the pattern in the ``.qc`` text when there is one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from qcircuit.errors import QCError, Span
+from qcircuit.ir import ApplyRule, Circuit, Pattern, Program
+
+try:  # transformers' GPT-2 style linear layer
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One layer to adapt, with the concrete circuit it gets."""
+
+    module_name: str
+    pattern: str
+    circuit_name: str
+    circuit: Circuit
+    in_features: int
+    out_features: int
+    kind: str  # "linear" | "conv1d"
+
+
+def layer_shape(module: nn.Module) -> tuple[str, int, int] | None:
+    """``(kind, in_features, out_features)`` of a linear-like module, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return "linear", module.in_features, module.out_features
+    if Conv1D and isinstance(module, Conv1D):
+        n_in, n_out = module.weight.shape
+        return "conv1d", int(n_in), int(n_out)
+    return None
+
+
+def linear_layers(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Every linear-like module of the model by name, in module order."""
+    found = {}
+    for name, module in model.named_modules():
+        shape = layer_shape(module)
+        if shape is not None:
+            found[name] = shape
+    return found
+
+
+def bind(model: nn.Module, program: Program) -> tuple[Target, ...]:
+    """The layers ``program``'s rules select in ``model``, each with its resolved circuit."""
+    if not program.rules:
+        raise QCError("the program has no 'apply' rule: nothing to bind",
+                      expected="a line like: apply NAME to q_proj, v_proj")
+    modules = dict(model.named_modules())
+    claimed: dict[str, str] = {}  # module name -> pattern text that took it
+    resolved: dict[tuple[str, int, int], Circuit] = {}
+    targets = []
+    for rule in program.rules:
+        circuit = program.circuits[rule.circuit]
+        for pattern in rule.patterns:
+            span = pattern.span or rule.span
+            names = [n for n in modules if n and pattern.matches(n)]
+            if not names:
+                raise _no_match(model, rule, pattern, span)
+            for name in names:
+                shape = layer_shape(modules[name])
+                if shape is None:
+                    raise QCError(
+                        f"pattern {str(pattern)!r} matches module {name!r}, a "
+                        f"{type(modules[name]).__name__}, not a linear layer "
+                        "(nn.Linear or Conv1D)", span,
+                        expected="a pattern naming linear layers only (anchor a regex with $)")
+                if name in claimed:
+                    raise QCError(
+                        f"module {name!r} is matched twice: by {claimed[name]!r} and by "
+                        f"{str(pattern)!r} (apply {rule.circuit})", span,
+                        expected="each layer matched by one pattern")
+                claimed[name] = str(pattern)
+                kind, n_in, n_out = shape
+                key = (rule.circuit, n_in, n_out)
+                if key not in resolved:
+                    resolved[key] = _resolve(circuit, rule.circuit, name, shape, span)
+                targets.append(Target(name, str(pattern), rule.circuit, resolved[key],
+                                      n_in, n_out, kind))
+    return tuple(targets)
+
+
+def describe_circuit(circuit: Circuit) -> str:
+    """``16 8 8 4 -> 16 8 8 4 (4096 -> 4096)``, or ``auto 3`` before binding."""
+    if circuit.is_auto:
+        return f"qudits auto {circuit.auto}"
+    if None in circuit.dims:
+        return "qudits " + " ".join("?" if d is None else str(d) for d in circuit.dims)
+    ins, outs = " ".join(map(str, circuit.in_dims)), " ".join(map(str, circuit.out_dims))
+    return f"{ins} -> {outs} ({circuit.in_features} -> {circuit.out_features} features)"
+
+
+def _resolve(circuit: Circuit, circuit_name: str, module_name: str,
+             shape: tuple[str, int, int], span: Span | None) -> Circuit:
+    kind, n_in, n_out = shape
+    layer = f"module {module_name!r} ({kind}, {n_in} -> {n_out} features)"
+    try:
+        if not circuit.is_auto:
+            described = describe_circuit(circuit)
+            if (circuit.in_features, circuit.out_features) != (n_in, n_out):
+                raise QCError(f"circuit {circuit_name!r} ({described}) does not fit {layer}", span,
+                              expected=f"a circuit mapping {n_in} -> {n_out} features "
+                                       "(or 'qudits auto N')")
+        return circuit.resolve(n_in, n_out)
+    except QCError as e:
+        if e.message.startswith(f"circuit {circuit_name!r}"):
+            raise
+        raise QCError(f"circuit {circuit_name!r} ({describe_circuit(circuit)}) cannot be bound "
+                      f"to {layer}: {e.message}", span, expected=e.expected) from None
+
+
+def _no_match(model: nn.Module, rule: ApplyRule, pattern: Pattern, span: Span | None) -> QCError:
+    layers = linear_layers(model)
+    leaves = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in layers))
+    example = next(iter(layers), None)
+    hint = f"linear layer names end in: {', '.join(leaves[:12])}" if leaves else "it has no linear layers"
+    where = f" (e.g. {example!r})" if example else ""
+    return QCError(f"pattern {str(pattern)!r} (apply {rule.circuit}) matches no module of "
+                   f"{type(model).__name__}; {hint}{where}", span,
+                   expected="a module-name suffix or a /regex/ matching linear layers")

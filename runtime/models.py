@@ -1,0 +1,143 @@
+"""Models, offline: embedded shape-only configs and local directories.
+
+``load_model("llama-2-7b")`` builds the model from an embedded copy of its published
+``config.json`` on the meta device (shapes only, no memory, no download).
+``load_model("path/to/dir")`` does the same from ``dir/config.json``, and loads the
+weights with ``from_pretrained(local_files_only=True)`` when the directory has
+safetensors files. The transformers Auto class is chosen from the config's
+``architectures`` (``…ForCausalLM``, ``…ForMaskedLM``, …; a bare backbone gets ``AutoModel``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcircuit.errors import QCError
+
+#: embedded model name -> file under runtime/configs/
+EMBEDDED_MODELS: tuple[str, ...] = (
+    "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "mistral-7b",
+    "roberta-base", "roberta-large", "all-minilm-l6-v2",
+)
+
+# architecture-name suffix -> transformers Auto class name (first match wins)
+_AUTO_CLASSES = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model and where it came from.
+
+    ``name`` identifies it: the embedded name, or the directory's absolute path.
+    ``source`` is ``"embedded"`` or ``"local"``; ``has_weights`` says whether real
+    weights were loaded (otherwise the parameters live on the meta device).
+    """
+
+    model: torch.nn.Module
+    config: Any
+    name: str
+    source: str
+    has_weights: bool
+
+    @property
+    def total_params(self) -> int:
+        return count_params(self.model)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records about the model it was made for."""
+        return {"name": self.name, "model_type": getattr(self.config, "model_type", None),
+                "architectures": list(getattr(self.config, "architectures", None) or []),
+                "class": type(self.model).__name__}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameters, shared (tied) tensors counted once; works on meta models."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def embedded_config_dict(name: str) -> dict[str, Any]:
+    """The published ``config.json`` fields of an embedded model."""
+    key = name.lower()
+    if key not in EMBEDDED_MODELS:
+        raise _unknown(name)
+    text = resources.files("qcircuit.runtime").joinpath("configs", f"{key}.json").read_text()
+    return json.loads(text)
+
+
+def auto_class(config: Any):
+    """The transformers Auto class matching the config's first architecture."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    arch = archs[0] if archs else ""
+    for suffix, auto_name in _AUTO_CLASSES:
+        if arch.endswith(suffix):
+            return getattr(transformers, auto_name)
+    return transformers.AutoModel
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Build an embedded model on the meta device, or load a local directory.
+
+    A directory without safetensors weights is built on the meta device, like an
+    embedded model. Unknown names raise ``QCError`` listing the embedded ones.
+    """
+    text = str(name_or_path)
+    if text.lower() in EMBEDDED_MODELS and not Path(text).is_dir():
+        config = _config_from_dict(embedded_config_dict(text))
+        return LoadedModel(_build_meta(config, dtype), config, text.lower(), "embedded", False)
+    path = Path(text)
+    if not path.is_dir():
+        raise _unknown(text)
+    return _load_local(path.resolve(), dtype)
+
+
+def _unknown(name: str) -> QCError:
+    return QCError(f"unknown model {name!r}: not an embedded model nor a directory with config.json",
+                   expected="one of " + ", ".join(EMBEDDED_MODELS) + " or a local directory")
+
+
+def _config_from_dict(fields: dict[str, Any]):
+    from transformers import CONFIG_MAPPING
+
+    model_type = fields.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise QCError(f"config.json has unknown model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type].from_dict(dict(fields))
+
+
+def _build_meta(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = auto_class(config).from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QCError(f"model directory {str(path)!r} has no config.json")
+    try:
+        fields = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise QCError(f"{config_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(fields, dict):
+        raise QCError(f"{config_file}: expected a JSON object")
+    config = _config_from_dict(fields)
+    if not any(path.glob("*.safetensors")):
+        return LoadedModel(_build_meta(config, dtype), config, str(path), "local", False)
+    model = auto_class(config).from_pretrained(
+        str(path), config=config, local_files_only=True, dtype=dtype, use_safetensors=True)
+    return LoadedModel(model.eval(), config, str(path), "local", True)
