@@ -37,6 +37,13 @@ class _Layout:
     def num_columns(self) -> int:
         return max(self.columns, default=-1) + 1
 
+    def by_column(self) -> list[list[int]]:
+        """Gate indices in each column, left to right."""
+        per_column: list[list[int]] = [[] for _ in range(self.num_columns)]
+        for k, col in enumerate(self.columns):
+            per_column[col].append(k)
+        return per_column
+
     def dims_before(self, column: int) -> tuple[str, ...]:
         """What each wire carries just before ``column``."""
         current = list(self.in_dims)
@@ -173,9 +180,7 @@ def text_diagram(circuit: Circuit, width: int = 100) -> str:
     n = layout.num_qudits
     if n == 0:
         raise QCError("cannot draw a circuit without qudits")
-    per_column: list[list[int]] = [[] for _ in range(layout.num_columns)]
-    for k, col in enumerate(layout.columns):
-        per_column[col].append(k)
+    per_column = layout.by_column()
     columns = [_render_column(layout, gates) for gates in per_column]
 
     label_width = _label_width(layout)
@@ -230,9 +235,7 @@ def _figure(circuit: Circuit):
     n = layout.num_qudits
     if n == 0:
         raise QCError("cannot draw a circuit without qudits")
-    per_column: list[list[int]] = [[] for _ in range(layout.num_columns)]
-    for k, col in enumerate(layout.columns):
-        per_column[col].append(k)
+    per_column = layout.by_column()
     widths = [max(len(s) for k in ks for s in (f"G{k}",) + layout.labels[k]) * _CHAR + 0.35
               for ks in per_column]
     margin = _label_width(layout) * _CHAR + 0.25
