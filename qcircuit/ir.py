@@ -92,19 +92,21 @@ class GateSpec:
     in_dims: Dims | None = None
     out_dims: Dims | None = None
     span: Span | None = field(default=None, compare=False)
+    dims_span: Span | None = field(default=None, compare=False)  # where dims were written
 
 
 def build_gates(
     wires: Sequence[int | None],
     specs: Iterable[GateSpec],
     out_dims: Sequence[int] | None = None,
+    out_spans: Sequence[Span] | None = None,
 ) -> tuple[tuple[int | None, ...], tuple[Gate, ...]]:
     """Infer and check every gate's dims from the wires; return ``(in_dims, gates)``.
 
     A dim left unwritten is taken from the wire. A wire with unknown dim (``None``)
     learns it from the first gate that names it. With declared ``out_dims``, the last
     gate on a qudit maps it to its declared output dim unless that gate says otherwise;
-    the circuit's final dims must equal ``out_dims``.
+    the circuit's final dims must equal ``out_dims`` (errors point at ``out_spans``).
     """
     specs = list(specs)
     in_dims = list(wires)
@@ -125,7 +127,7 @@ def build_gates(
             if written is not None and len(written) != len(spec.qudits):
                 raise QCError(
                     f"gate on {len(spec.qudits)} qudits written with {len(written)} {name} dims",
-                    spec.span, expected=f"{len(spec.qudits)} dims")
+                    spec.dims_span or spec.span, expected=f"{len(spec.qudits)} dims")
         for q in spec.qudits:
             if q >= len(current):
                 raise QCError(f"qudit {q} out of range: the circuit has {len(current)} qudits "
@@ -141,7 +143,7 @@ def build_gates(
             elif written is not None and written != current[q]:
                 raise QCError(
                     f"gate dims {'x'.join(map(str, spec.in_dims))} disagree with the wires: "
-                    f"qudit {q} carries dim {current[q]}", spec.span,
+                    f"qudit {q} carries dim {current[q]}", spec.dims_span or spec.span,
                     expected="x".join(str(current[p]) for p in spec.qudits))
             ins.append(current[q])
         if spec.out_dims is not None:
@@ -155,7 +157,7 @@ def build_gates(
         gates.append(Gate(tuple(spec.qudits), tuple(ins), tuple(outs), spec.span))
     if out_dims is not None and tuple(current) != tuple(out_dims):
         bad = [q for q in range(len(current)) if current[q] != out_dims[q]]
-        span = specs[-1].span if specs else None
+        span = out_spans[bad[0]] if out_spans else (specs[-1].span if specs else None)
         raise QCError(
             f"declared output dims {' '.join(map(str, out_dims))} are not reached: the gates end "
             f"with {' '.join(map(str, current))} (qudit {bad[0]})", span)
