@@ -19,6 +19,14 @@ import torch
 
 from qcircuit.errors import QCError
 
+try:
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older huggingface_hub: configs are not strict dataclasses
+    StrictDataclassError = TypeError
+from safetensors import SafetensorError
+
+_BAD_MODEL_FILES = (TypeError, ValueError, KeyError, StrictDataclassError, SafetensorError)
+
 #: embedded model name -> file under runtime/configs/
 EMBEDDED_MODELS: tuple[str, ...] = (
     "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "mistral-7b",
@@ -135,9 +143,15 @@ def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
         raise QCError(f"{config_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(fields, dict):
         raise QCError(f"{config_file}: expected a JSON object")
-    config = _config_from_dict(fields)
-    if not any(path.glob("*.safetensors")):
-        return LoadedModel(_build_meta(config, dtype), config, str(path), "local", False)
-    model = auto_class(config).from_pretrained(
-        str(path), config=config, local_files_only=True, dtype=dtype, use_safetensors=True)
+    try:
+        config = _config_from_dict(fields)
+        if not any(path.glob("*.safetensors")):
+            return LoadedModel(_build_meta(config, dtype), config, str(path), "local", False)
+        model = auto_class(config).from_pretrained(
+            str(path), config=config, local_files_only=True, dtype=dtype, use_safetensors=True)
+    except QCError:
+        raise
+    except _BAD_MODEL_FILES as e:  # a config or weights file transformers rejects
+        detail = " ".join(str(e).split())
+        raise QCError(f"cannot build a model from {path}: {detail}") from None
     return LoadedModel(model.eval(), config, str(path), "local", True)

@@ -115,3 +115,13 @@ def test_bad_local_directories(tmp_path, content, needle):
         (tmp_path / "config.json").write_text(content)
     with pytest.raises(QCError, match=needle):
         load_model(tmp_path)
+
+
+def test_config_or_weights_transformers_rejects(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": "wide"}')
+    with pytest.raises(QCError, match="cannot build a model from .*hidden_size"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text((minilm_dir() / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(QCError, match="cannot build a model from"):
+        load_model(tmp_path)
