@@ -365,6 +365,10 @@ class Circuit:
         return circuit_summary(self)
 
 
+def _unescape_slash(m: re.Match) -> str:
+    return "/" if m.group(1) == "/" else m.group(0)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A module-name pattern: a suffix of dotted names (``q_proj``) or a ``/regex/``."""
@@ -372,6 +376,13 @@ class Pattern:
     text: str
     regex: bool = False
     span: Span | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.text, str) or not self.text:
+            raise QCError(f"a pattern must be a non-empty string, got {self.text!r}", self.span)
+        if self.regex:  # '\/' and '/' mean the same: keep the plain '/' (canonical form)
+            object.__setattr__(self, "text", re.sub(r"\\(.)", _unescape_slash, self.text,
+                                                    flags=re.DOTALL))
 
     def matches(self, module_name: str) -> bool:
         if self.regex:
@@ -418,7 +429,7 @@ class Program:
         for rule in self.rules:
             if rule.circuit not in self.circuits:
                 raise QCError(f"apply names unknown circuit {rule.circuit!r}", rule.span,
-                              expected=" or ".join(self.circuits) or "a circuit defined above")
+                              expected=" or ".join(self.circuits) or "a circuit defined in the program")
         options = {k: check_option(k, v) for k, v in self.options.items()}
         object.__setattr__(self, "circuits", MappingProxyType(dict(self.circuits)))
         object.__setattr__(self, "rules", tuple(self.rules))

@@ -251,10 +251,10 @@ class _State:
 def _pattern(tok: Tok) -> Pattern:
     if not tok.text.startswith("/"):
         return Pattern(tok.text, span=tok.span)
-    text = tok.text[1:-1].replace("\\/", "/")
+    pattern = Pattern(tok.text[1:-1], regex=True, span=tok.span)
     try:
-        re.compile(text)
+        re.compile(pattern.text)
     except (re.error, RecursionError, OverflowError, ValueError) as err:
         raise QCError(f"bad regex: {getattr(err, 'msg', err)}", tok.span,
                       expected="a Python regular expression") from None
-    return Pattern(text, regex=True, span=tok.span)
+    return pattern

@@ -1,0 +1,133 @@
+"""IR -> canonical ``.qc`` text (parses back to an equal object) and one-screen summaries.
+
+Canonical form: a gate's dims are written exactly when it changes dims (``16x16 ->
+16x43``); square gates take theirs from the wires. A circuit whose dims change declares
+its output dims on the ``qudits`` line. Runs of gates equal to ``all_pairs`` print as
+``all_pairs`` (several in a row as ``repeat K { all_pairs }``).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+from .errors import QCError
+from .ir import Circuit, Gate, Pattern, Program, all_pairs_qudits
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+INDENT = "    "
+
+
+def _dims(dims) -> str:
+    return "x".join(map(str, dims))
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise QCError(f"cannot print circuit name {name!r}", expected="a name like attn or up_proj")
+
+
+def _gate_line(g: Gate) -> str:
+    line = f"gate ({', '.join(map(str, g.qudits))})"
+    if g.in_dims and not g.is_square:
+        line += f" {_dims(g.in_dims)} -> {_dims(g.out_dims)}"
+    return line
+
+
+def _body(circuit: Circuit) -> list[str]:
+    """Statements for the circuit's gates, folding ``all_pairs`` runs."""
+    gates, n = circuit.gates, circuit.num_qudits
+    pairs = all_pairs_qudits(n) if n >= 2 else []
+
+    def all_pairs_at(k: int) -> bool:
+        block = gates[k:k + len(pairs)]
+        return (bool(pairs) and len(block) == len(pairs)
+                and all(g.qudits == p and g.is_square for g, p in zip(block, pairs)))
+
+    lines, k = [], 0
+    while k < len(gates):
+        runs = 0
+        while all_pairs_at(k + runs * len(pairs)):
+            runs += 1
+        if runs == 0:
+            lines.append(_gate_line(gates[k]))
+            k += 1
+        else:
+            lines += ["all_pairs"] if runs == 1 else [f"repeat {runs} {{", INDENT + "all_pairs", "}"]
+            k += runs * len(pairs)
+    return lines
+
+
+def circuit_to_qc(circuit: Circuit, name: str = "c") -> str:
+    """The circuit as a canonical ``circuit NAME { … }`` block."""
+    _check_name(name)
+    if not circuit.gates:
+        raise QCError(f"circuit {name!r} has no gates: a .qc circuit needs at least one",
+                      expected="a circuit with gates")
+    if circuit.is_auto:
+        header = f"qudits auto {circuit.auto}"
+    else:
+        ins, outs = circuit.in_dims, circuit.out_dims
+        header = "qudits " + " ".join(map(str, ins))
+        if outs != ins:
+            header += " -> " + " ".join(map(str, outs))
+    lines = [f"circuit {name} {{", INDENT + header]
+    lines += [INDENT + line for line in _body(circuit)]
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+def _pattern(p: Pattern) -> str:
+    if not p.regex:
+        if not _PATH.fullmatch(p.text):
+            raise QCError(f"cannot print module-name pattern {p.text!r}",
+                          expected="a dotted name like self_attn.q_proj, or a regex")
+        return p.text
+    if "\n" in p.text or "\r" in p.text:
+        raise QCError(f"cannot print regex pattern {p.text!r} (it spans lines)")
+    try:
+        re.compile(p.text)
+    except re.error as err:
+        raise QCError(f"bad regex {p.text!r}: {err.msg}") from None
+    # escape every '/' that is not already part of a backslash pair
+    return "/" + re.sub(r"\\.|/", lambda m: "\\/" if m.group(0) == "/" else m.group(0),
+                        p.text, flags=re.DOTALL) + "/"
+
+
+def _value(value: object) -> str:
+    if isinstance(value, str):
+        if not _NAME.fullmatch(value):
+            raise QCError(f"cannot print option value {value!r}")
+        return value
+    return repr(value)
+
+
+def program_to_qc(program: Program) -> str:
+    """The program as canonical text: circuits, then apply rules, then options."""
+    blocks = [circuit_to_qc(c, name) for name, c in program.circuits.items()]
+    tail = [f"apply {r.circuit} to " + ", ".join(_pattern(p) for p in r.patterns)
+            for r in program.rules]
+    tail += [f"option {k} = {_value(v)}" for k, v in program.options.items()]
+    if tail:
+        blocks.append("\n".join(tail) + "\n")
+    return "\n".join(blocks)
+
+
+def circuit_summary(circuit: Circuit) -> str:
+    """Qudits, in/out dims and features, parameters per gate and in total."""
+    n = circuit.num_qudits
+    if circuit.is_auto:
+        return (f"qudits      {n} (auto: dims factorised from the bound layer)\n"
+                f"gates       {len(circuit.gates)}: "
+                + " ".join(f"({','.join(map(str, g.qudits))})" for g in circuit.gates) + "\n"
+                "parameters  known once bound to a layer")
+    ins, outs = circuit.in_dims, circuit.out_dims
+    lines = [f"qudits      {n}: {' '.join(map(str, ins))} -> {' '.join(map(str, outs))}",
+             f"features    {math.prod(ins)} -> {math.prod(outs)}",
+             f"gates       {len(circuit.gates)}"]
+    width = max((len(_dims(g.in_dims)) + len(_dims(g.out_dims)) for g in circuit.gates), default=0)
+    for k, g in enumerate(circuit.gates):
+        where = f"({', '.join(map(str, g.qudits))})"
+        shape = f"{_dims(g.in_dims)} -> {_dims(g.out_dims)}"
+        lines.append(f"  #{k:<3} {where:<12} {shape:<{width + 4}} {g.num_params:>12,} params")
+    lines.append(f"parameters  {circuit.num_params:,}")
+    return "\n".join(lines)
