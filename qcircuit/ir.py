@@ -7,6 +7,7 @@ operator is ``T = G_K ⋯ G_1`` (first gate applied first). Equality ignores sou
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -58,21 +59,35 @@ class Gate:
         return self.in_dims == self.out_dims
 
 
+def _as_int(value: object) -> int | None:
+    """``value`` as an int (numpy ints too), or None; bools are not ints here."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def parse_dims(text: str | Sequence[int] | int, span: Span | None = None) -> Dims:
     """``"16x43"`` or ``(16, 43)`` or ``16`` -> ``(16, 43)``; every dim must be positive."""
-    if isinstance(text, int):
-        dims: tuple = (text,)
-    elif isinstance(text, str):
+    if isinstance(text, str):
         parts = text.strip().lower().split("x")
-        if not all(re.fullmatch(r"\s*-?\d+\s*", p) for p in parts):
+        if not all(re.fullmatch(r"\s*-?\d{1,9}\s*", p) for p in parts):
             raise QCError(f"bad dims {text!r}", span, expected="dims like 16x8")
-        dims = tuple(int(p) for p in parts)
+        values: tuple = tuple(int(p) for p in parts)
+    elif _as_int(text) is not None:
+        values = (_as_int(text),)
     else:
-        dims = tuple(text)
-    for d in dims:
-        if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
-            raise QCError(f"dims must be positive integers, got {d!r}", span)
-    return dims
+        try:
+            values = tuple(text)  # type: ignore[arg-type]
+        except TypeError:
+            raise QCError(f"bad dims {text!r}", span, expected="dims like 16x8 or (16, 8)") from None
+    dims = tuple(_as_int(d) for d in values)
+    for d, v in zip(dims, values):
+        if d is None or d <= 0:
+            raise QCError(f"dims must be positive integers, got {v!r}", span)
+    return dims  # type: ignore[return-value]
 
 
 def _split_gate_dims(dims, out) -> tuple[Dims | None, Dims | None]:
@@ -187,6 +202,13 @@ def balanced_factors(n: int, parts: int) -> Dims:
     return tuple(sorted(factors, reverse=True))
 
 
+def _one_dim(d: object, span: Span | None) -> int:
+    dims = parse_dims(d, span)  # type: ignore[arg-type]
+    if len(dims) != 1:
+        raise QCError(f"one dim per qudit, got {d!r}", span)
+    return dims[0]
+
+
 @dataclass(frozen=True, init=False)
 class Circuit:
     """An immutable circuit, and its builder: every method returns a new ``Circuit``.
@@ -206,8 +228,8 @@ class Circuit:
                  span: Span | None = None, learns: bool | None = None):
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = tuple(dims[0])
-        checked = tuple(None if d is None else parse_dims(d, span)[0] for d in dims)
-        if auto is not None and (dims or not isinstance(auto, int) or auto <= 0):
+        checked = tuple(None if d is None else _one_dim(d, span) for d in dims)
+        if auto is not None and (dims or _as_int(auto) is None or auto <= 0):
             raise QCError("an auto circuit takes a positive qudit count and no dims", span)
         object.__setattr__(self, "dims", checked)
         object.__setattr__(self, "gates", tuple(gates))
@@ -299,7 +321,11 @@ class Circuit:
              out: str | Sequence[int] | None = None) -> "Circuit":
         """Append a gate. ``dims`` (``"16x16"``, ``"16x16 -> 16x43"`` or a tuple) are
         checked against the wires; ``out`` gives new output dims (default: unchanged)."""
-        qudits = (qudits,) if isinstance(qudits, int) else tuple(qudits)
+        if _as_int(qudits) is not None:
+            qudits = (_as_int(qudits),)
+        elif isinstance(qudits, (str, bytes)) or not hasattr(qudits, "__iter__"):
+            raise QCError(f"a gate's qudits are a tuple of indices, got {qudits!r}")
+        qudits = tuple(q if _as_int(q) is None else _as_int(q) for q in qudits)
         ins, outs = _split_gate_dims(dims, out)
         return self._with([GateSpec(qudits, ins, outs)])
 

@@ -101,6 +101,14 @@ def _dims(tok: Tok) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def _wire(tok: Tok) -> int:
+    dims = _dims(tok)
+    if len(dims) != 1:
+        raise QCError("a qudits line takes one dim per qudit", tok.span,
+                      expected=" ".join(map(str, dims)))
+    return dims[0]
+
+
 def _circuit(node: CircuitNode) -> Circuit:
     name = node.name.text
     if isinstance(node.qudits, QuditsAuto):
@@ -109,7 +117,7 @@ def _circuit(node: CircuitNode) -> Circuit:
     else:
         if len(node.qudits.ins) > MAX_QUDITS:
             raise QCError(f"too many qudits (at most {MAX_QUDITS})", node.qudits.ins[MAX_QUDITS].span)
-        ins = [_dims(t)[0] for t in node.qudits.ins]
+        ins = [_wire(t) for t in node.qudits.ins]
         outs, out_spans, n = None, None, len(ins)
         if node.qudits.outs is not None:
             out_toks = node.qudits.outs
@@ -117,7 +125,7 @@ def _circuit(node: CircuitNode) -> Circuit:
                 where = out_toks[min(n, len(out_toks) - 1)].span
                 raise QCError(f"{len(out_toks)} output dims declared for {n} qudits", where,
                               expected=f"{n} output dims")
-            outs = [_dims(t)[0] for t in out_toks]
+            outs = [_wire(t) for t in out_toks]
             out_spans = [t.span for t in out_toks]
     specs = _expand(node.body, n, ins is None, 0)
     if not specs:
@@ -218,13 +226,7 @@ class _State:
         if key in self.options:
             raise QCError(f"option {key!r} is already set (at {self.options[key][1].at()})",
                           node.key.span)
-        value: object = node.value.text
-        if node.numeric:
-            try:
-                value = float(node.value.text) if re.search("[.eE]", node.value.text) \
-                    else _int(node.value, f"option {key}", -MAX_DIM, MAX_DIM)
-            except ValueError:
-                raise QCError(f"bad number {node.value.text!r}", node.value.span) from None
+        value: object = float(node.value.text) if node.numeric else node.value.text
         self.options[key] = (check_option(key, value, node.value.span), node.key.span)
 
     def include(self, node: IncludeNode, base_dir: str) -> None:
