@@ -353,8 +353,9 @@ def load(model: nn.Module, path: str | Path) -> Adapted:
     config, tensors = checkpoint.read(path)
     _check_fresh(model)
     try:
-        parsed = parse(config["program"])
-        program = Program(parsed.circuits, parsed.rules, config["options"])
+        program = parse(config["program"])
+        if any(program.option(k) != v for k, v in config["options"].items()):
+            program = Program(program.circuits, program.rules, config["options"])
         targets = bind(model, program)
     except QCError as e:
         raise QCError(f"checkpoint {path} does not fit this model: {e.one_line()}") from None
