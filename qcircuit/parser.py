@@ -257,6 +257,7 @@ def _pattern(tok: Tok) -> Pattern:
     try:
         re.compile(pattern.text)
     except (re.error, RecursionError, OverflowError, ValueError) as err:
-        raise QCError(f"bad regex: {getattr(err, 'msg', err)}", tok.span,
+        why = "nested too deep" if isinstance(err, RecursionError) else getattr(err, "msg", err)
+        raise QCError(f"bad regex: {why}", tok.span,
                       expected="a Python regular expression") from None
     return pattern

@@ -1,0 +1,79 @@
+"""Mutated or truncated .qc text never raises anything but QCError, and every QCError
+from text carries a file position."""
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qcircuit import QCError, parse
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SEEDS = [p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.qc"))]
+SEEDS.append("circuit c { qudits 2 3 -> 4 3 repeat 2 { gate (1) } gate (0, 1) 2x3 -> 4x3 }\n"
+             "apply c to /a\\/b/, x.y\noption scale = -1e-3\n")
+# pieces of the language, so mutations reach deep into the grammar
+TOKENS = ["circuit", "qudits", "auto", "gate", "all_pairs", "repeat", "apply", "to", "option",
+          "include", "init", "scale", "dropout", "{", "}", "(", ")", ",", "->", "-", ">", "x",
+          "16x16", "0", "1", "-1", "99999999999999999999", "1e999", "=", "#", "\n", " ", "\t",
+          '"', '"llama2_qv.qc"', '"nope.qc"', "/", "\\", "é", "\x00", "\r", "𝕏", "16", ".", "_"]
+
+
+@st.composite
+def mutated(draw):
+    text = draw(st.sampled_from(SEEDS))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.integers(0, 4))
+        i = draw(st.integers(0, len(text)))
+        j = draw(st.integers(i, min(len(text), i + 40)))
+        if op == 0:  # delete a slice
+            text = text[:i] + text[j:]
+        elif op == 1:  # insert a language token
+            text = text[:i] + draw(st.sampled_from(TOKENS)) + text[i:]
+        elif op == 2:  # insert arbitrary characters
+            text = text[:i] + draw(st.text(max_size=5)) + text[i:]
+        elif op == 3:  # duplicate a slice
+            text = text[:j] + text[i:j] + text[j:]
+        else:  # truncate
+            text = text[:i]
+    return text
+
+
+def check(text: str) -> None:
+    try:
+        parse(text, file="fuzz.qc", base_dir=EXAMPLES)
+    except QCError as err:
+        assert err.span is not None, str(err)
+        assert isinstance(err.line, int) and err.line >= 1, str(err)
+        assert isinstance(err.column, int) and err.column >= 1, str(err)
+        str(err)  # renders
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_mutated_text_raises_only_located_qcerror(text):
+    check(text)
+
+
+@pytest.mark.parametrize("seed", range(len(SEEDS)))
+def test_every_truncation_raises_only_located_qcerror(seed):
+    text = SEEDS[seed]
+    for cut in range(len(text)):
+        check(text[:cut])
+
+
+@pytest.mark.parametrize("text", [
+    "circuit c { qudits 2 " + "repeat 1 { " * 3000 + "gate (0)" + " }" * 3000 + " }",
+    "circuit c { qudits " + "2 " * 5000 + "gate (0) }",
+    "circuit c { qudits 2 gate (" + "0, " * 5000 + "1) }",
+    "circuit c { qudits 2 gate (0) " + "9" * 5000 + " }",
+    "circuit c { qudits " + "2 " * 64 + "repeat 10000 { all_pairs } }",
+    "option scale = " + "9" * 5000,
+    "apply c to /" + "(" * 5000 + "/",
+    "{" * 10000,
+    "circuit c { qudits 2 gate (0) }\n" * 2 + "\x00",
+])
+def test_pathological_inputs_give_qcerror(text):
+    with pytest.raises(QCError) as info:
+        parse(text, file="p.qc")
+    assert info.value.line >= 1 and info.value.column >= 1

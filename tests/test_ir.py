@@ -1,0 +1,169 @@
+"""The immutable IR and its builder: shapes, all_pairs order, equality, resolve, summaries."""
+import dataclasses
+import itertools
+import math
+
+import pytest
+
+from qcircuit import Circuit, Gate, Program, QCError, Span, all_pairs_qudits, balanced_factors
+from qcircuit.ir import ApplyRule, GateSpec, Pattern, build_gates, check_option
+from qcircuit.printer import circuit_summary
+
+
+def test_all_pairs_reference_order():
+    assert all_pairs_qudits(4) == [(2, 3), (1, 3), (0, 3), (1, 2), (0, 2), (0, 1)]
+    assert all_pairs_qudits(2) == [(0, 1)]
+    assert all_pairs_qudits(1) == []
+    for n in range(2, 8):
+        pairs = all_pairs_qudits(n)
+        assert sorted(pairs) == sorted(itertools.combinations(range(n), 2))
+        # j descending, then i descending
+        assert pairs == sorted(pairs, key=lambda p: (-p[1], -p[0]))
+
+
+def test_paper_configuration():
+    c = Circuit(16, 8, 8, 4).all_pairs()
+    assert [g.qudits for g in c.gates] == all_pairs_qudits(4)
+    assert c.in_dims == c.out_dims == (16, 8, 8, 4)
+    assert c.in_features == c.out_features == 4096
+    assert c.num_qudits == 4 and not c.is_auto
+    assert c.params_per_gate == (32**2, 32**2, 64**2, 64**2, 128**2, 128**2)
+    assert c.num_params == 43008
+    # 0.041 % of LLaMA-2-7B (6.74e9 parameters) on q_proj and v_proj of 32 layers
+    assert round(100 * c.num_params * 2 * 32 / 6.738e9, 3) == 0.041
+
+
+def test_non_square_builder():
+    c = Circuit(16, 16, 16).gate((0, 1)).gate((1, 2), out=(16, 43))
+    assert c.gates[1] == Gate((1, 2), (16, 16), (16, 43))
+    assert c.gates[1].shape == (16, 43, 16, 16)
+    assert c.gates[1].num_params == 16 * 43 * 16 * 16
+    assert not c.gates[1].is_square and c.gates[0].is_square
+    assert c.out_dims == (16, 16, 43) and (c.in_features, c.out_features) == (4096, 11008)
+    assert c == Circuit(16, 16, 16).gate((0, 1)).gate((1, 2), "16x16 -> 16x43")
+    assert c == Circuit(16, 16, 16).gate((0, 1), (16, 16)).gate((1, 2), "16x16", out="16x43")
+    # the next gate sees the new dims
+    d = c.gate((2, 0))
+    assert d.gates[-1] == Gate((2, 0), (43, 16), (43, 16))
+
+
+def test_learning_dims_from_first_gate():
+    c = Circuit().gate((0, 2), "16x16")
+    assert c.dims == (16, None, 16)
+    with pytest.raises(QCError, match="qudit 1 has no dims"):
+        c.in_dims
+    c = c.gate(1, "8").gate((1, 2))
+    assert c.in_dims == (16, 8, 16)
+    assert c == Circuit(16, 8, 16).gate((0, 2)).gate(1).gate((1, 2))
+
+
+def test_immutable_and_methods_return_new_circuits():
+    base = Circuit(4, 4)
+    grown = base.gate((0, 1))
+    assert base.gates == () and len(grown.gates) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        grown.gates = ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        grown.gates[0].qudits = (1, 0)
+    p = Program({"c": grown}, (ApplyRule("c", (Pattern("x"),)),), {"scale": 2})
+    with pytest.raises(TypeError):
+        p.circuits["d"] = base
+    with pytest.raises(TypeError):
+        p.options["scale"] = 3.0
+
+
+def test_then_and_repeat():
+    a = Circuit(2, 3).gate((0, 1))
+    b = Circuit(2, 3).gate(1).gate((1, 0))
+    ab = a.then(b)
+    assert [g.qudits for g in ab.gates] == [(0, 1), (1,), (1, 0)]
+    assert a.repeat(3).gates == (Gate((0, 1), (2, 3), (2, 3)),) * 3
+    assert a.repeat(1) == a
+    # a circuit whose dims come back may repeat
+    back = Circuit(2).gate(0, out=3).gate(0, out=2)
+    assert len(back.repeat(2).gates) == 4 and back.repeat(2).out_dims == (2,)
+
+
+def test_auto_circuit_and_resolve():
+    c = Circuit.auto_dims(3).all_pairs()
+    assert c.is_auto and c.num_qudits == 3 and c.gates[0] == Gate((1, 2), (), ())
+    with pytest.raises(QCError, match="bind it to a layer"):
+        c.num_params
+    square = c.resolve(4096)
+    assert square.in_dims == square.out_dims == (16, 16, 16)
+    assert square == Circuit(16, 16, 16).all_pairs()
+    wide = c.resolve(4096, 11008)
+    assert math.prod(wide.in_dims) == 4096 and math.prod(wide.out_dims) == 11008
+    # dims change at the last gate on each qudit
+    for g in wide.gates:
+        last = {q: max(k for k, h in enumerate(wide.gates) if q in h.qudits) for q in g.qudits}
+        k = wide.gates.index(g)
+        for q, i, o in zip(g.qudits, g.in_dims, g.out_dims):
+            assert (i == o) or last[q] == k
+    concrete = Circuit(16, 16, 16).all_pairs()
+    assert concrete.resolve(4096) is concrete
+    with pytest.raises(QCError, match="does not fit"):
+        concrete.resolve(4096, 11008)
+
+
+def test_balanced_factors():
+    assert balanced_factors(4096, 4) == (8, 8, 8, 8)
+    assert balanced_factors(4096, 3) == (16, 16, 16)
+    assert balanced_factors(7, 2) == (7, 1)
+    for n, parts in [(768, 3), (11008, 3), (3072, 4), (1, 2), (97 * 4, 2)]:
+        f = balanced_factors(n, parts)
+        assert math.prod(f) == n and len(f) == parts and list(f) == sorted(f, reverse=True)
+    assert balanced_factors(768, 3) == (12, 8, 8)
+
+
+def test_build_gates_declared_outputs():
+    ins, gates = build_gates([2, 3], [GateSpec((0, 1)), GateSpec((1,))], out_dims=[5, 7])
+    assert ins == (2, 3)
+    assert gates == (Gate((0, 1), (2, 3), (5, 3)), Gate((1,), (3,), (7,)))
+    with pytest.raises(QCError, match="not reached"):
+        build_gates([2, 3], [GateSpec((0,))], out_dims=[2, 4])
+
+
+def test_equality_ignores_spans():
+    span = Span("f.qc", 3, 5, "gate (0, 1)")
+    g1, g2 = Gate((0, 1), (2, 2), (2, 2), span), Gate((0, 1), (2, 2), (2, 2))
+    assert g1 == g2 and hash(g1) == hash(g2)
+    assert Pattern("q", span=span) == Pattern("q")
+    assert ApplyRule("c", (Pattern("q"),), span) == ApplyRule("c", (Pattern("q"),))
+    c1 = Circuit(2, 2, gates=(g1,), span=span)
+    assert c1 == Circuit(2, 2).gate((0, 1)) and hash(c1) == hash(Circuit(2, 2).gate((0, 1)))
+    assert Circuit(2, 2).gate((0, 1)) != Circuit(2, 2).gate((1, 0))
+    assert Circuit(2, 2).gate((0, 1)) != Circuit(2, 3).gate((0, 1))
+    assert Circuit.auto_dims(2).gate((0, 1)) != Circuit.auto_dims(3).gate((0, 1))
+    assert Program({"c": c1}, options={"scale": 2}) == Program({"c": Circuit(2, 2).gate((0, 1))},
+                                                                 options={"scale": 2.0})
+    assert Program({"c": c1}) != Program({"d": c1})
+
+
+def test_options():
+    assert check_option("scale", 2) == 2.0 and isinstance(check_option("scale", 2), float)
+    assert check_option("init", "zero_last") == "zero_last"
+    assert Program({}).option("scale") == 1.0
+    assert Program({}, options={"dropout": 0.5}).option("dropout") == 0.5
+
+
+def test_pattern_matching():
+    assert Pattern("q_proj").matches("model.layers.0.self_attn.q_proj")
+    assert Pattern("q_proj").matches("q_proj")
+    assert not Pattern("q_proj").matches("model.layers.0.self_attn.kq_proj")
+    assert Pattern("self_attn.q_proj").matches("layers.0.self_attn.q_proj")
+    assert not Pattern("self_attn.q_proj").matches("layers.0.xself_attn.q_proj")
+    assert Pattern(r"layers\.[01]\.", regex=True).matches("model.layers.1.mlp")
+    assert Pattern(r"a\/b", regex=True) == Pattern("a/b", regex=True)
+    assert str(Pattern("x", regex=True)) == "/x/"
+
+
+def test_summary():
+    text = circuit_summary(Circuit(16, 16, 16).gate((0, 1)).gate((1, 2), out=(16, 43)))
+    assert "qudits      3: 16 16 16 -> 16 16 43" in text
+    assert "features    4096 -> 11008" in text
+    assert "65,536 params" in text and "176,128 params" in text
+    assert text.splitlines()[-1] == f"parameters  {65536 + 176128:,}"
+    assert Circuit(16, 8, 8, 4).all_pairs().summary().endswith("parameters  43,008")
+    auto = Circuit.auto_dims(2).all_pairs().summary()
+    assert "auto" in auto and "(0,1)" in auto

@@ -1,0 +1,122 @@
+"""Printing then parsing gives back an equal object, for random circuits and programs."""
+import re
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qcircuit import Circuit, Program, QCError, parse
+from qcircuit.ir import ApplyRule, Pattern, all_pairs_qudits
+from qcircuit.printer import circuit_to_qc
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def circuits(draw, allow_auto=True):
+    n = draw(st.integers(2, 5))
+    auto = allow_auto and draw(st.integers(0, 4)) == 0
+    c = Circuit.auto_dims(n) if auto else Circuit(*draw(st.lists(st.integers(1, 6), min_size=n,
+                                                                  max_size=n)))
+    for _ in range(draw(st.integers(1, 7))):
+        kind = draw(st.integers(0, 9))
+        if kind == 0:
+            c = c.all_pairs()
+        elif kind == 1 and 0 < len(c.gates) < 8:
+            try:
+                c = c.repeat(draw(st.integers(1, 3)))
+            except QCError:  # a circuit that changes dims cannot repeat: fine
+                pass
+        else:
+            arity = draw(st.integers(1, min(3, n)))
+            qudits = tuple(draw(st.permutations(range(n)))[:arity])
+            out = None
+            if not auto and draw(st.booleans()):
+                out = tuple(draw(st.lists(st.integers(1, 6), min_size=arity, max_size=arity)))
+            c = c.gate(qudits, out=out)
+    return c if c.gates else c.gate(0)
+
+
+names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True)
+paths = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,4}(\.[A-Za-z0-9_]{1,4}){0,3}", fullmatch=True)
+regexes = st.from_regex(r"([a-z/.]|\\[./d]|\(a\|b\)|\[0-9\]|\$)+", fullmatch=True)
+
+
+@st.composite
+def patterns(draw):
+    if draw(st.booleans()):
+        return Pattern(draw(paths))
+    return Pattern(draw(regexes), regex=True)
+
+
+@st.composite
+def programs(draw):
+    circuit_names = draw(st.lists(names, min_size=0, max_size=3, unique=True))
+    circuit_map = {name: draw(circuits()) for name in circuit_names}
+    rules = ()
+    if circuit_names:
+        rules = tuple(ApplyRule(draw(st.sampled_from(circuit_names)),
+                                tuple(draw(st.lists(patterns(), min_size=1, max_size=3))))
+                      for _ in range(draw(st.integers(0, 3))))
+    options = {}
+    if draw(st.booleans()):
+        options["init"] = draw(st.sampled_from(["freeze_one", "zero_last"]))
+    if draw(st.booleans()):
+        options["scale"] = draw(st.floats(-1e6, 1e6, allow_nan=False))
+    if draw(st.booleans()):
+        options["dropout"] = draw(st.floats(0.0, 0.999))
+    return Program(circuit_map, rules, options)
+
+
+@SETTINGS
+@given(circuits(), names)
+def test_circuit_round_trip(circuit, name):
+    text = circuit.to_qc(name=name)
+    back = parse(text).circuits[name]
+    assert back == circuit
+    assert back.to_qc(name=name) == text  # canonical: printing is stable
+
+
+@SETTINGS
+@given(programs())
+def test_program_round_trip(program):
+    text = program.to_qc()
+    back = parse(text)
+    assert back == program
+    assert list(back.circuits) == list(program.circuits)
+    assert back.to_qc() == text
+
+
+@SETTINGS
+@given(circuits(allow_auto=False))
+def test_written_dims_only_on_gates_that_change_dims(circuit):
+    text = circuit.to_qc(name="c")
+    gate_lines = [line.strip() for line in text.splitlines() if line.strip().startswith("gate")]
+    changing = [g for g in circuit.gates if not g.is_square]
+    assert sum("->" in line for line in gate_lines) == len(changing)
+    assert ("->" in text.splitlines()[1]) == (circuit.out_dims != circuit.in_dims)
+
+
+def test_all_pairs_folds_and_repeat():
+    c = Circuit(4, 4, 4).gate((0, 1)).all_pairs().all_pairs().all_pairs()
+    text = circuit_to_qc(c, "x")
+    assert text == ("circuit x {\n    qudits 4 4 4\n    gate (0, 1)\n"
+                    "    repeat 3 {\n        all_pairs\n    }\n}\n")
+    assert parse(text).circuits["x"] == c
+
+
+def test_non_square_all_pairs_is_printed_gate_by_gate():
+    c = Circuit(2, 2, 2)._with([])  # start empty
+    for i, j in all_pairs_qudits(3):
+        c = c.gate((i, j), out=(3, 3) if (i, j) == (0, 1) else None)
+    text = c.to_qc(name="x")
+    assert "all_pairs" not in text and "gate (0, 1) 2x2 -> 3x3" in text
+    assert "qudits 2 2 2 -> 3 3 2" in text
+    assert parse(text).circuits["x"] == c
+
+
+def test_regex_slash_is_escaped():
+    p = Program({"c": Circuit(2).gate(0)}, (ApplyRule("c", (Pattern(r"a/b\/c\\", regex=True),)),))
+    text = p.to_qc()
+    assert r"/a\/b\/c\\/" in text
+    assert parse(text) == p
+    assert re.search(parse(text).rules[0].patterns[0].text, "xa/b/c\\")
