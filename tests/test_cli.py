@@ -1,0 +1,223 @@
+"""qcompile: the paper's figure, JSON, diagrams, checkpoints, and every user error (exit 2)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qcircuit import parse_file
+from qcircuit.runtime.cli import main
+from qcircuit.runtime.report import names_text, percent_text
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = str(ROOT / "examples" / "llama2_qv.qc")
+PAPER_UP = str(ROOT / "examples" / "llama2_qv_up.qc")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write(tmp_path, text, name="a.qc"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# --- the paper's figure ---------------------------------------------------------------------
+def test_paper_figure_json(capsys):
+    code, out, err = run(capsys, PAPER, "--model", "llama-2-7b", "--json")
+    assert code == 0 and err == ""
+    report = json.loads(out)
+    assert report["model"] == "llama-2-7b"
+    assert report["total_params"] == 6_738_415_616
+    assert report["trainable_params"] == 2_752_512
+    assert round(report["trainable_percent"], 3) == 0.041
+    assert [t["pattern"] for t in report["targets"]] == ["q_proj", "v_proj"]
+    for t in report["targets"]:
+        assert t["modules"] == 32 and len(t["module_names"]) == 32
+        assert (t["in_features"], t["out_features"]) == (4096, 4096)
+        assert t["in_dims"] == [16, 8, 8, 4]
+        assert t["params"] == 43_008 and t["params_total"] == 32 * 43_008
+        assert t["rank_bound"] == 4096 and t["full_rank"] and t["universal"]
+        # one token through the six gates one by one: 2 * 4096 * (32+32+64+64+128+128)
+        assert 0 < t["flops_per_token"] <= 2 * 4096 * 448
+        assert t["flops_per_token_total"] == 32 * t["flops_per_token"]
+
+
+def test_paper_figure_table(capsys):
+    code, out, err = run(capsys, PAPER, "--model", "llama-2-7b")
+    assert code == 0 and err == ""
+    assert "trainable parameters: 2,752,512 of 6,738,415,616 (0.041 %)" in out
+    assert "model.layers.{0-31}.self_attn.q_proj" in out
+    assert "16 8 8 4" in out and "4,096 (full)" in out
+
+
+def test_non_square_targets_add_up(capsys):
+    code, out, _ = run(capsys, PAPER_UP, "--model", "llama-2-7b", "--json")
+    assert code == 0
+    report = json.loads(out)
+    up = report["targets"][2]
+    assert (up["pattern"], up["in_features"], up["out_features"]) == ("up_proj", 4096, 11008)
+    assert up["out_dims"] == [16, 16, 43]
+    # gates (0,1) 256x256, (1,2) 256 -> 688, (0,2) 688x688
+    assert up["params"] == 256 * 256 + 256 * 688 + 688 * 688
+    assert report["trainable_params"] == 2_752_512 + 32 * up["params"]
+    assert report["trainable_params"] == sum(t["params_total"] for t in report["targets"])
+    assert up["rank_bound"] <= 4096
+
+
+def test_auto_circuits_on_an_encoder(capsys):
+    code, out, _ = run(capsys, str(ROOT / "examples" / "roberta_auto.qc"),
+                       "--model", "roberta-base", "--json")
+    assert code == 0
+    report = json.loads(out)
+    (row,) = report["targets"]
+    assert row["modules"] == 36 and row["in_features"] == 768
+    assert len(row["in_dims"]) == 3 and math.prod(row["in_dims"]) == 768
+    assert report["options"] == {"scale": 0.5, "dropout": 0.1, "init": "zero_last"}
+
+
+# --- other options -------------------------------------------------------------------------
+def test_list_models(capsys):
+    from qcircuit.runtime import EMBEDDED_MODELS
+
+    code, out, _ = run(capsys, "--list-models")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == list(EMBEDDED_MODELS)
+    assert "LlamaForCausalLM" in out and "hidden 384" in out
+
+
+def test_draw(capsys):
+    diagram = parse_file(PAPER).circuits["attn"].diagram()
+    code, out, _ = run(capsys, PAPER, "--model", "llama-2-7b", "--draw")
+    assert code == 0 and diagram in out and out.count(diagram) == 1
+    code, out, _ = run(capsys, PAPER, "--model", "llama-2-7b", "--draw", "--json")
+    assert code == 0
+    assert [t["diagram"] for t in json.loads(out)["targets"]] == [diagram, diagram]
+
+
+def test_not_universal_warns(tmp_path, capsys):
+    qc = write(tmp_path, "circuit split {\n qudits 64 64\n gate (0)\n gate (1)\n}\n"
+                         "apply split to q_proj\n")
+    code, out, err = run(capsys, qc, "--model", "llama-2-7b", "--json")
+    assert code == 0 and json.loads(out)["targets"][0]["universal"] is False
+    assert err.startswith("qcompile: warning: circuit 'split'") and "not universal" in err
+
+
+def test_out_writes_a_checkpoint_that_loads(tmp_path, capsys, tiny_llama, token_ids):
+    from qcircuit.runtime import load
+
+    tiny_llama.save_pretrained(tmp_path / "model")
+    qc = write(tmp_path, "circuit c {\n qudits 8 8\n all_pairs\n}\napply c to q_proj, v_proj\n")
+    code, out, err = run(capsys, qc, "--model", str(tmp_path / "model"), "--out",
+                         str(tmp_path / "ckpt"))
+    assert code == 0, err
+    assert "wrote an initialised adapter checkpoint" in out
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {
+        "adapter_config.json", "adapter_model.safetensors"}
+    with torch.no_grad():
+        before = tiny_llama(token_ids).logits
+        adapted = load(tiny_llama, tmp_path / "ckpt")
+        after = adapted(token_ids).logits
+    assert len(adapted.layers) == 4
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_out_on_a_meta_model(tmp_path, capsys):
+    from safetensors import safe_open
+
+    code, out, err = run(capsys, PAPER, "--model", "llama-2-7b", "--json", "--out",
+                         str(tmp_path / "ckpt"))
+    assert code == 0, err
+    assert json.loads(out)["out"] == str(tmp_path / "ckpt")
+    with safe_open(str(tmp_path / "ckpt" / "adapter_model.safetensors"), "pt") as f:
+        trainable = [k for k in f.keys() if ".gates." in k]  # not the frozen ".init_gates."
+        assert len(trainable) == 64 * 6
+        assert sum(math.prod(f.get_slice(k).get_shape()) for k in trainable) == 2_752_512
+
+
+# --- user errors: one line on stderr, exit 2, no traceback -----------------------------------
+def error_cases(tmp_path):
+    ok = write(tmp_path, "circuit c {\n qudits 16 8 8 4\n all_pairs\n}\napply c to q_proj\n")
+    bad = write(tmp_path, "circuit c {\n qudits 16 8 8 4\n all_pairz\n}\n", "bad.qc")
+    nofit = write(tmp_path, "circuit c {\n qudits 16 8 8 4\n all_pairs\n}\n"
+                            "apply c to q_proj, up_proj\n", "nofit.qc")
+    nomatch = write(tmp_path, "circuit c {\n qudits 16 8 8 4\n all_pairs\n}\n"
+                              "apply c to query\n", "nomatch.qc")
+    (tmp_path / "a_file").write_text("")
+    return {
+        "missing file": ([str(tmp_path / "nope.qc"), "-m", "llama-2-7b"], "nope.qc"),
+        "bad qc": ([bad, "-m", "llama-2-7b"], "bad.qc:3:"),
+        "unknown model": ([ok, "-m", "llama-9"], "unknown model 'llama-9'"),
+        "circuit does not fit": ([nofit, "-m", "llama-2-7b"], "mlp.up_proj"),
+        "pattern matches nothing": ([nomatch, "-m", "llama-2-7b"], "'query'"),
+        "out is a file": ([ok, "-m", "llama-2-7b", "--out", str(tmp_path / "a_file")],
+                          "not a directory"),
+        "out under a file": ([ok, "-m", "llama-2-7b", "--out",
+                              str(tmp_path / "a_file" / "ckpt")], "a_file"),
+        "no model": ([ok], "no model given"),
+        "no file": (["-m", "llama-2-7b"], "no .qc file"),
+        "bad flag": ([ok, "--frobnicate"], "unrecognized arguments"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "bad qc", "unknown model", "circuit does not fit",
+                                  "pattern matches nothing", "out is a file", "out under a file",
+                                  "no model", "no file", "bad flag"])
+def test_user_errors_exit_2(tmp_path, capsys, case):
+    argv, needle = error_cases(tmp_path)[case]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("qcompile: error: ") and err.count("\n") == 1
+    assert needle in err and "Traceback" not in err
+
+
+def test_error_names_module_shape_and_circuit(tmp_path, capsys):
+    argv, _ = error_cases(tmp_path)["circuit does not fit"]
+    _, _, err = run(capsys, *argv)
+    assert "nofit.qc:5:" in err  # the pattern's line in the .qc file
+    assert "model.layers.0.mlp.up_proj" in err and "4096 -> 11008" in err
+    assert "16 8 8 4" in err
+
+
+def test_subprocesses():
+    """The installed ``qcompile`` script and ``python -m``, run side by side."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    script = Path(sys.executable).parent / "qcompile"
+    good = subprocess.Popen([str(script), "--list-models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    bad = subprocess.Popen([sys.executable, "-m", "qcircuit.runtime.cli", PAPER, "--model",
+                            "no-such-model"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env)
+    out, err = good.communicate(timeout=120)
+    assert good.returncode == 0 and err == ""
+    assert out.splitlines()[0].startswith("llama-2-7b ")
+    out, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and out == ""
+    assert err.startswith("qcompile: error: unknown model 'no-such-model'")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- formatting helpers --------------------------------------------------------------------
+def test_names_text():
+    names = tuple(f"model.layers.{i}.self_attn.q_proj" for i in range(32))
+    assert names_text(names) == "model.layers.{0-31}.self_attn.q_proj"
+    assert names_text(names[::2]) == "model.layers.{" + ",".join(map(str, range(0, 32, 2))) + "}.self_attn.q_proj"
+    assert names_text(("a.q", "b.v")) == "a.q, … (2 modules)"
+    assert names_text(("x",)) == "x"
+
+
+def test_percent_text():
+    assert percent_text(100 * 2_752_512 / 6_738_415_616) == "0.041"
+    assert percent_text(12.3456) == "12.346"
+    assert percent_text(0.000123) == "0.00012"
+    assert percent_text(0.0) == "0.000"
