@@ -3,7 +3,7 @@
 Canonical form: a gate's dims are written exactly when it changes dims (``16x16 ->
 16x43``); square gates take theirs from the wires. A circuit whose dims change declares
 its output dims on the ``qudits`` line. Runs of gates equal to ``all_pairs`` print as
-``all_pairs`` (several in a row as ``repeat K { all_pairs }``).
+``all_pairs``, and repeated sequences of statements as ``repeat K { … }``.
 """
 from __future__ import annotations
 
@@ -34,27 +34,47 @@ def _gate_line(g: Gate) -> str:
     return line
 
 
-def _body(circuit: Circuit) -> list[str]:
-    """Statements for the circuit's gates, folding ``all_pairs`` runs."""
+def _statements(circuit: Circuit) -> list[str]:
+    """One statement per gate, except that runs equal to ``all_pairs`` become one."""
     gates, n = circuit.gates, circuit.num_qudits
     pairs = all_pairs_qudits(n) if n >= 2 else []
-
-    def all_pairs_at(k: int) -> bool:
-        block = gates[k:k + len(pairs)]
-        return (bool(pairs) and len(block) == len(pairs)
-                and all(g.qudits == p and g.is_square for g, p in zip(block, pairs)))
-
-    lines, k = [], 0
+    out, k = [], 0
     while k < len(gates):
-        runs = 0
-        while all_pairs_at(k + runs * len(pairs)):
-            runs += 1
-        if runs == 0:
-            lines.append(_gate_line(gates[k]))
-            k += 1
+        block = gates[k:k + len(pairs)]
+        if (pairs and len(block) == len(pairs)
+                and all(g.qudits == p and g.is_square for g, p in zip(block, pairs))):
+            out.append("all_pairs")
+            k += len(pairs)
         else:
-            lines += ["all_pairs"] if runs == 1 else [f"repeat {runs} {{", INDENT + "all_pairs", "}"]
-            k += runs * len(pairs)
+            out.append(_gate_line(gates[k]))
+            k += 1
+    return out
+
+
+def _fold(stmts: list[str], max_period: int = 32) -> list[str]:
+    """Fold runs of a repeated statement sequence into ``repeat K { … }`` (nested too).
+
+    Any grouping parses back to the same gates: a square gate takes its dims from the
+    wires and a gate that changes dims has them written."""
+    lines, k = [], 0
+    while k < len(stmts):
+        best = (1, 1)  # (period, count)
+        for p in range(1, min(max_period, (len(stmts) - k) // 2) + 1):
+            m = 1
+            while stmts[k + m * p:k + (m + 1) * p] == stmts[k:k + p]:
+                m += 1
+            if m > 1 and p * m > best[0] * best[1]:
+                best = (p, m)
+        p, m = best
+        if m == 1:
+            lines.append(stmts[k])
+        else:
+            body = _fold(stmts[k:k + p], max_period)
+            if len(body) == 1:
+                lines.append(f"repeat {m} {{ {body[0]} }}")
+            else:
+                lines += [f"repeat {m} {{"] + [INDENT + line for line in body] + ["}"]
+        k += p * m
     return lines
 
 
@@ -72,7 +92,7 @@ def circuit_to_qc(circuit: Circuit, name: str = "c") -> str:
         if outs != ins:
             header += " -> " + " ".join(map(str, outs))
     lines = [f"circuit {name} {{", INDENT + header]
-    lines += [INDENT + line for line in _body(circuit)]
+    lines += [INDENT + line for line in _fold(_statements(circuit))]
     return "\n".join(lines + ["}"]) + "\n"
 
 

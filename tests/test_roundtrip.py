@@ -90,9 +90,12 @@ def test_program_round_trip(program):
 @given(circuits(allow_auto=False))
 def test_written_dims_only_on_gates_that_change_dims(circuit):
     text = circuit.to_qc(name="c")
-    gate_lines = [line.strip() for line in text.splitlines() if line.strip().startswith("gate")]
-    changing = [g for g in circuit.gates if not g.is_square]
-    assert sum("->" in line for line in gate_lines) == len(changing)
+    statements = [s.strip() for line in text.splitlines()[2:] for s in line.split("{")]
+    written = {s.rstrip(" }") for s in statements if s.startswith("gate") and "->" in s}
+    changing = {f"gate ({', '.join(map(str, g.qudits))}) "
+                f"{'x'.join(map(str, g.in_dims))} -> {'x'.join(map(str, g.out_dims))}"
+                for g in circuit.gates if not g.is_square}
+    assert written == changing
     assert ("->" in text.splitlines()[1]) == (circuit.out_dims != circuit.in_dims)
 
 
@@ -100,7 +103,7 @@ def test_all_pairs_folds_and_repeat():
     c = Circuit(4, 4, 4).gate((0, 1)).all_pairs().all_pairs().all_pairs()
     text = circuit_to_qc(c, "x")
     assert text == ("circuit x {\n    qudits 4 4 4\n    gate (0, 1)\n"
-                    "    repeat 3 {\n        all_pairs\n    }\n}\n")
+                    "    repeat 3 { all_pairs }\n}\n")
     assert parse(text).circuits["x"] == c
 
 
