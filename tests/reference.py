@@ -1,0 +1,56 @@
+"""An independent dense reference for circuit operators (float64 numpy, no compiler code).
+
+Each gate becomes a full ``(out_features_after, in_features_before)`` matrix:
+``P_out^T · (G_mat ⊗ I_rest) · P_in``, where ``P`` are explicit permutation matrices
+that bring the gate's qudits to the front in its listed order; the circuit operator
+is the product of these matrices, last gate leftmost.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def permutation_matrix(dims: Sequence[int], front: Sequence[int]) -> np.ndarray:
+    """``P`` with ``(P v)[j] = v[i]`` where ``j`` is the flat index of multi-index ``i``
+    reordered as ``front`` qudits first (in that order), then the others ascending."""
+    order = list(front) + [q for q in range(len(dims)) if q not in front]
+    new_dims = [dims[q] for q in order]
+    size = math.prod(dims)
+    p = np.zeros((size, size))
+    for flat, multi in enumerate(itertools.product(*[range(d) for d in dims])):
+        moved = [multi[q] for q in order]
+        target = 0
+        for digit, d in zip(moved, new_dims):
+            target = target * d + digit
+        p[target, flat] = 1.0
+    return p
+
+
+def gate_matrix(dims_before: Sequence[int], qudits: Sequence[int], tensor: np.ndarray) -> np.ndarray:
+    """The full matrix of one gate acting on wires with ``dims_before``."""
+    k = len(qudits)
+    out_dims = tensor.shape[:k]
+    dims_after = list(dims_before)
+    for q, d in zip(qudits, out_dims):
+        dims_after[q] = d
+    g_mat = tensor.reshape(math.prod(out_dims), math.prod(tensor.shape[k:]))
+    rest = math.prod(d for q, d in enumerate(dims_before) if q not in qudits)
+    core = np.kron(g_mat, np.eye(rest))
+    p_in = permutation_matrix(dims_before, qudits)
+    p_out = permutation_matrix(dims_after, qudits)
+    return p_out.T @ core @ p_in
+
+
+def dense_operator(in_dims: Sequence[int], gates: Sequence[tuple[Sequence[int], np.ndarray]]) -> np.ndarray:
+    """``T = G_K ⋯ G_1`` for ``gates = [(qudits, tensor), …]`` in circuit order."""
+    dims = list(in_dims)
+    t = np.eye(math.prod(dims))
+    for qudits, tensor in gates:
+        t = gate_matrix(dims, qudits, np.asarray(tensor, dtype=np.float64)) @ t
+        for q, d in zip(qudits, tensor.shape[:len(qudits)]):
+            dims[q] = d
+    return t
