@@ -10,6 +10,7 @@ located at the pattern in the ``.qc`` text when there is one.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -69,7 +70,10 @@ def bind(model: nn.Module, program: Program) -> tuple[Target, ...]:
         circuit = program.circuits[rule.circuit]
         for pattern in rule.patterns:
             span = pattern.span or rule.span
-            names = [n for n in modules if n and pattern.matches(n)]
+            try:
+                names = [n for n in modules if n and pattern.matches(n)]
+            except re.error as e:
+                raise QCError(f"bad regex {str(pattern)!r}: {e}", span) from None
             if not names:
                 raise _no_match(model, rule, pattern, span)
             for name in names:

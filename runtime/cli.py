@@ -18,6 +18,7 @@ import sys
 from typing import Sequence
 
 from qcircuit.errors import QCError
+from qcircuit.ir import OPTION_DEFAULTS
 
 EXIT_USAGE = 2
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     targets = bind(loaded.model, program)
     report = build_report(loaded.name, type(loaded.model).__name__, loaded.total_params,
-                          targets, dict(program.options))
+                          targets, {k: program.option(k) for k in OPTION_DEFAULTS})
     for warning in not_universal(report):
         print(f"qcompile: warning: {warning}", file=sys.stderr)
     if args.out:

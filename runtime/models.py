@@ -101,7 +101,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     """Build an embedded model on the meta device, or load a local directory.
 
     A directory without safetensors weights is built on the meta device, like an
-    embedded model. Unknown names raise ``QCError`` listing the embedded ones.
+    embedded model. An existing directory wins over an embedded name it shadows. Unknown names raise ``QCError`` listing the embedded ones.
     """
     text = str(name_or_path)
     if text.lower() in EMBEDDED_MODELS and not Path(text).is_dir():

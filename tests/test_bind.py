@@ -155,3 +155,8 @@ def test_binding_a_meta_model():
                                   attn=Circuit(16, 8, 8, 4).all_pairs()))
     assert len(targets) == 64
     assert sum(t.circuit.num_params for t in targets) == 2_752_512
+
+
+def test_bad_regex_is_a_qcerror(tiny_llama):
+    with pytest.raises(QCError, match=r"bad regex '/q_proj\(/'"):
+        bind(tiny_llama, program([("c", ["/q_proj(/"])], c=Circuit(8, 8).all_pairs()))

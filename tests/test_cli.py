@@ -59,6 +59,7 @@ def test_paper_figure_table(capsys):
     assert "trainable parameters: 2,752,512 of 6,738,415,616 (0.041 %)" in out
     assert "model.layers.{0-31}.self_attn.q_proj" in out
     assert "16 8 8 4" in out and "4,096 (full)" in out
+    assert "options: init = freeze_one, scale = 1.0, dropout = 0.0" in out  # defaults shown
 
 
 def test_non_square_targets_add_up(capsys):
