@@ -1,4 +1,5 @@
-"""The immutable IR: ``Gate``, ``Circuit`` (also the builder) and ``Program``.
+"""The immutable IR: ``Gate``, ``Circuit`` (also the builder); ``Program``, ``Pattern``,
+``ApplyRule`` and the options live in ``program.py`` and are re-exported here.
 
 Semantics (see DESIGN.md): a gate on qudits ``(a, b, …)`` maps their current dims
 ``in_dims`` to ``out_dims``; its tensor has shape ``out_dims + in_dims``. The circuit
@@ -10,18 +11,19 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 from .errors import QCError, Span
+from .program import (INIT_MODES, OPTION_DEFAULTS, ApplyRule, Pattern, Program,  # noqa: F401
+                      check_option)
 
 Dims = tuple[int, ...]
 
-#: option name -> default value; the parser and ``Program`` check keys against it.
-OPTION_DEFAULTS: Mapping[str, object] = MappingProxyType(
-    {"init": "freeze_one", "scale": 1.0, "dropout": 0.0}
-)
-INIT_MODES = ("freeze_one", "zero_last")
+#: Limits shared by the builder and the parser (each exceeded one is a clear QCError).
+MAX_DIM = 1 << 20
+MAX_QUDITS = 64
+MAX_GATES = 100_000
+
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ def parse_dims(text: str | Sequence[int] | int, span: Span | None = None) -> Dim
     for d, v in zip(dims, values):
         if d is None or d <= 0:
             raise QCError(f"dims must be positive integers, got {v!r}", span)
+        if d > MAX_DIM:
+            raise QCError(f"dim {d} is too large (at most {MAX_DIM})", span)
     return dims  # type: ignore[return-value]
 
 
@@ -228,6 +232,8 @@ class Circuit:
                  span: Span | None = None, learns: bool | None = None):
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = tuple(dims[0])
+        if len(dims) > MAX_QUDITS:
+            raise QCError(f"too many qudits: {len(dims)} (at most {MAX_QUDITS})", span)
         checked = tuple(None if d is None else _one_dim(d, span) for d in dims)
         if auto is not None and (dims or _as_int(auto) is None or auto <= 0):
             raise QCError("an auto circuit takes a positive qudit count and no dims", span)
@@ -303,6 +309,8 @@ class Circuit:
         wires = list(self.out_dims_partial())
         if self.learns:  # Circuit(): qudits appear as gates name them
             top = max((q for s in specs for q in s.qudits if isinstance(q, int)), default=-1)
+            if top >= MAX_QUDITS:
+                raise QCError(f"qudit {top} out of range (at most {MAX_QUDITS} qudits)")
             wires += [None] * (top + 1 - len(wires))
         learnt, gates = build_gates(wires, specs)
         dims = tuple(learnt[q] if q >= len(self.dims) or self.dims[q] is None else self.dims[q]
@@ -340,12 +348,13 @@ class Circuit:
 
     def repeat(self, k: int) -> "Circuit":
         """The gate sequence played ``k`` times."""
-        if not isinstance(k, int) or k < 1:
+        if _as_int(k) is None or k < 1:
             raise QCError(f"repeat count must be a positive integer, got {k!r}")
-        out = self
-        for _ in range(k - 1):
-            out = out.then(Circuit(gates=self.gates))
-        return out
+        if len(self.gates) * k > MAX_GATES:
+            raise QCError(f"too many gates: {len(self.gates)} x {k} (at most {MAX_GATES})")
+        specs = [GateSpec(g.qudits, g.in_dims or None, g.out_dims or None, g.span)
+                 for g in self.gates]
+        return self._with(specs * (k - 1))
 
     def resolve(self, in_features: int, out_features: int | None = None) -> "Circuit":
         """Bind to a layer of that size: auto dims are factorised (balanced); a concrete
@@ -389,90 +398,3 @@ class Circuit:
         """Qudits, features and parameters, one line each."""
         from .printer import circuit_summary
         return circuit_summary(self)
-
-
-def _unescape_slash(m: re.Match) -> str:
-    return "/" if m.group(1) == "/" else m.group(0)
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """A module-name pattern: a suffix of dotted names (``q_proj``) or a ``/regex/``."""
-
-    text: str
-    regex: bool = False
-    span: Span | None = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self):
-        if not isinstance(self.text, str) or not self.text:
-            raise QCError(f"a pattern must be a non-empty string, got {self.text!r}", self.span)
-        if self.regex:  # '\/' and '/' mean the same: keep the plain '/' (canonical form)
-            object.__setattr__(self, "text", re.sub(r"\\(.)", _unescape_slash, self.text,
-                                                    flags=re.DOTALL))
-
-    def matches(self, module_name: str) -> bool:
-        if self.regex:
-            return re.search(self.text, module_name) is not None
-        return module_name == self.text or module_name.endswith("." + self.text)
-
-    def __str__(self) -> str:
-        return f"/{self.text}/" if self.regex else self.text
-
-
-@dataclass(frozen=True)
-class ApplyRule:
-    """``apply CIRCUIT to PATTERN, …``."""
-
-    circuit: str
-    patterns: tuple[Pattern, ...]
-    span: Span | None = field(default=None, compare=False, repr=False)
-
-
-def check_option(key: str, value: object, span: Span | None = None) -> object:
-    """Validate one option; return its normalised value."""
-    if key not in OPTION_DEFAULTS:
-        raise QCError(f"unknown option {key!r}", span, expected=" or ".join(OPTION_DEFAULTS))
-    if key == "init":
-        if value not in INIT_MODES:
-            raise QCError(f"unknown init mode {value!r}", span, expected=" or ".join(INIT_MODES))
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise QCError(f"option {key} takes a number, got {value!r}", span)
-    if key == "dropout" and not 0.0 <= value < 1.0:
-        raise QCError(f"dropout must be in [0, 1), got {value}", span)
-    return float(value)
-
-
-@dataclass(frozen=True)
-class Program:
-    """Named circuits, the rules that apply them to modules, and options."""
-
-    circuits: Mapping[str, Circuit]
-    rules: tuple[ApplyRule, ...] = ()
-    options: Mapping[str, object] = field(default_factory=dict)
-
-    def __post_init__(self):
-        for rule in self.rules:
-            if rule.circuit not in self.circuits:
-                raise QCError(f"apply names unknown circuit {rule.circuit!r}", rule.span,
-                              expected=" or ".join(self.circuits) or "a circuit defined in the program")
-        options = {k: check_option(k, v) for k, v in self.options.items()}
-        object.__setattr__(self, "circuits", MappingProxyType(dict(self.circuits)))
-        object.__setattr__(self, "rules", tuple(self.rules))
-        object.__setattr__(self, "options", MappingProxyType(options))
-
-    def option(self, key: str) -> object:
-        """The option's value, or its default."""
-        return self.options.get(key, OPTION_DEFAULTS[key])
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Program):
-            return NotImplemented
-        return (dict(self.circuits) == dict(other.circuits) and self.rules == other.rules
-                and dict(self.options) == dict(other.options))
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def to_qc(self) -> str:
-        from .printer import program_to_qc
-        return program_to_qc(self)

@@ -18,15 +18,12 @@ from pathlib import Path
 
 from .errors import QCError, Span
 from .ir import OPTION_DEFAULTS, Circuit, ApplyRule, Gate, GateSpec, Pattern, Program
-from .ir import all_pairs_qudits, build_gates, check_option
+from .ir import MAX_DIM, MAX_GATES, MAX_QUDITS, all_pairs_qudits, build_gates, check_option
 from .syntax import (AllPairsNode, ApplyNode, CircuitNode, GateNode, IncludeNode, OptionNode,
                      QuditsAuto, RepeatNode, Tok, parse_ast)
 
-MAX_DIM = 1 << 20
-MAX_QUDITS = 64
 MAX_REPEAT = 10_000
 MAX_DEPTH = 32
-MAX_GATES = 100_000
 MAX_INCLUDE_DEPTH = 32
 
 __all__ = ["parse", "parse_file", "MAX_DIM", "MAX_QUDITS", "MAX_REPEAT", "MAX_GATES"]

@@ -187,6 +187,12 @@ def test_missing_top_level_file(tmp_path):
     lambda: check_option("scale", "big"),
     lambda: check_option("scale", True),
     lambda: Pattern(""),
+    lambda: Circuit(*[2] * 65),
+    lambda: Circuit(2 ** 21),
+    lambda: Circuit(True),
+    lambda: Circuit().gate(10 ** 9, "2"),
+    lambda: Circuit(2).gate(0).repeat(10 ** 6),
+    lambda: Circuit(2).gate(0).repeat(2.0),
 ])
 def test_builder_misuse_raises_qcerror_without_location(misuse):
     with pytest.raises(QCError) as info:

@@ -1,0 +1,106 @@
+"""``Program``: named circuits, the rules applying them to modules, and options."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Mapping
+
+from .errors import QCError, Span
+
+if TYPE_CHECKING:
+    from .ir import Circuit
+
+#: option name -> default value; the parser and ``Program`` check keys against it.
+OPTION_DEFAULTS: Mapping[str, object] = MappingProxyType(
+    {"init": "freeze_one", "scale": 1.0, "dropout": 0.0}
+)
+INIT_MODES = ("freeze_one", "zero_last")
+
+
+def _unescape_slash(m: re.Match) -> str:
+    return "/" if m.group(1) == "/" else m.group(0)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A module-name pattern: a suffix of dotted names (``q_proj``) or a ``/regex/``."""
+
+    text: str
+    regex: bool = False
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.text, str) or not self.text:
+            raise QCError(f"a pattern must be a non-empty string, got {self.text!r}", self.span)
+        if self.regex:  # '\/' and '/' mean the same: keep the plain '/' (canonical form)
+            object.__setattr__(self, "text", re.sub(r"\\(.)", _unescape_slash, self.text,
+                                                    flags=re.DOTALL))
+
+    def matches(self, module_name: str) -> bool:
+        if self.regex:
+            return re.search(self.text, module_name) is not None
+        return module_name == self.text or module_name.endswith("." + self.text)
+
+    def __str__(self) -> str:
+        return f"/{self.text}/" if self.regex else self.text
+
+
+@dataclass(frozen=True)
+class ApplyRule:
+    """``apply CIRCUIT to PATTERN, …``."""
+
+    circuit: str
+    patterns: tuple[Pattern, ...]
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+
+def check_option(key: str, value: object, span: Span | None = None) -> object:
+    """Validate one option; return its normalised value."""
+    if key not in OPTION_DEFAULTS:
+        raise QCError(f"unknown option {key!r}", span, expected=" or ".join(OPTION_DEFAULTS))
+    if key == "init":
+        if value not in INIT_MODES:
+            raise QCError(f"unknown init mode {value!r}", span, expected=" or ".join(INIT_MODES))
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise QCError(f"option {key} takes a number, got {value!r}", span)
+    if key == "dropout" and not 0.0 <= value < 1.0:
+        raise QCError(f"dropout must be in [0, 1), got {value}", span)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Program:
+    """Named circuits, the rules that apply them to modules, and options."""
+
+    circuits: Mapping[str, Circuit]
+    rules: tuple[ApplyRule, ...] = ()
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for rule in self.rules:
+            if rule.circuit not in self.circuits:
+                raise QCError(f"apply names unknown circuit {rule.circuit!r}", rule.span,
+                              expected=" or ".join(self.circuits) or "a circuit defined in the program")
+        options = {k: check_option(k, v) for k, v in self.options.items()}
+        object.__setattr__(self, "circuits", MappingProxyType(dict(self.circuits)))
+        object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "options", MappingProxyType(options))
+
+    def option(self, key: str) -> object:
+        """The option's value, or its default."""
+        return self.options.get(key, OPTION_DEFAULTS[key])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Program):
+            return NotImplemented
+        return (dict(self.circuits) == dict(other.circuits) and self.rules == other.rules
+                and dict(self.options) == dict(other.options))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_qc(self) -> str:
+        from .printer import program_to_qc
+        return program_to_qc(self)
