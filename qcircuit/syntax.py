@@ -170,7 +170,7 @@ class _Builder(Transformer_NonRecursive):
 
 # Human names for the grammar's terminals, in the order they are listed in messages.
 _HUMAN = {
-    "INT": "an integer", "DIMS": "dims like 16x16", "NAME": "a name",
+    "INT": "an integer", "DIMS": "dims like 16 or 16x16", "NAME": "a name",
     "PATH": "a module name like q_proj", "REGEX": "a /regex/", "NUMBER": "a number",
     "STRING": 'a "file name"', "$END": "end of file",
 }
@@ -178,6 +178,9 @@ _HUMAN = {
 
 def _human(names) -> str:
     terms = {t.name: t for t in grammar().terminals}
+    names = set(names) - {"NOT_INT"}
+    if "DIMS" in names:
+        names.discard("INT")
     words = []
     for name in names:
         if name in _HUMAN:

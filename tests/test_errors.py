@@ -61,7 +61,7 @@ CASES = [
     ("truncated", "circuit c {\n  qudits 4 4\n  gate (0, 1)\n", 3, 14, "unexpected end of file",
      "'}'"),
     ("bad character", "circuit c { qudits 4 4 gate (0, 1) @ }", 1, 36, "unexpected character '@'",
-     "dims like 16x16"),
+     "dims like 16 or 16x16"),
     ("dims on the qudits line", "circuit c { qudits 4x4 gate (0) }", 1, 20,
      "one dim per qudit", "4 4"),
     ("dims for a qudit index", "circuit c { qudits 4 4 gate (0x1) }", 1, 30,
