@@ -100,7 +100,7 @@ class _Builder(Transformer_NonRecursive):
 
     def span(self, line: int, column: int) -> Span:
         source = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
-        return Span(self.file, line, column, source)
+        return Span(self.file, line, column, source.rstrip("\r"))
 
     def tok(self, t: Token, strip: int = 0) -> Tok:
         return Tok(t.value[strip:len(t.value) - strip], self.span(t.line, t.column))
@@ -108,8 +108,7 @@ class _Builder(Transformer_NonRecursive):
     def meta(self, meta) -> Span:
         return self.span(meta.line, meta.column)
 
-    @v_args(meta=True)
-    def start(self, meta, items):
+    def start(self, items):
         return tuple(items)
 
     @v_args(meta=True)
@@ -155,8 +154,10 @@ class _Builder(Transformer_NonRecursive):
     @v_args(meta=True)
     def apply(self, meta, children):
         _, name, *patterns = children
-        return ApplyNode(self.tok(name), tuple(self.tok(p.children[0]) for p in patterns),
-                         self.tok(name).span)
+        return ApplyNode(self.tok(name), tuple(patterns), self.tok(name).span)
+
+    def pattern(self, children):
+        return self.tok(children[0])
 
     @v_args(meta=True)
     def option(self, meta, children):
@@ -219,7 +220,7 @@ def syntax_error(err: UnexpectedInput, text: str, file: str | None) -> QCError:
         message, expected = "unexpected end of file", _human(names)
     if not isinstance(line, int) or line < 1:
         line, column = _end_position(text)
-    source = lines[line - 1] if line <= len(lines) else ""
+    source = lines[line - 1].rstrip("\r") if line <= len(lines) else ""
     return QCError(message, Span(file, line, max(int(column or 1), 1), source), expected=expected)
 
 

@@ -171,6 +171,15 @@ def test_comments_and_layout_are_free():
     assert a == b
 
 
+def test_crlf_line_endings():
+    text = DESIGN_EXAMPLE.replace("\n", "\r\n")
+    assert parse(text) == parse(DESIGN_EXAMPLE)
+    with pytest.raises(QCError) as info:
+        parse(text.replace("gate (0, 2)", "gate (0, 3)"))
+    assert (info.value.line, info.value.column) == (11, 14)
+    assert info.value.span.source_line == "    gate (0, 3)"
+
+
 def test_include_relative_to_including_file(tmp_path):
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "attn.qc").write_text('include "more/opts.qc"\n'
