@@ -100,32 +100,30 @@ def bind(model: nn.Module, program: Program) -> tuple[Target, ...]:
 
 
 def describe_circuit(circuit: Circuit) -> str:
-    """``16 8 8 4 -> 16 8 8 4 (4096 -> 4096)``, or ``auto 3`` before binding."""
+    """``qudits 16 8 8 4: 4096 -> 4096 features``, or ``qudits auto 3`` before binding."""
     if circuit.is_auto:
         return f"qudits auto {circuit.auto}"
     if None in circuit.dims:
         return "qudits " + " ".join("?" if d is None else str(d) for d in circuit.dims)
-    ins, outs = " ".join(map(str, circuit.in_dims)), " ".join(map(str, circuit.out_dims))
-    return f"{ins} -> {outs} ({circuit.in_features} -> {circuit.out_features} features)"
+    ins, outs = circuit.in_dims, circuit.out_dims
+    dims = " ".join(map(str, ins)) + ("" if ins == outs else " -> " + " ".join(map(str, outs)))
+    return f"qudits {dims}: {circuit.in_features} -> {circuit.out_features} features"
 
 
 def _resolve(circuit: Circuit, circuit_name: str, module_name: str,
              shape: tuple[str, int, int], span: Span | None) -> Circuit:
     kind, n_in, n_out = shape
     layer = f"module {module_name!r} ({kind}, {n_in} -> {n_out} features)"
+    about = f"circuit {circuit_name!r} ({describe_circuit(circuit)})"
+    if (not circuit.is_auto and None not in circuit.dims
+            and (circuit.in_features, circuit.out_features) != (n_in, n_out)):
+        raise QCError(f"{about} does not fit {layer}", span,
+                      expected=f"a circuit mapping {n_in} -> {n_out} features, or 'qudits auto N'")
     try:
-        if not circuit.is_auto:
-            described = describe_circuit(circuit)
-            if (circuit.in_features, circuit.out_features) != (n_in, n_out):
-                raise QCError(f"circuit {circuit_name!r} ({described}) does not fit {layer}", span,
-                              expected=f"a circuit mapping {n_in} -> {n_out} features "
-                                       "(or 'qudits auto N')")
         return circuit.resolve(n_in, n_out)
     except QCError as e:
-        if e.message.startswith(f"circuit {circuit_name!r}"):
-            raise
-        raise QCError(f"circuit {circuit_name!r} ({describe_circuit(circuit)}) cannot be bound "
-                      f"to {layer}: {e.message}", span, expected=e.expected) from None
+        raise QCError(f"{about} cannot be bound to {layer}: {e.message}", span,
+                      expected=e.expected) from None
 
 
 def _no_match(model: nn.Module, rule: ApplyRule, pattern: Pattern, span: Span | None) -> QCError:

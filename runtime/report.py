@@ -11,6 +11,7 @@ all matched modules, and their percentage is of the base model's parameters.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -130,22 +131,26 @@ def percent_text(percent: float) -> str:
 
 
 def names_text(names: tuple[str, ...]) -> str:
-    """Short description of module names: ``model.layers.{0-31}.self_attn.q_proj``."""
+    """Module names in short: ``model.layers.{0-31}.self_attn.q_proj`` or
+    ``encoder.layer.{0-11}.attention.self.{query,key,value}`` when the names are exactly
+    every combination of their varying parts; else the first name and the count."""
     if len(names) == 1:
         return names[0]
     split = [n.split(".") for n in names]
-    same_shape = len({len(s) for s in split}) == 1
-    varying = [i for i in range(len(split[0])) if len({s[i] for s in split}) > 1] if same_shape else []
-    if same_shape and len(varying) == 1 and all(s[varying[0]].isdigit() for s in split):
-        i = varying[0]
-        values = sorted({int(s[i]) for s in split})
-        if values == list(range(values[0], values[-1] + 1)):
-            part = f"{{{values[0]}-{values[-1]}}}"
-        else:
-            part = "{" + ",".join(map(str, values)) + "}"
-        if len(values) == len(names):
-            return ".".join(split[0][:i] + [part] + split[0][i + 1:])
+    if len({len(s) for s in split}) == 1 and len(set(names)) == len(names):
+        columns = [list(dict.fromkeys(s[i] for s in split)) for i in range(len(split[0]))]
+        if math.prod(len(c) for c in columns) == len(names):
+            return ".".join(c[0] if len(c) == 1 else _choice(c) for c in columns)
     return f"{names[0]}, … ({len(names)} modules)"
+
+
+def _choice(values: list[str]) -> str:
+    if all(v.isdigit() for v in values):
+        numbers = sorted(int(v) for v in values)
+        if numbers == list(range(numbers[0], numbers[-1] + 1)):
+            return f"{{{numbers[0]}-{numbers[-1]}}}"
+        values = [str(n) for n in numbers]
+    return "{" + ",".join(values) + "}"
 
 
 def rank_text(row: Row) -> str:

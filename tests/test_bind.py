@@ -115,7 +115,7 @@ def test_circuit_that_does_not_fit(tiny_llama):
         bind(tiny_llama, program([("attn", ["up_proj"])], attn=Circuit(8, 8).all_pairs()))
     text = str(info.value)
     assert "model.layers.0.mlp.up_proj" in text
-    assert "64 -> 172" in text and "8 8 -> 8 8" in text and "'attn'" in text
+    assert "64 -> 172" in text and "qudits 8 8: 64 -> 64 features" in text and "'attn'" in text
 
 
 def test_auto_circuit_that_cannot_reach_the_output(tiny_llama):

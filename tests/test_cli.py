@@ -83,6 +83,8 @@ def test_auto_circuits_on_an_encoder(capsys):
     report = json.loads(out)
     (row,) = report["targets"]
     assert row["modules"] == 36 and row["in_features"] == 768
+    code, out, _ = run(capsys, str(ROOT / "examples" / "roberta_auto.qc"), "--model", "roberta-base")
+    assert "roberta.encoder.layer.{0-11}.attention.self.{query,key,value}" in out
     assert len(row["in_dims"]) == 3 and math.prod(row["in_dims"]) == 768
     assert report["options"] == {"scale": 0.5, "dropout": 0.1, "init": "zero_last"}
 
@@ -213,7 +215,10 @@ def test_names_text():
     names = tuple(f"model.layers.{i}.self_attn.q_proj" for i in range(32))
     assert names_text(names) == "model.layers.{0-31}.self_attn.q_proj"
     assert names_text(names[::2]) == "model.layers.{" + ",".join(map(str, range(0, 32, 2))) + "}.self_attn.q_proj"
-    assert names_text(("a.q", "b.v")) == "a.q, … (2 modules)"
+    assert names_text(("a.q", "b.v")) == "a.q, … (2 modules)"  # not every combination
+    encoder = tuple(f"enc.layer.{i}.self.{p}" for i in range(12) for p in ("query", "value"))
+    assert names_text(encoder) == "enc.layer.{0-11}.self.{query,value}"
+    assert names_text(("h.10.c", "h.2.c", "h.3.c")) == "h.{2,3,10}.c"
     assert names_text(("x",)) == "x"
 
 
