@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from qcircuit import QCError, parse
 
+from test_roundtrip import programs
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SEEDS = [p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.qc"))]
 SEEDS.append("circuit c { qudits 2 3 -> 4 3 repeat 2 { gate (1) } gate (0, 1) 2x3 -> 4x3 }\n"
@@ -21,7 +23,10 @@ TOKENS = ["circuit", "qudits", "auto", "gate", "all_pairs", "repeat", "apply", "
 
 @st.composite
 def mutated(draw):
-    text = draw(st.sampled_from(SEEDS))
+    if draw(st.integers(0, 3)) == 0:  # a random valid program's text
+        text = draw(programs()).to_qc()
+    else:
+        text = draw(st.sampled_from(SEEDS))
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.integers(0, 4))
         i = draw(st.integers(0, len(text)))
@@ -53,6 +58,18 @@ def check(text: str) -> None:
 @given(mutated())
 def test_mutated_text_raises_only_located_qcerror(text):
     check(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(SEEDS), st.binary(max_size=6), st.integers(0, 10**6))
+def test_raw_bytes_raise_only_located_qcerror(seed, junk, where):
+    data = seed.encode("utf-8")
+    i = where % (len(data) + 1)
+    data = data[:i] + junk + data[i:]
+    try:
+        parse(data, file="bytes.qc", base_dir=EXAMPLES)
+    except QCError as err:
+        assert err.line >= 1 and err.column >= 1, str(err)
 
 
 @pytest.mark.parametrize("seed", range(len(SEEDS)))

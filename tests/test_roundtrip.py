@@ -123,3 +123,12 @@ def test_regex_slash_is_escaped():
     assert r"/a\/b\/c\\/" in text
     assert parse(text) == p
     assert re.search(parse(text).rules[0].patterns[0].text, "xa/b/c\\")
+
+
+def test_keywords_are_fine_as_names_and_patterns():
+    words = ["circuit", "qudits", "gate", "all_pairs", "repeat", "apply", "option", "include",
+             "auto", "to", "x", "init"]
+    c = Circuit(2, 3).gate((1, 0))
+    p = Program({w: c for w in words},
+                tuple(ApplyRule(w, tuple(Pattern(q) for q in words)) for w in words))
+    assert parse(p.to_qc()) == p
