@@ -18,6 +18,7 @@ into one graph.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -124,7 +125,13 @@ def choose_optimizer(num_operands: int) -> str:
 
 
 def find_path(equation: str, shapes: Sequence[tuple[int, ...]], optimizer: str) -> tuple[list, Any]:
-    """The one place that asks opt_einsum for a path (tests count calls here)."""
+    """The one place a plan asks for a path (tests count calls here). Identical networks
+    (the same circuit on many layers) share one opt_einsum search per process."""
+    return _contract_path(equation, tuple(map(tuple, shapes)), optimizer)
+
+
+@functools.lru_cache(maxsize=1024)
+def _contract_path(equation: str, shapes: tuple[tuple[int, ...], ...], optimizer: str):
     return opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimizer)
 
 

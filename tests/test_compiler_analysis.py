@@ -206,3 +206,19 @@ def test_plan_is_frozen_and_shared_by_deepcopy():
     m = plan.module(seed=0)
     twin = copy.deepcopy(m)
     assert twin.plan is plan and twin.gates[0] is not m.gates[0]
+
+
+def test_equal_circuits_share_one_path_search(monkeypatch):
+    import opt_einsum
+    calls = []
+    real = opt_einsum.contract_path
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(opt_einsum, "contract_path", counting)
+    circuit = Circuit(5, 3, 2).gate((2, 1), out=(3, 3)).gate((0, 2))  # used nowhere else
+    first, second = compile(circuit), compile(Circuit(5, 3, 2).gate((2, 1), out=(3, 3)).gate((0, 2)))
+    assert first.path(37).path == second.path(33).path
+    assert len(calls) == 1
