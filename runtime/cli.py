@@ -7,7 +7,9 @@ The model is an embedded name (built on the meta device: shapes only) or a local
 directory with ``config.json``. User errors (missing or bad files, unknown models,
 circuits that do not fit, unwritable output) print one line
 ``qcompile: error: …`` on stderr and exit with status 2; warnings (a circuit that is
-not universal) go to stderr too, so stdout holds only the report.
+not universal) go to stderr too, so stdout holds only the report. Nothing touches the
+network: embedded models are built from their stored configs with ``from_config``, and
+directories are read with ``local_files_only=True``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,12 @@ from typing import Sequence
 
 from qcircuit.errors import QCError
 from qcircuit.ir import OPTION_DEFAULTS
+from qcircuit.parser import parse_file
+
+from .adapter import attach
+from .bind import bind
+from .models import EMBEDDED_MODELS, embedded_config_dict, load_model
+from .report import build_report, format_table, not_universal, to_json
 
 EXIT_USAGE = 2
 
@@ -45,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def list_models() -> str:
     """One line per embedded model: name, architecture, main sizes."""
-    from .models import EMBEDDED_MODELS, embedded_config_dict
-
     lines = []
     for name in EMBEDDED_MODELS:
         c = embedded_config_dict(name)
@@ -65,12 +71,6 @@ def diagrams(report) -> dict[tuple, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Do the work; raise QCError or OSError on user errors."""
-    from qcircuit import parse_file
-
-    from .bind import bind
-    from .models import load_model
-    from .report import build_report, format_table, not_universal, to_json
-
     if args.list_models:
         print(list_models())
         return 0
@@ -107,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_checkpoint(model, program, out: str, seed: int) -> None:
-    from . import attach
-
     if os.path.exists(out) and not os.path.isdir(out):
         raise QCError(f"--out {out!r} exists and is not a directory")
     attach(model, program, seed=seed).save(out)
@@ -116,8 +114,6 @@ def _write_checkpoint(model, program, out: str, seed: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qcompile``; returns the exit status (0, or 2 on a user error)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
