@@ -265,6 +265,7 @@ class Plan:
 
     @torch.compiler.disable
     def _build_executor(self, bucket: int) -> Executor:
+        # the forward seam: the one place that decides how a bucket is executed
         return self._cached(("executor", bucket), lambda: einsum_executor(
             self._bucket_path(bucket), self.in_dims, self.out_features))
 
@@ -283,6 +284,7 @@ class Plan:
 
     @torch.compiler.disable
     def _build_dense_executor(self) -> DenseExecutor:
+        # the dense seam: the one place that decides how T is multiplied out
         return self._cached(("dense_executor",), lambda: einsum_dense_executor(
             self.dense_network, self.dense_path(), self.out_features, self.in_features))
 
