@@ -26,6 +26,16 @@ MAX_GATES = 100_000
 
 
 
+def _as_int(value: object) -> int | None:
+    """``value`` as an int (numpy ints too), or None; bools are not ints here."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 @dataclass(frozen=True)
 class Gate:
     """A dense gate on ``qudits``. In an auto circuit (dims unknown yet) both dims are ``()``."""
@@ -34,6 +44,18 @@ class Gate:
     in_dims: Dims
     out_dims: Dims
     span: Span | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        qs = self.qudits
+        if (not isinstance(qs, tuple) or not qs or len(set(qs)) != len(qs)
+                or any(_as_int(q) is None or q < 0 for q in qs)):
+            raise QCError(f"a gate needs distinct non-negative qudit indices, got {qs!r}", self.span)
+        for dims in (self.in_dims, self.out_dims):
+            if (not isinstance(dims, tuple) or len(dims) not in (0, len(qs))
+                    or any(_as_int(d) is None or d <= 0 for d in dims)
+                    or len(self.in_dims) != len(self.out_dims)):
+                raise QCError(f"gate on {qs} has bad dims {self.in_dims!r} -> {self.out_dims!r}",
+                              self.span, expected=f"{len(qs)} positive dims in and out")
 
     @property
     def arity(self) -> int:
@@ -59,16 +81,6 @@ class Gate:
     @property
     def is_square(self) -> bool:
         return self.in_dims == self.out_dims
-
-
-def _as_int(value: object) -> int | None:
-    """``value`` as an int (numpy ints too), or None; bools are not ints here."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def parse_dims(text: str | Sequence[int] | int, span: Span | None = None) -> Dims:
@@ -206,6 +218,25 @@ def balanced_factors(n: int, parts: int) -> Dims:
     return tuple(sorted(factors, reverse=True))
 
 
+def _check_gates(dims: tuple, gates: tuple, auto: int | None, span: Span | None) -> None:
+    """Gates given to ``Circuit(...)`` directly must fit its wires."""
+    current = list(dims)
+    n = auto if auto is not None else len(dims)
+    for g in gates:
+        if not isinstance(g, Gate):
+            raise QCError(f"a circuit's gates must be Gate objects, got {g!r}", span)
+        if max(g.qudits) >= n:
+            raise QCError(f"gate on {g.qudits}: qudit out of range for {n} qudits", g.span or span)
+        if (auto is not None) != (not g.in_dims):
+            raise QCError("auto circuits take gates without dims, others gates with dims",
+                          g.span or span)
+        for q, i, o in zip(g.qudits, g.in_dims, g.out_dims):
+            if current[q] is not None and current[q] != i:
+                raise QCError(f"gate on {g.qudits} expects dim {i} on qudit {q}, "
+                              f"which carries {current[q]}", g.span or span)
+            current[q] = o
+
+
 def _one_dim(d: object, span: Span | None) -> int:
     dims = parse_dims(d, span)  # type: ignore[arg-type]
     if len(dims) != 1:
@@ -237,8 +268,10 @@ class Circuit:
         checked = tuple(None if d is None else _one_dim(d, span) for d in dims)
         if auto is not None and (dims or _as_int(auto) is None or auto <= 0):
             raise QCError("an auto circuit takes a positive qudit count and no dims", span)
+        gates = tuple(gates)
+        _check_gates(checked, gates, auto, span)
         object.__setattr__(self, "dims", checked)
-        object.__setattr__(self, "gates", tuple(gates))
+        object.__setattr__(self, "gates", gates)
         object.__setattr__(self, "auto", auto)
         object.__setattr__(self, "span", span)
         object.__setattr__(self, "learns", (not dims and auto is None) if learns is None else learns)

@@ -2,7 +2,7 @@
 and what was expected."""
 import pytest
 
-from qcircuit import Circuit, QCError, parse, parse_file
+from qcircuit import Circuit, Gate, QCError, parse, parse_file
 from qcircuit.ir import Pattern, Program, check_option
 
 # (name, text, line, column, words in the message, words in expected)
@@ -193,6 +193,16 @@ def test_missing_top_level_file(tmp_path):
     lambda: Circuit().gate(10 ** 9, "2"),
     lambda: Circuit(2).gate(0).repeat(10 ** 6),
     lambda: Circuit(2).gate(0).repeat(2.0),
+    lambda: Gate((0, 0), (2, 2), (2, 2)),
+    lambda: Gate((0, 1), (2,), (2,)),
+    lambda: Gate((0,), (0,), (2,)),
+    lambda: Gate((0,), (2,), ()),
+    lambda: Gate([0], (2,), (2,)),
+    lambda: Circuit(2, gates=[Gate((1,), (2,), (2,))]),
+    lambda: Circuit(2, gates=[Gate((0,), (3,), (3,))]),
+    lambda: Circuit(2, gates=[Gate((0,), (), ())]),
+    lambda: Circuit(auto=2, gates=[Gate((0,), (2,), (2,))]),
+    lambda: Circuit(2, gates=["gate"]),
 ])
 def test_builder_misuse_raises_qcerror_without_location(misuse):
     with pytest.raises(QCError) as info:
