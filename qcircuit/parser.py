@@ -36,9 +36,10 @@ def parse(text: str, file: str | None = None, base_dir: str | os.PathLike | None
         text = _decode(bytes(text), file, None)
     if not isinstance(text, str):
         raise QCError(f"parse() takes .qc text, got {type(text).__name__}")
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
     if base_dir is None:
         base_dir = os.path.dirname(file) if file else os.getcwd()
-    state = _State(base_dir=str(base_dir))
+    state = _State()
     if file:
         state.stack.append(os.path.realpath(file))
     state.add_items(parse_ast(text, file), str(base_dir))
@@ -164,7 +165,7 @@ def _expand(body: tuple, n: int, auto: bool, depth: int) -> list[GateSpec]:
 def _gate(node: GateNode, n: int, auto: bool) -> GateSpec:
     qudits: list[int] = []
     for tok in node.qudits:
-        q = _int(tok, "a qudit index", 0, MAX_QUDITS, )
+        q = _int(tok, "a qudit index", 0, MAX_QUDITS)
         if q >= n:
             raise QCError(f"qudit {q} out of range: the circuit has {n} qudits", tok.span,
                           expected=f"a qudit index 0..{n - 1}")
@@ -189,7 +190,7 @@ def _gate(node: GateNode, n: int, auto: bool) -> GateSpec:
 class _State:
     """What the program has so far, while items (and includes) are added in order."""
 
-    def __init__(self, base_dir: str):
+    def __init__(self):
         self.circuits: dict[str, tuple[Circuit, Span]] = {}
         self.rules: list[ApplyRule] = []
         self.options: dict[str, tuple[object, Span]] = {}
@@ -239,7 +240,7 @@ class _State:
                           node.path.span)
         text = _read(path, node.path.span)
         self.stack.append(real)
-        self.add_items(parse_ast(text, path), os.path.dirname(path))
+        self.add_items(parse_ast(text.removeprefix("\ufeff"), path), os.path.dirname(path))
         self.stack.pop()
 
     def program(self) -> Program:

@@ -222,6 +222,14 @@ def test_empty_program_and_bytes_input():
         == Program({"c": Circuit(2).gate(0)})
 
 
+def test_byte_order_mark_is_ignored(tmp_path):
+    (tmp_path / "bom.qc").write_bytes(b"\xef\xbb\xbfcircuit c { qudits 2 gate (0) }")
+    assert parse_file(tmp_path / "bom.qc") == Program({"c": Circuit(2).gate(0)})
+    with pytest.raises(QCError) as info:
+        parse("\ufeffcircuit c { qudits 2 gate (1) }")
+    assert (info.value.line, info.value.column) == (1, 28)
+
+
 def test_parse_rejects_non_text():
     with pytest.raises(QCError):
         parse(42)
