@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
+from qcircuit.compiler import compile as compile_circuit
 from qcircuit.ir import Circuit
 
 from .bind import Target
@@ -81,16 +82,13 @@ class Report:
 
 def circuit_stats(circuit: Circuit) -> CircuitStats:
     """Compile ``circuit`` and read its figures (per module, one token)."""
-    from qcircuit.compiler import compile as compile_circuit
-
     plan = compile_circuit(circuit)
     return CircuitStats(int(plan.num_params), int(plan.flops(1)), int(plan.rank_bound),
                         bool(plan.universal))
 
 
 def build_report(model: str, model_class: str, total_params: int, targets: Iterable[Target],
-                 options: Mapping[str, Any] | None = None,
-                 stats: Callable[[Circuit], CircuitStats] = circuit_stats) -> Report:
+                 options: Mapping[str, Any] | None = None) -> Report:
     """Group ``targets`` into rows (first-appearance order), each circuit compiled once."""
     groups: dict[tuple, list[Target]] = {}
     for t in targets:
@@ -101,7 +99,7 @@ def build_report(model: str, model_class: str, total_params: int, targets: Itera
     for (pattern, name, n_in, n_out, kind), members in groups.items():
         circuit = members[0].circuit
         if circuit not in cache:
-            cache[circuit] = stats(circuit)
+            cache[circuit] = circuit_stats(circuit)
         rows.append(Row(pattern, name, circuit, kind, tuple(t.module_name for t in members),
                         n_in, n_out, cache[circuit]))
     return Report(model, model_class, total_params, tuple(rows), dict(options or {}))

@@ -135,6 +135,25 @@ def test_out_writes_a_checkpoint_that_loads(tmp_path, capsys, tiny_llama, token_
     assert torch.allclose(after, before, rtol=1e-5, atol=1e-6)
 
 
+def test_out_seed_makes_init_reproducible(tmp_path, capsys, tiny_llama):
+    from safetensors.torch import load_file
+
+    tiny_llama.save_pretrained(tmp_path / "model")
+    qc = write(tmp_path, "circuit c {\n qudits 8 8\n all_pairs\n}\napply c to o_proj\n")
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert run(capsys, qc, "-m", str(tmp_path / "model"), "--out", str(tmp_path / name),
+                   "--seed", seed)[0] == 0
+    a, b, c = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in "abc")
+    assert a.keys() == b.keys() == c.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_help(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and out.startswith("usage: qcompile") and "--list-models" in out
+
+
 def test_out_on_a_meta_model(tmp_path, capsys):
     from safetensors import safe_open
 
@@ -192,22 +211,46 @@ def test_error_names_module_shape_and_circuit(tmp_path, capsys):
     assert "16 8 8 4" in err
 
 
-def test_subprocesses():
-    """The installed ``qcompile`` script and ``python -m``, run side by side."""
+def test_python_dash_m_in_a_subprocess():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    script = Path(sys.executable).parent / "qcompile"
-    good = subprocess.Popen([str(script), "--list-models"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    bad = subprocess.Popen([sys.executable, "-m", "qcircuit.runtime.cli", PAPER, "--model",
-                            "no-such-model"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=env)
-    out, err = good.communicate(timeout=120)
-    assert good.returncode == 0 and err == ""
-    assert out.splitlines()[0].startswith("llama-2-7b ")
-    out, err = bad.communicate(timeout=120)
-    assert bad.returncode == 2 and out == ""
-    assert err.startswith("qcompile: error: unknown model 'no-such-model'")
-    assert err.count("\n") == 1 and "Traceback" not in err
+    proc = subprocess.run([sys.executable, "-m", "qcircuit.runtime.cli", PAPER, "--model",
+                           "no-such-model"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("qcompile: error: unknown model 'no-such-model'")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_console_script_entry_point():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "qcompile"]
+    assert script.value == "qcircuit.runtime.cli:main" and script.load() is main
+
+
+# --- report building ------------------------------------------------------------------------
+def test_build_report_groups_by_pattern_and_shape(tiny_llama):
+    from qcircuit.compiler import compile
+    from qcircuit.ir import ApplyRule, Circuit, Pattern, Program
+    from qcircuit.runtime import bind
+    from qcircuit.runtime.report import build_report, to_json
+
+    auto = Circuit.auto_dims(2).all_pairs()
+    program = Program(circuits={"a": auto},
+                      rules=(ApplyRule("a", (Pattern(r"(q|up)_proj$", regex=True),)),))
+    targets = bind(tiny_llama, program)
+    total = sum(p.numel() for p in tiny_llama.parameters())
+    report = build_report("tiny", "LlamaForCausalLM", total, targets)
+    assert [(r.in_features, r.out_features, len(r.modules)) for r in report.rows] == [
+        (64, 64, 2), (64, 172, 2)]
+    for row in report.rows:
+        plan = compile(row.circuit)
+        assert row.stats.params == plan.num_params == row.circuit.num_params
+        assert row.stats.flops_per_token == plan.flops(1)
+        assert row.stats.rank_bound == plan.rank_bound and row.full_rank
+    expected = sum(t.circuit.num_params for t in targets)
+    assert report.trainable_params == expected
+    assert report.trainable_percent == pytest.approx(100 * expected / total)
+    assert json.loads(json.dumps(to_json(report)))["trainable_params"] == expected
 
 
 # --- formatting helpers --------------------------------------------------------------------
