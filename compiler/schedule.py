@@ -1,0 +1,315 @@
+"""Execution schedules: a circuit as a short list of GEMMs and copies, chosen by a cost model.
+
+The activation is kept as one contiguous tensor whose *physical axis order* (the layout: the
+token axis ``TOKEN`` and the qudits, in memory order) is tracked across gates, the way quantum
+compilers track qubit placement. A gate step needs its qudits adjacent in the layout; it is
+then one GEMM with no transpose:
+
+``suffix``     block last:  ``(P, K) @ Mᵀ -> (P, K')``
+``prefix``     block first: ``M @ (K, S) -> (K', S)``
+``rot_front``  block last, output written block-first  ``M @ (P, K)ᵀ -> (K', P)``
+``rot_back``   block first, output written block-last  ``(K, S)ᵀ @ Mᵀ -> (S, K')``
+``batched``    block in the middle: ``M @ (P, K, S)`` as a batched GEMM
+``permute``    a copy into a new layout, paid only where the cost model says it buys something.
+
+Consecutive gates (after moving commuting gates together) may be fused into one step whose
+matrix ``M`` is their product on the union of their qudits. :func:`build_schedule` searches
+orders, fusions and layouts with dynamic programming over layouts (pruned to a beam) and
+``costmodel``; :func:`run_schedule` executes a schedule with a custom autograd function that
+keeps one buffer per step, computes ``grad_x`` and every ``grad_M`` as GEMMs, reuses the saved
+buffers for gradients, and recycles them through a :class:`Workspace` between training steps
+(fresh large allocations cost page faults comparable to a GEMM on this machine).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qcircuit.errors import QCError
+from qcircuit.ir import Circuit, Gate
+
+from . import costmodel as cm
+
+TOKEN = -1
+FORMS = ("suffix", "prefix", "rot_front", "rot_back", "batched")
+Layout = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One kernel. Shapes are physical (layout order), with ``-1`` standing for the tokens."""
+
+    kind: str                       # "permute", "materialize" or one of FORMS
+    layout_in: Layout
+    layout_out: Layout
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+    cost: float                     # predicted seconds (forward, plus backward when training)
+    gates: tuple[int, ...] = ()     # circuit gate indices fused into this step, in order
+    block: tuple[int, ...] = ()     # the step's qudits in physical order
+    block_in: tuple[int, ...] = ()  # their dims before / after the step
+    block_out: tuple[int, ...] = ()
+    start: int = 0                  # position of the block in layout_in
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps for a circuit at a token count; ``cost`` is the predicted time in seconds."""
+
+    tokens: int
+    in_dims: tuple[int, ...]
+    out_dims: tuple[int, ...]
+    gate_qudits: tuple[tuple[int, ...], ...]
+    steps: tuple[Step, ...]
+    cost: float
+    dense: bool = False
+    transposed: bool = False        # dense only: planned on the transposed circuit (Tᵀ)
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_dims)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_dims)
+
+    def describe(self) -> str:
+        """One line per step: kind, qudits, layout after, predicted ms."""
+        rows = []
+        for s in self.steps:
+            what = f"gates {list(s.gates)} on {s.block}" if s.gates else ""
+            lay = " ".join("t" if a == TOKEN else str(a) for a in s.layout_out)
+            rows.append(f"{s.kind:11s} {what:28s} -> [{lay}]  {s.cost * 1e3:8.3f} ms")
+        return "\n".join(rows + [f"total {self.cost * 1e3:.3f} ms"])
+
+
+# ----------------------------------------------------------------------------- planning
+def _orders(gates) -> list[tuple[int, ...]]:
+    """The circuit order and two reorderings that only swap commuting (disjoint) gates:
+    each gate moved as early (as late) as possible, next to the gate it depends on."""
+    def asap(idx):
+        out: list[int] = []
+        for i in idx:
+            deps = [p for p, j in enumerate(out) if set(gates[j].qudits) & set(gates[i].qudits)]
+            out.insert(deps[-1] + 1 if deps else 0, i)
+        return out
+    n = len(gates)
+    early = tuple(asap(range(n)))
+    late = tuple(reversed(asap(range(n - 1, -1, -1))))
+    return list(dict.fromkeys([tuple(range(n)), early, late]))
+
+
+def _size(layout: Layout, dims: Sequence[int], tokens: int) -> list[int]:
+    return [tokens if a == TOKEN else dims[a] for a in layout]
+
+
+def _candidates(layout: Layout, block: tuple[int, ...], free_layout: bool) -> list[Layout]:
+    """Layouts reachable by one permute that make ``block`` contiguous (insert it anywhere,
+    in either internal order); the layout itself first when the block is already contiguous."""
+    pos = sorted(layout.index(q) for q in block)
+    inner = tuple(layout[p] for p in pos)
+    rest = tuple(a for a in layout if a not in block)
+    out = []
+    if pos[-1] - pos[0] == len(pos) - 1:
+        out.append(layout)
+    if not free_layout:
+        out.append(rest + inner)
+        return list(dict.fromkeys(out))
+    for order in dict.fromkeys([inner, inner[::-1]]):
+        out.extend(rest[:i] + order + rest[i:] for i in range(len(rest) + 1))
+    return list(dict.fromkeys(out))
+
+
+def _gate_step_cost(form, p, k, k2, s, isz, backward) -> float:
+    if form == "suffix":
+        f, b = cm.gemm(p, k2, k, isz), cm.gemm(p, k, k2, isz) + cm.gemm(k2, k, p, isz)
+    elif form == "prefix":
+        f, b = cm.gemm(k2, s, k, isz), cm.gemm(k, s, k2, isz) + cm.gemm(k2, k, s, isz)
+    elif form == "rot_front":
+        f = cm.gemm(k2, p, k, isz, transposed_out=True)
+        b = cm.gemm(p, k, k2, isz, transposed_out=True) + cm.gemm(k2, k, p, isz)
+    elif form == "rot_back":
+        f = cm.gemm(s, k2, k, isz, transposed_out=True)
+        b = cm.gemm(k, s, k2, isz, transposed_out=True) + cm.gemm(k2, k, s, isz)
+    else:
+        f = cm.batched_gemm(p, k2, s, k, isz)
+        b = (cm.batched_gemm(p, k, s, k2, isz) + cm.copy(p * k * s, isz)
+             + cm.copy(p * k2 * s, isz) + cm.gemm(k2, k, p * s, isz))
+    return f + (b if backward else 0.0)
+
+
+def _forms(layout: Layout, block, sizes) -> list[tuple[str, Layout]]:
+    a = min(layout.index(q) for q in block)
+    b = a + len(block)
+    p, s = math.prod(sizes[:a]), math.prod(sizes[b:])
+    out = []
+    if s == 1:
+        out += [("suffix", layout), ("rot_front", layout[a:] + layout[:a])]
+    if p == 1:
+        out += [("prefix", layout), ("rot_back", layout[b:] + layout[:b])]
+    if p > 1 and s > 1:
+        out.append(("batched", layout))
+    return out
+
+
+def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, backward,
+          max_block, max_group, beam, transposed=False, forms=FORMS) -> tuple[float, list[Step]]:
+    gates = circuit.gates
+    n_q = len(circuit.in_dims)
+    dims_at = [tuple(circuit.in_dims)]
+    for i in order:
+        d = list(dims_at[-1])
+        for q, v in zip(gates[i].qudits, gates[i].out_dims):
+            d[q] = v
+        dims_at.append(tuple(d))
+    first: Layout = (TOKEN,) + tuple(range(n_q))
+    # the dense T (out, in) is the result with tokens last; Tᵀ's plan ends tokens first
+    last: Layout = tuple(range(n_q)) + (TOKEN,) if dense and not transposed else first
+    starts = [first, last] if dense else [first]
+    # frontier[i][layout] = (cost, back-pointer (i0, layout0), steps added)
+    frontier: list[dict] = [dict() for _ in range(len(order) + 1)]
+    for lay in starts:
+        frontier[0][lay] = (0.0, None, ())
+    for i in range(len(order)):
+        states = sorted(frontier[i].items(), key=lambda kv: kv[1][0])[:beam]
+        for j in range(i + 1, min(len(order), i + (max_group if fuse else 1)) + 1):
+            group = order[i:j]
+            block = tuple(dict.fromkeys(q for g in group for q in gates[g].qudits))
+            k = math.prod(dims_at[i][q] for q in block)
+            k2 = math.prod(dims_at[j][q] for q in block)
+            if len(group) > 1 and max(k, k2) > (2 * max_block if dense and i == 0 else max_block):
+                break
+            build = 0.0
+            if len(group) > 1:
+                sizes, cur = [], k
+                for g in group:
+                    sizes.append((gates[g].out_size, k * cur // gates[g].in_size, gates[g].in_size))
+                    cur = cur // gates[g].in_size * gates[g].out_size
+                build = cm.small_matmuls(sizes) * (1.0 if backward else 1.0 / 3.0)
+            for lay, (cost0, _, _) in states:
+                for pre in _candidates(lay, block, free_layout):
+                    pre_sizes = _size(pre, dims_at[i], tokens)
+                    numel = math.prod(pre_sizes)
+                    perm_cost = 0.0
+                    if pre != lay and not (dense and i == 0):
+                        perm_cost = _permute_cost(lay, pre, dims_at[i], tokens, isz, backward)
+                    for form, out_lay in _forms(pre, block, pre_sizes):
+                        if form not in forms or (not free_layout and form != "suffix"):
+                            continue
+                        a = min(pre.index(q) for q in block)
+                        if dense and i == 0:
+                            kind = "materialize"
+                            c = cm.copy(numel // k * k2, isz, 1.0) + cm.fresh(numel // k * k2, isz)
+                        else:
+                            kind = form
+                            p = math.prod(pre_sizes[:a])
+                            s = math.prod(pre_sizes[a + len(block):])
+                            c = _gate_step_cost(form, p, k, k2, s, isz, backward)
+                        c += build
+                        total = cost0 + perm_cost + c
+                        old = frontier[j].get(out_lay)
+                        if old is not None and total >= old[0]:
+                            continue
+                        inner = tuple(q for q in pre if q in block)
+                        step = Step(kind, pre, out_lay, _tok(pre, dims_at[i]),
+                                    _tok(out_lay, dims_at[j]), c, tuple(group), inner,
+                                    tuple(dims_at[i][q] for q in inner),
+                                    tuple(dims_at[j][q] for q in inner), a)
+                        steps0: tuple[Step, ...] = ()
+                        if perm_cost:
+                            steps0 = (Step("permute", lay, pre, _tok(lay, dims_at[i]),
+                                           _tok(pre, dims_at[i]), perm_cost),)
+                        frontier[j][out_lay] = (total, (i, lay), steps0 + (step,))
+    n = len(order)
+    best, best_lay, best_tail = math.inf, None, ()
+    out_numel = tokens * circuit.out_features
+    for lay, (cost, _, _) in frontier[n].items():
+        tail: tuple[Step, ...] = ()
+        if lay != last:
+            c = _permute_cost(lay, last, dims_at[n], tokens, isz, backward)
+            tail = (Step("permute", lay, last, _tok(lay, dims_at[n]), _tok(last, dims_at[n]), c),)
+            cost += c
+        if cost < best:
+            best, best_lay, best_tail = cost, lay, tail
+    if best_lay is None:
+        raise QCError(f"no schedule uses only the forms {forms} for this circuit")
+    steps: list[Step] = list(best_tail)
+    i, lay = n, best_lay
+    while frontier[i][lay][1] is not None:
+        _, (i0, lay0), added = frontier[i][lay]
+        steps[:0] = added
+        i, lay = i0, lay0
+    fresh = cm.fresh(out_numel, isz) + (cm.fresh(tokens * circuit.in_features, isz) if backward else 0)
+    return best + fresh, steps
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _permute_cost(src: Layout, dst: Layout, dims, tokens: int, isz: int, backward: bool) -> float:
+    """Forward copy ``src -> dst``; backward copies the gradient ``dst -> src``."""
+    shape = _size(src, dims, tokens)
+    numel = math.prod(shape)
+    perm = tuple(src.index(a) for a in dst)
+    cost = cm.copy(numel, isz, cm.permute_factor(shape, perm, isz))
+    if backward:
+        back = tuple(dst.index(a) for a in src)
+        cost += cm.copy(numel, isz, cm.permute_factor(_size(dst, dims, tokens), back, isz))
+    return cost
+
+
+def _tok(layout: Layout, dims) -> tuple[int, ...]:
+    return tuple(-1 if a == TOKEN else dims[a] for a in layout)
+
+
+def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: bool = True,
+                   reorder: bool = True, dense: bool = False, backward: bool | None = None,
+                   dtype: torch.dtype = torch.float32, max_block: int = 512, max_group: int = 4,
+                   beam: int = 48, forms: Sequence[str] = FORMS) -> Schedule:
+    """Plan ``circuit`` for ``tokens`` rows. ``layout=False`` keeps the naive plan (every
+    gate's qudits permuted to the end, one suffix GEMM); ``fuse``/``reorder`` switch fusion
+    and commuting reorders; ``forms`` restricts the GEMM forms (tests use it). ``dense`` plans the dense matrix (identity input, forward only)."""
+    if set(forms) - set(FORMS) or not forms:
+        raise QCError(f"unknown GEMM forms {sorted(set(forms) - set(FORMS))}", expected=" or ".join(FORMS))
+    if not isinstance(tokens, int) or tokens < 1:
+        raise QCError(f"tokens must be a positive integer, got {tokens!r}")
+    circuit.check_complete()
+    backward = (not dense) if backward is None else backward
+    isz = torch.empty((), dtype=dtype).element_size()
+    best = None
+    for transposed in ((False, True) if dense else (False,)):
+        circ = transpose_circuit(circuit) if transposed else circuit
+        for order in (_orders(circ.gates) if reorder else [tuple(range(len(circ.gates)))]):
+            cost, steps = _plan(circ, order, circ.in_features if dense else tokens, isz, fuse=fuse,
+                                free_layout=layout, dense=dense, backward=backward,
+                                max_block=max_block, max_group=max_group, beam=beam,
+                                transposed=transposed, forms=tuple(forms))
+            if best is None or cost < best[0]:
+                best = (cost, steps, circ, transposed)
+    cost, steps, circ, transposed = best
+    return Schedule(tokens, tuple(circ.in_dims), tuple(circ.out_dims),
+                    tuple(g.qudits for g in circ.gates), tuple(steps), cost, dense, transposed)
+
+
+def transpose_circuit(circuit: Circuit) -> Circuit:
+    """The circuit of Tᵀ: gates reversed, each transposed (its in and out dims swapped)."""
+    gates = tuple(Gate(g.qudits, g.out_dims, g.in_dims) for g in reversed(circuit.gates))
+    return Circuit(*circuit.out_dims, gates=gates)
+
+
+@functools.lru_cache(maxsize=256)
+def cached_schedule(circuit: Circuit, tokens: int, dense: bool = False,
+                    dtype: torch.dtype = torch.float32) -> Schedule:
+    """:func:`build_schedule` with default options, memoised."""
+    return build_schedule(circuit, tokens, dense=dense, dtype=dtype)
+
+
+def predicted_cost(circuit: Circuit, tokens: int, **options) -> float:
+    """Predicted seconds of the best schedule (forward+backward unless ``dense``)."""
+    return build_schedule(circuit, tokens, **options).cost
+
+
+from .schedule_exec import (Workspace, dense_matrix, make_dense_executor,  # noqa: E402,F401
+                            make_executor, run_schedule, step_matrices)

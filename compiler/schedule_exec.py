@@ -1,0 +1,321 @@
+"""Running a :class:`~qcircuit.compiler.schedule.Schedule`: step matrices, the fused autograd
+function, buffer recycling and the dense matrix. Planning lives in ``schedule.py``."""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from qcircuit.errors import QCError
+from qcircuit.ir import Circuit
+
+from .schedule import TOKEN, Schedule, Step, build_schedule, cached_schedule
+
+
+class Workspace:
+    """A pool of flat buffers. A buffer enters the pool only when no autograd graph and no
+    caller can see it any more (when the graph that saved it is freed, at the end of the
+    backward that used it as scratch, or at once without grad), so reuse never aliases live
+    data; reused memory skips the page faults of a fresh allocation."""
+
+    def __init__(self, per_key: int = 16):
+        self._free: dict[tuple, list[Tensor]] = {}
+        self._lock = threading.Lock()
+        self._per_key = per_key
+
+    def take(self, numel: int, like: Tensor) -> Tensor:
+        key = (numel, like.dtype, like.device)
+        with self._lock:
+            pool = self._free.get(key)
+            if pool:
+                return pool.pop()
+        return torch.empty(numel, dtype=like.dtype, device=like.device)
+
+    def give(self, buf: Tensor) -> None:
+        key = (buf.numel(), buf.dtype, buf.device)
+        with self._lock:
+            pool = self._free.setdefault(key, [])
+            if len(pool) < self._per_key:
+                pool.append(buf)
+
+
+def _shape(shape: tuple[int, ...], tokens: int) -> tuple[int, ...]:
+    return tuple(tokens if d == -1 else d for d in shape)
+
+
+def _pks(step: Step, tokens: int) -> tuple[int, int, int, int]:
+    shape = _shape(step.shape_in, tokens)
+    a, b = step.start, step.start + len(step.block)
+    return (math.prod(shape[:a]), math.prod(step.block_in), math.prod(step.block_out),
+            math.prod(shape[b:]))
+
+
+# ----------------------------------------------------------------------------- step matrices
+def _gate_matrix(gate: Tensor, qudits: tuple[int, ...], block: tuple[int, ...]) -> Tensor:
+    perm = [qudits.index(q) for q in block]
+    if perm != sorted(perm):
+        gate = gate.permute(perm + [len(perm) + p for p in perm])
+    n = len(block)
+    return gate.reshape(math.prod(gate.shape[:n]), math.prod(gate.shape[n:]))
+
+
+def _fused_matrix(step: Step, gates: Sequence[Tensor], gate_qudits) -> Tensor:
+    """The product of the step's gates on its block, as a (K', K) matrix (autograd-able)."""
+    ref = gates[step.gates[0]]
+    k = math.prod(step.block_in)
+    z = torch.eye(k, dtype=ref.dtype, device=ref.device).reshape(*step.block_in, k)
+    for g in step.gates:
+        pos = [step.block.index(q) for q in gate_qudits[g]]
+        n = len(pos)
+        z = torch.tensordot(gates[g], z, dims=(list(range(n, 2 * n)), pos))
+        z = torch.movedim(z, list(range(n)), pos)
+    return z.reshape(math.prod(step.block_out), k)
+
+
+def step_matrices(schedule: Schedule, gates: Sequence[Tensor]) -> list[Tensor]:
+    """One (K', K) matrix per gate step, rows and columns in the block's physical order."""
+    if len(gates) != len(schedule.gate_qudits):
+        raise QCError(f"the circuit has {len(schedule.gate_qudits)} gates, got {len(gates)} tensors")
+    mats = []
+    for st in schedule.steps:
+        if st.kind == "permute":
+            continue
+        if len(st.gates) == 1:
+            g = st.gates[0]
+            mats.append(_gate_matrix(gates[g], schedule.gate_qudits[g], st.block))
+        else:
+            mats.append(_fused_matrix(st, gates, schedule.gate_qudits))
+    return mats
+
+
+# ----------------------------------------------------------------------------- kernels
+def _apply(step: Step, x: Tensor, m: Tensor, out: Tensor, tokens: int) -> None:
+    """Forward of one step from contiguous ``x`` into the flat buffer ``out``."""
+    if step.kind == "permute":
+        perm = [step.layout_in.index(a) for a in step.layout_out]
+        out.view(_shape(step.shape_out, tokens)).copy_(
+            x.view(_shape(step.shape_in, tokens)).permute(perm))
+        return
+    p, k, k2, s = _pks(step, tokens)
+    if step.kind == "suffix":
+        torch.mm(x.view(p, k), m.t(), out=out.view(p, k2))
+    elif step.kind == "prefix":
+        torch.mm(m, x.view(k, s), out=out.view(k2, s))
+    elif step.kind == "rot_front":
+        torch.mm(m, x.view(p, k).t(), out=out.view(k2, p))
+    elif step.kind == "rot_back":
+        torch.mm(x.view(k, s).t(), m.t(), out=out.view(s, k2))
+    else:
+        torch.matmul(m, x.view(p, k, s), out=out.view(p, k2, s))
+
+
+def _apply_back(step: Step, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
+                need_m: bool, tokens: int) -> Tensor | None:
+    """Backward of one step: returns ``grad_m`` (or None) and writes ``grad_x`` into ``gx``."""
+    if step.kind == "permute":
+        perm = [step.layout_out.index(a) for a in step.layout_in]
+        if gx is not None:
+            gx.view(_shape(step.shape_in, tokens)).copy_(
+                gy.view(_shape(step.shape_out, tokens)).permute(perm))
+        return None
+    p, k, k2, s = _pks(step, tokens)
+    gm = None
+    if step.kind == "suffix":
+        if need_m:
+            gm = gy.view(p, k2).t() @ x.view(p, k)
+        if gx is not None:
+            torch.mm(gy.view(p, k2), m, out=gx.view(p, k))
+    elif step.kind == "prefix":
+        if need_m:
+            gm = gy.view(k2, s) @ x.view(k, s).t()
+        if gx is not None:
+            torch.mm(m.t(), gy.view(k2, s), out=gx.view(k, s))
+    elif step.kind == "rot_front":
+        if need_m:
+            gm = gy.view(k2, p) @ x.view(p, k)
+        if gx is not None:
+            torch.mm(gy.view(k2, p).t(), m, out=gx.view(p, k))
+    elif step.kind == "rot_back":
+        if need_m:
+            gm = gy.view(s, k2).t() @ x.view(k, s).t()
+        if gx is not None:
+            torch.mm(m.t(), gy.view(s, k2).t(), out=gx.view(k, s))
+    else:
+        if need_m:
+            gm = torch.tensordot(gy.view(p, k2, s), x.view(p, k, s), dims=([0, 2], [0, 2]))
+        if gx is not None:
+            torch.matmul(m.t(), gy.view(p, k2, s), out=gx.view(p, k, s))
+    return gm
+
+
+def _numel(shape: tuple[int, ...], tokens: int) -> int:
+    return math.prod(_shape(shape, tokens))
+
+
+def _forward(steps, x: Tensor, mats, tokens: int, ws: Workspace, keep: bool):
+    """Run the steps; with ``keep`` return every step's input for backward."""
+    saved, cur, mi = [], x, 0
+    for n, st in enumerate(steps):
+        numel = _numel(st.shape_out, tokens)
+        out = torch.empty(numel, dtype=x.dtype, device=x.device) if n == len(steps) - 1 \
+            else ws.take(numel, x)
+        m = None
+        if st.kind != "permute":
+            m, mi = mats[mi], mi + 1
+        _apply(st, cur, m, out, tokens)
+        if keep:
+            saved.append(cur)
+        elif n > 0:
+            ws.give(cur)
+        cur = out
+    return cur, saved
+
+
+class _Release:
+    """Owns a forward's saved buffers; gives them back to the workspace when the autograd
+    node that holds it is freed (so ``retain_graph`` and repeated backwards stay correct)."""
+
+    def __init__(self, ws: Workspace, bufs: list[Tensor]):
+        self.ws, self.bufs = ws, bufs
+
+    def __del__(self):
+        for b in self.bufs:
+            self.ws.give(b)
+
+
+class _RunSchedule(torch.autograd.Function):
+    """The whole circuit as one autograd node; backward is a loop of GEMMs in the same layouts,
+    gradients ping-ponging between two workspace buffers."""
+
+    @staticmethod
+    def forward(ctx, steps, tokens, ws, x, *mats):
+        y, saved = _forward(steps, x, mats, tokens, ws, keep=True)
+        ctx.steps, ctx.tokens, ctx.ws = steps, tokens, ws
+        ctx.saved = _Release(ws, saved[1:])
+        ctx.save_for_backward(x, *mats)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, *mats = ctx.saved_tensors
+        inputs = [x] + ctx.saved.bufs
+        steps, tokens, ws = ctx.steps, ctx.tokens, ctx.ws
+        need_x = ctx.needs_input_grad[3]
+        need_m = ctx.needs_input_grad[4:]
+        gms: list = [None] * len(mats)
+        g, owned = gy.contiguous(), False
+        mi = len(mats)
+        for n in range(len(steps) - 1, -1, -1):
+            st = steps[n]
+            m = None
+            if st.kind != "permute":
+                mi -= 1
+                m = mats[mi]
+            if n > 0:
+                gx = ws.take(inputs[n].numel(), x)
+            else:
+                gx = torch.empty(x.numel(), dtype=x.dtype, device=x.device) if need_x else None
+            gm = _apply_back(st, inputs[n], m, g, gx, m is not None and need_m[mi], tokens)
+            if gm is not None:
+                gms[mi] = gm
+            if owned:
+                ws.give(g)
+            g, owned = gx, n > 0
+        gx0 = g.view(x.shape) if need_x else None
+        return (None, None, None, gx0, *gms)
+
+
+def _materialize(step: Step, m: Tensor, in_dims: tuple[int, ...], ws: Workspace) -> Tensor:
+    """The first step applied to the identity, written straight into its output layout:
+    ``E[i; q] = M[q_block; i_block] · δ(i_rest, q_rest)`` — zeros, then the block matrix
+    copied onto the diagonals of the untouched qudits."""
+    n_q = len(in_dims)
+    labels, shape = [], []
+    for a in step.layout_out:
+        if a == TOKEN:
+            labels += [("i", q) for q in range(n_q)]
+            shape += list(in_dims)
+        else:
+            labels.append(("o", a))
+            shape.append(in_dims[a] if a not in step.block else step.block_out[step.block.index(a)])
+    e = ws.take(math.prod(shape), m).zero_()
+    view = e.view(shape)
+    for q in range(n_q):
+        if q not in step.block:
+            view = view.diagonal(dim1=labels.index(("o", q)), dim2=labels.index(("i", q)))
+            labels = [x for x in labels if x not in (("o", q), ("i", q))] + [("d", q)]
+    mt = m.reshape(*step.block_out, *step.block_in)
+    m_labels = [("o", q) for q in step.block] + [("i", q) for q in step.block]
+    mt = mt.permute([m_labels.index(x) for x in labels if x[0] != "d"])
+    view.copy_(mt.reshape(mt.shape + (1,) * (len(labels) - mt.dim())))
+    return e
+
+
+def run_schedule(schedule: Schedule, x2d: Tensor, gates: Sequence[Tensor],
+                 workspace: Workspace | None = None) -> Tensor:
+    """``y2d = T·x`` row by row: ``x2d`` is (tokens, in_features) -> (tokens, out_features).
+    Computes in the gates' dtype; differentiable in ``x2d`` and every gate."""
+    if schedule.dense:
+        raise QCError("this schedule plans the dense matrix: use dense_matrix")
+    if x2d.dim() != 2 or x2d.shape[1] != schedule.in_features:
+        raise QCError(f"expected input of shape (tokens, {schedule.in_features}), got {tuple(x2d.shape)}")
+    tokens = x2d.shape[0]
+    ref = gates[0] if len(gates) else x2d
+    x = x2d.to(ref.dtype).contiguous().reshape(-1)
+    if not schedule.steps:
+        return x2d.to(ref.dtype).clone()
+    ws = workspace if workspace is not None else Workspace()
+    mats = step_matrices(schedule, gates)
+    if torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats)):
+        y = _RunSchedule.apply(schedule.steps, tokens, ws, x, *mats)
+    else:
+        y, _ = _forward(schedule.steps, x, mats, tokens, ws, keep=False)
+    return y.view(tokens, schedule.out_features)
+
+
+def dense_matrix(circuit: Circuit | Schedule, gates: Sequence[Tensor],
+                 workspace: Workspace | None = None) -> Tensor:
+    """The dense operator ``T`` (out_features, in_features), differentiable: the circuit applied
+    to the identity in the cheapest layout, its first step written out directly."""
+    sched = circuit if isinstance(circuit, Schedule) else cached_schedule(circuit, circuit.in_features, True)
+    if not sched.dense:
+        raise QCError("dense_matrix needs a schedule planned with dense=True")
+    if sched.transposed:  # the schedule applies Tᵀ: gates reversed and transposed
+        gates = [g.permute(*range(g.dim() // 2, g.dim()), *range(g.dim() // 2)) for g in reversed(gates)]
+    tokens = sched.in_features  # the identity the schedule is applied to
+    shape = (tokens, sched.out_features) if sched.transposed else (sched.out_features, tokens)
+    ref = gates[0] if len(gates) else None
+    if not sched.steps:
+        return torch.eye(tokens, dtype=ref.dtype if ref is not None else torch.float32)
+    ws = workspace if workspace is not None else Workspace()
+    mats = step_matrices(sched, gates)
+    rest = sched.steps[1:]
+    e = _materialize(sched.steps[0], mats[0], sched.in_dims, ws if rest else Workspace())
+    if not rest:
+        return e.view(shape)
+    mats = mats[1:]
+    if torch.is_grad_enabled() and (e.requires_grad or any(m.requires_grad for m in mats)):
+        y = _RunSchedule.apply(rest, tokens, ws, e, *mats)
+    else:
+        y, _ = _forward(rest, e, mats, tokens, ws, keep=False)
+        ws.give(e)
+    return y.view(shape)
+
+
+def make_executor(circuit: Circuit, tokens: int, **options) -> Callable[[Tensor, Sequence[Tensor]], Tensor]:
+    """``f(x2d, gates) -> y2d`` with a schedule planned for ``tokens`` and its own workspace."""
+    sched = build_schedule(circuit, tokens, **options) if options else cached_schedule(circuit, tokens)
+    ws = Workspace()
+    return lambda x2d, gates: run_schedule(sched, x2d, gates, ws)
+
+
+def make_dense_executor(circuit: Circuit) -> Callable[[Sequence[Tensor]], Tensor]:
+    """``f(gates) -> T`` (out_features, in_features)."""
+    sched = cached_schedule(circuit, circuit.in_features, True)
+    ws = Workspace()
+    return lambda gates: dense_matrix(sched, gates, ws)

@@ -1,0 +1,220 @@
+"""Schedules (compiler/schedule.py): exact against the dense float64 reference for every
+layout form, fusion, reordering and the transposed dense plan; gradients; bfloat16."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from qcircuit import Circuit, QCError
+from qcircuit.compiler import costmodel as cm
+from qcircuit.compiler.schedule import (FORMS, Workspace, build_schedule, dense_matrix,
+                                        make_dense_executor, make_executor, predicted_cost,
+                                        run_schedule, transpose_circuit)
+from reference import dense_operator
+
+
+def random_circuit(rng: random.Random) -> Circuit:
+    """2–5 qudits, dims 1–4, 2–6 gates of arity 1–3 on shuffled qudits, some non-square."""
+    n = rng.randint(2, 5)
+    c = Circuit(*[rng.randint(1, 4) if rng.random() < 0.9 else 1 for _ in range(n)])
+    for _ in range(rng.randint(2, 6)):
+        qudits = rng.sample(range(n), rng.randint(1, min(3, n)))
+        out = None
+        if rng.random() < 0.3:
+            out = tuple(rng.randint(1, 4) for _ in qudits)
+        c = c.gate(tuple(qudits), out=out)
+    return c
+
+
+def gates_for(c: Circuit, dtype=torch.float64, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(g.shape, generator=gen, dtype=dtype) for g in c.gates]
+
+
+def reference(c: Circuit, gates) -> torch.Tensor:
+    t = dense_operator(c.in_dims, [(g.qudits, w.detach().double().numpy()) for g, w in zip(c.gates, gates)])
+    return torch.from_numpy(t)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-10) -> None:
+    scale = want.abs().max().item() + 1e-300
+    assert (got.double() - want).abs().max().item() <= rel * scale
+
+
+VARIANTS = [dict(), dict(fuse=False), dict(layout=False), dict(reorder=False),
+            dict(fuse=False, layout=False), dict(max_block=8)] + [dict(forms=(f,) + (("suffix",) if f == "batched" else ())) for f in FORMS]
+
+
+def test_random_circuits_every_variant_matches_reference():
+    rng = random.Random(1)
+    kinds = set()
+    for case in range(40):
+        c = random_circuit(rng)
+        gates = gates_for(c, seed=case)
+        want = reference(c, gates)
+        for opts in VARIANTS:
+            tokens = rng.choice([1, 3, 17])
+            try:
+                sched = build_schedule(c, tokens, **opts)
+            except QCError:
+                assert "forms" in opts  # a single form can be infeasible (e.g. block = all axes)
+                continue
+            kinds.update(s.kind for s in sched.steps)
+            x = torch.randn(tokens, c.in_features, dtype=torch.float64)
+            assert_close(run_schedule(sched, x, gates), x @ want.T)
+        assert_close(dense_matrix(c, gates), want)
+    assert kinds >= set(FORMS) | {"permute"}
+
+
+def test_out_of_order_non_square_and_fused():
+    c = (Circuit(3, 2, 4).gate((2, 0), out=(2, 5)).gate((1, 2)).gate((0, 1, 2), out=(2, 3, 1))
+         .gate(1))
+    gates = gates_for(c)
+    want = reference(c, gates)
+    fused = build_schedule(c, 5, max_block=1000)
+    assert any(len(s.gates) > 1 for s in fused.steps)
+    x = torch.randn(5, c.in_features, dtype=torch.float64)
+    for sched in (fused, build_schedule(c, 5, fuse=False)):
+        assert_close(run_schedule(sched, x, gates), x @ want.T)
+    for t in (1, 2, 9):  # a schedule runs any token count, not only the one it was planned for
+        x = torch.randn(t, c.in_features, dtype=torch.float64)
+        assert_close(run_schedule(fused, x, gates), x @ want.T)
+
+
+def test_dense_both_directions_and_transpose_circuit():
+    c = Circuit(4, 3, 2).gate((0, 1), out=(2, 5)).gate((2, 1)).gate(0, out=3)
+    gates = gates_for(c)
+    want = reference(c, gates)
+    ct = transpose_circuit(c)
+    assert ct.in_dims == c.out_dims and ct.out_dims == c.in_dims
+    gates_t = [g.permute(*range(g.dim() // 2, g.dim()), *range(g.dim() // 2)) for g in reversed(gates)]
+    assert_close(reference(ct, gates_t), want.T)
+    seen = set()
+    for max_block in (4, 8, 1000):
+        sched = build_schedule(c, c.in_features, dense=True, max_block=max_block)
+        seen.add(sched.transposed)
+        assert sched.steps[0].kind == "materialize"
+        assert_close(dense_matrix(sched, gates), want)
+    assert_close(make_dense_executor(c)(gates), want)
+
+
+def test_dense_paper_circuit_picks_a_direction_and_is_exact():
+    c = Circuit(4, 2, 2, 3).all_pairs()
+    gates = gates_for(c)
+    assert_close(dense_matrix(c, gates), reference(c, gates))
+
+
+def test_gradcheck_forward_and_dense():
+    c = Circuit(2, 3, 2).gate((2, 0)).gate((0, 1), out=(3, 2)).gate((1, 2))
+    gates = [g.requires_grad_() for g in gates_for(c)]
+    for opts in (dict(), dict(fuse=False), dict(forms=("prefix", "rot_back")),
+                 dict(forms=("suffix", "rot_front")), dict(forms=("batched", "suffix"))):
+        sched = build_schedule(c, 4, **opts)
+        x = torch.randn(4, c.in_features, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, *g: run_schedule(sched, x, g), (x, *gates))
+    for max_block in (4, 1000):
+        sched = build_schedule(c, c.in_features, dense=True, max_block=max_block)
+        assert torch.autograd.gradcheck(lambda *g: dense_matrix(sched, g), tuple(gates))
+
+
+def test_gradients_match_autograd_reference_on_random_circuits():
+    rng = random.Random(7)
+    for case in range(10):
+        c = random_circuit(rng)
+        gates = [g.requires_grad_() for g in gates_for(c, seed=case)]
+        x = torch.randn(6, c.in_features, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(6, c.out_features, dtype=torch.float64)
+        (run_schedule(build_schedule(c, 6), x, gates) * w).sum().backward()
+        got = [x.grad] + [g.grad for g in gates]
+        x2 = x.detach().clone().requires_grad_()
+        g2 = [g.detach().clone().requires_grad_() for g in gates]
+        y = x2.reshape(6, *c.in_dims)
+        for gate, t in zip(c.gates, g2):  # plain per-gate einsum, autograd's own backward
+            k = gate.arity
+            y = torch.tensordot(y, t, dims=([q + 1 for q in gate.qudits], list(range(k, 2 * k))))
+            y = torch.movedim(y, list(range(y.dim() - k, y.dim())), [q + 1 for q in gate.qudits])
+        (y.reshape(6, -1) * w).sum().backward()
+        for a, b in zip(got, [x2.grad] + [g.grad for g in g2]):
+            assert_close(a, b)
+
+
+def test_workspace_reuse_no_grad_and_retain_graph():
+    c = Circuit(4, 4, 2).all_pairs()
+    gates = [g.requires_grad_() for g in gates_for(c)]
+    sched = build_schedule(c, 8)
+    ws = Workspace()
+    x = torch.randn(8, c.in_features, dtype=torch.float64)
+    want = x @ reference(c, gates).T
+    grads = []
+    for _ in range(3):  # buffers recycled from the previous step must not change results
+        y = run_schedule(sched, x, gates, ws)
+        assert_close(y, want)
+        (gx,) = torch.autograd.grad(y.sum(), [gates[0]])
+        grads.append(gx)
+    assert all(torch.equal(grads[0], g) for g in grads)
+    with torch.no_grad():
+        assert_close(run_schedule(sched, x, gates, ws), want)
+    x.requires_grad_()
+    y = run_schedule(sched, x, gates, ws)
+    first = torch.autograd.grad(y.sum(), [x], retain_graph=True)[0]
+    run_schedule(sched, x * 2, gates, ws).sum().backward()  # another step while y's graph lives
+    assert torch.equal(torch.autograd.grad(y.sum(), [x])[0], first)
+    run = make_executor(c, 8)
+    assert_close(run(x, gates), want)
+
+
+def test_bfloat16_and_mixed_input_dtype():
+    c = Circuit(4, 2, 4).gate((2, 0)).gate((0, 1), out=(2, 4)).gate((1, 2))
+    gates64 = gates_for(c)
+    want = reference(c, gates64)
+    gates = [g.to(torch.bfloat16).requires_grad_() for g in gates64]
+    x = torch.randn(16, c.in_features, dtype=torch.float64)
+    for opts in (dict(), dict(fuse=False), dict(layout=False)):
+        y = run_schedule(build_schedule(c, 16, dtype=torch.bfloat16, **opts), x, gates)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert_close(y, x @ want.T, rel=5e-2)
+    assert_close(dense_matrix(c, gates).detach(), want, rel=5e-2)
+
+
+def test_bad_input_gives_qcerror():
+    c = Circuit(2, 2).gate((0, 1))
+    with pytest.raises(QCError):
+        build_schedule(c, 0)
+    with pytest.raises(QCError):
+        build_schedule(c, 4, forms=("diagonal",))
+    with pytest.raises(QCError):
+        run_schedule(build_schedule(c, 4), torch.randn(4, 5), gates_for(c))
+    with pytest.raises(QCError):
+        run_schedule(build_schedule(c, 4), torch.randn(4, 4), [])
+
+
+def test_permute_factor_ranks_copies():
+    # measured on the development machine: innermost axis kept < moved inside a token
+    # < token axis moved across the qudits (about 1.5, 2.6, 20 plain copies)
+    t = 2048
+    kept = cm.permute_factor((t, 16, 8, 8, 4), (1, 0, 2, 3, 4))
+    local = cm.permute_factor((t, 16, 8, 8, 4), (0, 4, 3, 2, 1))
+    far = cm.permute_factor((16, 8, 8, 4, t), (4, 0, 1, 2, 3))
+    few = cm.permute_factor((8, 4, t, 16, 8), (2, 3, 4, 0, 1))
+    assert kept < local < far and few < local
+    assert cm.permute_factor((t, 8, 8, 16, 4), (2, 3, 0, 1, 4)) == far  # short runs, tokens moved
+    assert cm.permute_factor((3, 4), (0, 1)) == 1.0
+
+
+def test_planner_never_predicts_worse_than_its_restricted_variants():
+    c = Circuit(16, 8, 8, 4).all_pairs()
+    for tokens in (16, 512, 2048):
+        best = predicted_cost(c, tokens)
+        for opts in (dict(fuse=False), dict(layout=False), dict(reorder=False),
+                     dict(fuse=False, layout=False)):
+            assert best <= predicted_cost(c, tokens, **opts) + 1e-12
+    # the big-token plan keeps the token axis in place (no transpose of the whole activation)
+    sched = build_schedule(c, 2048)
+    assert all(cm.permute_factor(tuple(abs(d) for d in s.shape_in), tuple(
+        s.layout_in.index(a) for a in s.layout_out)) < cm.PERMUTE_FAR
+        for s in sched.steps if s.kind == "permute")
+    assert sched.cost < cm.einsum_reference(2048, c.in_dims, c.gates)
