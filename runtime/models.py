@@ -44,7 +44,7 @@ _AUTO_CLASSES = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity semantics: it holds a live model
 class LoadedModel:
     """A model and where it came from.
 
