@@ -218,8 +218,9 @@ def balanced_factors(n: int, parts: int) -> Dims:
     return tuple(sorted(factors, reverse=True))
 
 
-def _check_gates(dims: tuple, gates: tuple, auto: int | None, span: Span | None) -> None:
-    """Gates given to ``Circuit(...)`` directly must fit its wires."""
+def _check_gates(dims: tuple, gates: tuple, auto: int | None,
+                 span: Span | None) -> tuple[int | None, ...]:
+    """Gates given to ``Circuit(...)`` directly must fit its wires; return the final wires."""
     current = list(dims)
     n = auto if auto is not None else len(dims)
     for g in gates:
@@ -235,6 +236,7 @@ def _check_gates(dims: tuple, gates: tuple, auto: int | None, span: Span | None)
                 raise QCError(f"gate on {g.qudits} expects dim {i} on qudit {q}, "
                               f"which carries {current[q]}", g.span or span)
             current[q] = o
+    return tuple(current)
 
 
 def _one_dim(d: object, span: Span | None) -> int:
@@ -258,9 +260,11 @@ class Circuit:
     auto: int | None
     span: Span | None = field(compare=False, repr=False)
     learns: bool = field(compare=False, repr=False)
+    _wires: tuple = field(compare=False, repr=False)  # dims after the last gate
 
     def __init__(self, *dims: int, gates: Sequence[Gate] = (), auto: int | None = None,
-                 span: Span | None = None, learns: bool | None = None):
+                 span: Span | None = None, learns: bool | None = None,
+                 _wires: tuple | None = None):
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = tuple(dims[0])
         if len(dims) > MAX_QUDITS:
@@ -269,7 +273,9 @@ class Circuit:
         if auto is not None and (dims or _as_int(auto) is None or auto <= 0):
             raise QCError("an auto circuit takes a positive qudit count and no dims", span)
         gates = tuple(gates)
-        _check_gates(checked, gates, auto, span)
+        if _wires is None:  # builder methods pass the wires they already checked
+            _wires = _check_gates(checked, gates, auto, span)
+        object.__setattr__(self, "_wires", _wires)
         object.__setattr__(self, "dims", checked)
         object.__setattr__(self, "gates", gates)
         object.__setattr__(self, "auto", auto)
@@ -306,11 +312,8 @@ class Circuit:
 
     @property
     def out_dims(self) -> Dims:
-        current = list(self.in_dims)
-        for g in self.gates:
-            for q, d in zip(g.qudits, g.out_dims):
-                current[q] = d
-        return tuple(current)
+        self.check_complete()
+        return self._wires
 
     @property
     def in_features(self) -> int:
@@ -338,7 +341,7 @@ class Circuit:
                                   "without dims", s.span)
                 build_gates([1] * self.auto, [s])  # checks qudits only
             new = tuple(Gate(tuple(s.qudits), (), (), s.span) for s in specs)
-            return Circuit(gates=self.gates + new, auto=self.auto, span=self.span)
+            return Circuit(gates=self.gates + new, auto=self.auto, span=self.span, _wires=())
         wires = list(self.out_dims_partial())
         if self.learns:  # Circuit(): qudits appear as gates name them
             top = max((q for s in specs for q in s.qudits if isinstance(q, int)), default=-1)
@@ -348,15 +351,16 @@ class Circuit:
         learnt, gates = build_gates(wires, specs)
         dims = tuple(learnt[q] if q >= len(self.dims) or self.dims[q] is None else self.dims[q]
                      for q in range(len(learnt)))
-        return Circuit(*dims, gates=self.gates + gates, span=self.span, learns=self.learns)
+        final = [learnt[q] if w is None else w for q, w in enumerate(wires)]
+        for g in gates:
+            for q, d in zip(g.qudits, g.out_dims):
+                final[q] = d
+        return Circuit(*dims, gates=self.gates + gates, span=self.span, learns=self.learns,
+                       _wires=tuple(final))
 
     def out_dims_partial(self) -> tuple[int | None, ...]:
         """Current dims of every wire, ``None`` where not yet learnt (builder use)."""
-        current = list(self.dims)
-        for g in self.gates:
-            for q, d in zip(g.qudits, g.out_dims):
-                current[q] = d
-        return tuple(current)
+        return self._wires
 
     def gate(self, qudits: Sequence[int] | int, dims: str | Sequence[int] | None = None,
              out: str | Sequence[int] | None = None) -> "Circuit":

@@ -73,6 +73,10 @@ def test_circuit_round_trip(circuit, name):
     text = circuit.to_qc(name=name)
     back = parse(text).circuits[name]
     assert back == circuit
+    # the builder's incremental wires agree with a replay of the gates
+    assert back.out_dims_partial() == circuit.out_dims_partial()
+    rebuilt = Circuit(*circuit.dims, gates=circuit.gates, auto=circuit.auto)
+    assert rebuilt == circuit and rebuilt.out_dims_partial() == circuit.out_dims_partial()
     assert back.to_qc(name=name) == text  # canonical: printing is stable
 
 
