@@ -17,6 +17,10 @@ from .errors import QCError, Span
 from .program import (INIT_MODES, OPTION_DEFAULTS, ApplyRule, Pattern, Program,  # noqa: F401
                       check_option)
 
+__all__ = ["Gate", "GateSpec", "Circuit", "build_gates", "parse_dims", "all_pairs_qudits",
+           "balanced_factors", "Pattern", "ApplyRule", "Program", "OPTION_DEFAULTS",
+           "INIT_MODES", "check_option", "MAX_DIM", "MAX_QUDITS", "MAX_GATES", "Dims"]
+
 Dims = tuple[int, ...]
 
 #: Limits shared by the builder and the parser (each exceeded one is a clear QCError).
