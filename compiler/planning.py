@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -109,7 +110,8 @@ def dense_network(graph: nx.MultiDiGraph) -> Network:
 
 def token_bucket(tokens: int) -> int:
     """The planning bucket of a token count: the next power of two (at least 1)."""
-    if isinstance(tokens, bool) or not isinstance(tokens, (int, torch.SymInt)) or tokens < 1:
+    if isinstance(tokens, bool) or not isinstance(tokens, (numbers.Integral, torch.SymInt)) \
+            or tokens < 1:
         raise QCError(f"token count must be a positive integer, got {tokens!r}")
     bucket = 1
     while bucket < tokens:  # a loop, not bit_length, so a symbolic size works too
@@ -245,6 +247,7 @@ class Plan:
     def path(self, tokens: int) -> PathPlan:
         """The forward path used for ``tokens`` (planned for its bucket), costed at ``tokens``."""
         planned = self._bucket_path(token_bucket(tokens))
+        tokens = int(tokens)
         net = self.forward_network
         flops = analysis.path_flops(net.inputs, net.output, planned.path, net.sized(tokens))
         return dataclasses.replace(planned, tokens=tokens, flops=flops)

@@ -142,6 +142,7 @@ def test_path_reports_cost_bucket_and_opt_einsum_info():
 def test_token_buckets():
     assert [token_bucket(n) for n in (1, 2, 3, 4, 5, 16, 17, 2048, 2049)] == \
         [1, 2, 4, 4, 8, 16, 32, 2048, 4096]
+    assert token_bucket(np.int64(5)) == 8
     for bad in (0, -3, 2.5, True):
         with pytest.raises(QCError):
             token_bucket(bad)
