@@ -435,7 +435,7 @@ class Circuit:
         from .diagram import svg
         return svg(self)
 
-    def summary(self) -> str:
-        """Qudits, features and parameters, one line each."""
+    def summary(self, max_gates: int = 50) -> str:
+        """Qudits, features, parameters per gate and in total."""
         from .printer import circuit_summary
-        return circuit_summary(self)
+        return circuit_summary(self, max_gates)

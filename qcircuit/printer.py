@@ -132,8 +132,9 @@ def program_to_qc(program: Program) -> str:
     return "\n".join(blocks)
 
 
-def circuit_summary(circuit: Circuit) -> str:
-    """Qudits, in/out dims and features, parameters per gate and in total."""
+def circuit_summary(circuit: Circuit, max_gates: int = 50) -> str:
+    """Qudits, in/out dims and features, parameters per gate and in total (gates listed
+    one per line, the middle elided past ``max_gates``)."""
     n = circuit.num_qudits
     if circuit.is_auto:
         return (f"qudits      {n} (auto: dims factorised from the bound layer)\n"
@@ -145,7 +146,15 @@ def circuit_summary(circuit: Circuit) -> str:
              f"features    {math.prod(ins)} -> {math.prod(outs)}",
              f"gates       {len(circuit.gates)}"]
     width = max((len(_dims(g.in_dims)) + len(_dims(g.out_dims)) for g in circuit.gates), default=0)
-    for k, g in enumerate(circuit.gates):
+    shown = list(enumerate(circuit.gates))
+    if len(shown) > max_gates:
+        head = max_gates - max_gates // 5
+        shown = shown[:head] + [None] + shown[len(shown) - (max_gates - head):]
+    for item in shown:
+        if item is None:
+            lines.append(f"  … {len(circuit.gates) - max_gates} more gates …")
+            continue
+        k, g = item
         where = f"({', '.join(map(str, g.qudits))})"
         shape = f"{_dims(g.in_dims)} -> {_dims(g.out_dims)}"
         lines.append(f"  #{k:<3} {where:<12} {shape:<{width + 4}} {g.num_params:>12,} params")

@@ -167,3 +167,14 @@ def test_summary():
     assert Circuit(16, 8, 8, 4).all_pairs().summary().endswith("parameters  43,008")
     auto = Circuit.auto_dims(2).all_pairs().summary()
     assert "auto" in auto and "(0,1)" in auto
+
+
+def test_summary_elides_long_circuits():
+    c = Circuit(2, 2, 2).all_pairs().repeat(30)  # 90 gates
+    lines = c.summary(max_gates=10).splitlines()
+    assert "  … 80 more gates …" in lines
+    gate_lines = [line for line in lines if line.startswith("  #")]
+    assert len(gate_lines) == 10 and gate_lines[0].startswith("  #0 ")
+    assert gate_lines[-1].startswith("  #89")
+    assert lines[-1] == f"parameters  {90 * 16:,}"
+    assert len(c.summary().splitlines()) == 3 + 50 + 1 + 1
