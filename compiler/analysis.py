@@ -21,14 +21,15 @@ def min_cut_wires(graph: nx.MultiDiGraph) -> list[tuple]:
     """The wire edges ``(u, v, data)`` of a minimum cut between input and output legs.
 
     Capacities are ``log(dim)``, so the cut minimises the product of the dims it
-    crosses. The cut is undirected: any partition of the nodes with every input leg on
-    one side and every output leg on the other factorises ``T`` through the wires it
-    crosses, whichever way they point.
+    crosses; they are scaled to integers (networkx's flow algorithms are exact on
+    integers, not on floats). The cut is undirected: any partition of the nodes with
+    every input leg on one side and every output leg on the other factorises ``T``
+    through the wires it crosses, whichever way they point.
     """
     flow = nx.Graph()
     flow.add_nodes_from(graph.nodes)
     for u, v, data in graph.edges(data=True):
-        cap = math.log(data["dim"])
+        cap = _log_capacity(data["dim"])
         if flow.has_edge(u, v):
             flow[u][v]["capacity"] += cap
         else:
@@ -43,11 +44,17 @@ def min_cut_wires(graph: nx.MultiDiGraph) -> list[tuple]:
             if (u in source_side) != (v in source_side)]
 
 
+def _log_capacity(dim: int) -> int:
+    """``log(dim)`` as an integer in units of 2**-40: products of dims up to ~1e9 that
+    differ stay apart by far more than the rounding of a few dozen wires."""
+    return round(math.log(dim) * 2**40)
+
+
 def rank_bound(graph: nx.MultiDiGraph) -> int:
     """An upper bound on rank(T): the exact integer product of a minimum cut's dims.
 
-    The float cut value (a sum of logs) is used only to find the cut; the bound is then
-    recomputed exactly from the dims of the wires it crosses.
+    The cut value (a rounded sum of logs) is used only to find the cut; the bound is
+    then recomputed exactly as the product of the dims of the wires it crosses.
     """
     return math.prod(data["dim"] for *_, data in min_cut_wires(graph))
 
