@@ -82,6 +82,12 @@ def test_rank_bounds_hand_computed(circuit, bound):
     assert compile(circuit).rank_bound == bound
 
 
+def test_rank_bound_separates_nearly_equal_products():
+    # the middle cut 999*1001 = 999999 beats the input and output cuts 1000*1000 by 1e-6
+    c = Circuit(1000, 1000).gate((0, 1), out=(999, 1001)).gate((0, 1), out=(1000, 1000))
+    assert compile(c).rank_bound == 999999
+
+
 def test_rank_bound_is_recovered_exactly_from_the_cut():
     plan = compile(Circuit(16, 16, 16).gate((0, 1), out=(2, 2)).gate((0, 1), out=(16, 16)))
     cut = min_cut_wires(plan.graph)
