@@ -12,6 +12,7 @@ import re
 
 from .errors import QCError
 from .ir import Circuit, Gate, Pattern, Program, all_pairs_qudits
+from .parser import MAX_REPEAT
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
@@ -61,7 +62,7 @@ def _fold(stmts: list[str], max_period: int = 32) -> list[str]:
         best = (1, 1)  # (period, count)
         for p in range(1, min(max_period, (len(stmts) - k) // 2) + 1):
             m = 1
-            while stmts[k + m * p:k + (m + 1) * p] == stmts[k:k + p]:
+            while m < MAX_REPEAT and stmts[k + m * p:k + (m + 1) * p] == stmts[k:k + p]:
                 m += 1
             if m > 1 and p * m > best[0] * best[1]:
                 best = (p, m)

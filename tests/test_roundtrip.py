@@ -136,3 +136,11 @@ def test_keywords_are_fine_as_names_and_patterns():
     p = Program({w: c for w in words},
                 tuple(ApplyRule(w, tuple(Pattern(q) for q in words)) for w in words))
     assert parse(p.to_qc()) == p
+
+
+def test_long_repeats_print_within_the_parser_limit():
+    c = Circuit(2).gate(0).repeat(25_000)
+    text = c.to_qc(name="c")
+    counts = [int(k) for k in re.findall(r"repeat (\d+)", text)]
+    assert counts and max(counts) <= 10_000
+    assert parse(text).circuits["c"] == c
