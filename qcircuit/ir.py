@@ -338,6 +338,8 @@ class Circuit:
 
     # --- builder -----------------------------------------------------------------------
     def _with(self, specs: Sequence[GateSpec]) -> "Circuit":
+        if len(self.gates) + len(specs) > MAX_GATES:
+            raise QCError(f"too many gates (at most {MAX_GATES} per circuit)")
         if self.auto is not None:
             for s in specs:
                 if s.in_dims is not None or s.out_dims is not None:
