@@ -233,3 +233,16 @@ def test_byte_order_mark_is_ignored(tmp_path):
 def test_parse_rejects_non_text():
     with pytest.raises(QCError):
         parse(42)
+
+
+def test_design_api_block():
+    c = Circuit(16, 8, 8, 4).all_pairs()
+    assert parse(c.to_qc(name="c")).circuits["c"] == c
+    c = Circuit(16, 16, 16).gate((0, 1)).gate((1, 2), out=(16, 43))
+    assert parse(c.to_qc(name="c")).circuits["c"] == c
+    assert c.to_qc(name="c") == ("circuit c {\n    qudits 16 16 16 -> 16 16 43\n    gate (0, 1)\n"
+                                 "    gate (1, 2) 16x16 -> 16x43\n}\n")
+    c = Circuit().gate((0, 2), "16x16")
+    assert c.gates == (Gate((0, 2), (16, 16), (16, 16)),)
+    with pytest.raises(QCError, match="qudit 1 has no dims"):
+        c.to_qc(name="c")
