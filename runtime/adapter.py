@@ -17,8 +17,9 @@ relative (max-abs; the base model's own float32 error against float64 is ~3e-7):
 and ``T_θ·x`` are several times larger than ``W0·x`` and cancel. Under bfloat16 autocast
 the folded path is off by 1–2e-2 relative to the base model under the same autocast
 (which itself is 3–4e-3 from float32); the circuit always runs in the gates' dtype
-(float32), autocast disabled. With dropout > 0 the folded ``−scale·T_θ0`` sees ``x`` while the trainable
-circuit sees ``dropout(x)``: equal in eval mode and in expectation in training.
+(float32), autocast disabled. With dropout > 0 the folded ``−scale·T_θ0`` sees ``x``
+while the trainable circuit sees ``dropout(x)``: equal in eval mode and in expectation
+in training.
 ``Adapted.fold()`` folds at once (e.g. before timing); ``merge()`` works in either state.
 
 On the meta device (shape-only models, ``qcompile --out``) the gates are real CPU
@@ -52,7 +53,7 @@ class AdaptedLayer(nn.Module):
     """An ``nn.Linear`` or GPT-2 ``Conv1D`` (``base_layer``) plus a circuit adapter."""
 
     def __init__(self, base: nn.Module, circuit: Circuit, *, init: str, scale: float,
-                 dropout: float, generator: torch.Generator | None = None):
+                 dropout: float, generator: torch.Generator | None = None, plan=None):
         super().__init__()
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise QCError(f"cannot adapt a {type(base).__name__}: only nn.Linear and Conv1D")
@@ -61,7 +62,7 @@ class AdaptedLayer(nn.Module):
         self.base_layer = base
         self.transposed = isinstance(base, Conv1D)  # Conv1D keeps its weight as (in, out)
         self.circuit = circuit
-        self.plan = compile_circuit(circuit)
+        self.plan = compile_circuit(circuit) if plan is None else plan  # shareable
         self.init_mode = init
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -326,12 +327,15 @@ def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
     model.requires_grad_(False)
     init, scale, dropout = (program.option(k) for k in ("init", "scale", "dropout"))
     layers: dict[str, AdaptedLayer] = {}
+    plans: dict[Circuit, object] = {}  # one plan (and its path caches) per distinct circuit
     for t in targets:
         if not t.module_name:
             raise QCError("the model itself is a single layer: wrap it in a container first")
         base = model.get_submodule(t.module_name)
+        if t.circuit not in plans:
+            plans[t.circuit] = compile_circuit(t.circuit)
         layer = AdaptedLayer(base, t.circuit, init=init, scale=scale, dropout=dropout,
-                             generator=generator)
+                             generator=generator, plan=plans[t.circuit])
         parent, child = _split(t.module_name)
         setattr(model.get_submodule(parent), child, layer)
         layers[t.module_name] = layer

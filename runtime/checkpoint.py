@@ -156,8 +156,10 @@ def check_layers(where: str, config: dict, current: Mapping[str, dict],
                 problems.append(f"tensor {key} has shape {tuple(tensors[key].shape)}, "
                                 f"expected {want[key]}")
     if problems:
-        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+        shown = problems[:12]
+        if len(problems) > 12:
+            shown.append(f"... and {len(problems) - 12} more")
         ident = config.get("model", {})
         raise QCError(f"checkpoint {where} does not match this model (saved for "
-                      f"{ident.get('class', '?')}, model_type {ident.get('model_type', '?')}):\n  - "
-                      + "\n  - ".join(shown))
+                      f"{ident.get('class', '?')}, model_type {ident.get('model_type', '?')}):"
+                      "\n  - " + "\n  - ".join(shown))

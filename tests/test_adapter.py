@@ -291,3 +291,18 @@ def test_unfolded_layer_computes_exact_formula():
         want = base(x).double() + 0.5 * x.double() @ (t - t0).t()
         assert rel_err(layer(x), want) < 1e-5
     assert not layer.folded
+
+
+def test_attach_reads_a_qc_file(tmp_path, tiny_llama, token_ids):
+    from qcircuit.runtime import attach as exported
+    path = tmp_path / "adapter.qc"
+    path.write_text("circuit attn {\n    qudits auto 3\n    all_pairs\n}\n"
+                    "apply attn to q_proj, /mlp\\.down_proj$/\noption init = zero_last\n")
+    adapted = exported(tiny_llama, str(path))
+    assert [t.module_name.rsplit(".", 1)[-1] for t in adapted.targets] == [
+        "q_proj", "q_proj", "down_proj", "down_proj"]
+    assert adapted.program.option("init") == "zero_last"
+    down = adapted.layers["model.layers.0.mlp.down_proj"]
+    assert (down.circuit.in_features, down.circuit.out_features) == (172, 64)
+    with pytest.raises(QCError):
+        attach(type(tiny_llama)(tiny_llama.config), tmp_path / "missing.qc")
