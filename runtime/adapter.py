@@ -363,6 +363,9 @@ def load(model: nn.Module, path: str | Path) -> Adapted:
         program = parse(config["program"])
         if any(program.option(k) != v for k, v in config["options"].items()):
             program = Program(program.circuits, program.rules, config["options"])
+    except (QCError, AttributeError, KeyError, TypeError) as e:
+        raise QCError(f"checkpoint {path} holds a bad program or options: {e}") from None
+    try:
         targets = bind(model, program)
     except QCError as e:
         raise QCError(f"checkpoint {path} does not fit this model: {e.one_line()}") from None

@@ -145,7 +145,14 @@ def test_load_refuses_what_is_not_a_checkpoint(tmp_path, tiny_llama):
         load(tiny_llama, tmp_path)
     (tmp_path / "adapter_config.json").write_text("{not json")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"junk")
-    with pytest.raises(QCError, match="cannot read"):
+    with pytest.raises(QCError, match="cannot read .*adapter_config.json"):
+        load(tiny_llama, tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"format": "other"}')
+    with pytest.raises(QCError, match="not a qcircuit adapter config"):
+        load(tiny_llama, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(
+        '{"format": "qcircuit-adapter", "program": "", "options": {}, "layers": {}}')
+    with pytest.raises(QCError, match="cannot read .*adapter_model.safetensors"):
         load(tiny_llama, tmp_path)
 
 
@@ -213,3 +220,14 @@ def test_no_pickle_in_the_runtime():
     for path in root.glob("*.py"):
         text = path.read_text()
         assert "torch.load" not in text and "import pickle" not in text, path
+
+
+def test_load_refuses_a_bad_program_in_the_config(tmp_path, tiny_llama):
+    base = _fresh(tiny_llama)
+    attach(tiny_llama, llama_program()).save(tmp_path / "c")
+    path = tmp_path / "c" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["options"]["init"] = "random"
+    path.write_text(json.dumps(config))
+    with pytest.raises(QCError, match="bad program or options.*random"):
+        load(base, tmp_path / "c")
