@@ -10,17 +10,21 @@ base model bit for bit, in float32 and under bfloat16 autocast alike (``T_θ·x`
 ``T_θ0·x`` are the same float ops on the same numbers). The first forward that records
 gradients (training; also inside gradient checkpointing) folds ``−scale·T_θ0`` once into
 the base weight, ``W' = W0 − scale·T_θ0`` computed in float64 and rounded once, and from
-then on the layer runs one circuit: ``y = W'·x + b + scale·T_θ·dropout(x)``. Folded and
-unfolded are the same function; they differ by float rounding only. Measured on the tiny
-test models (random weights, std 0.02), folding moves float32 logits by 0.6–1.6e-6
-relative (max-abs; the base model's own float32 error against float64 is ~3e-7): ``W'·x``
-and ``T_θ·x`` are several times larger than ``W0·x`` and cancel. Under bfloat16 autocast
-the folded path is off by 1–2e-2 relative to the base model under the same autocast
-(which itself is 3–4e-3 from float32); the circuit always runs in the gates' dtype
-(float32), autocast disabled. With dropout > 0 the folded ``−scale·T_θ0`` sees ``x``
-while the trainable circuit sees ``dropout(x)``: equal in eval mode and in expectation
-in training.
+then on the layer runs one circuit: ``y = W'·x + b + scale·T_θ·dropout(x)``.
 ``Adapted.fold()`` folds at once (e.g. before timing); ``merge()`` works in either state.
+
+Precision of the fold. Folded and unfolded are the same function and differ by float
+rounding only, but ``W'·x`` and ``T_θ·x`` are several times larger than ``W0·x`` and
+cancel. Measured on the tiny test models (random weights, std 0.02): float32 logits move
+by 0.6–1.6e-6 relative (max-abs; the base model's own float32 error against float64 is
+~3e-7). Under bfloat16 autocast, or with weights stored in bfloat16, the folded model is
+1–2e-2 relative from the base model in the same precision (which is itself 3–4e-3 from
+float32): use ``zero_last`` where the start point must stay exact once training begins.
+
+Gates are float32 (float64 on a float64 layer) whatever the base dtype, and the circuit
+runs in the gates' dtype with autocast disabled. With dropout > 0 the folded
+``−scale·T_θ0`` sees ``x`` while the trainable circuit sees ``dropout(x)``: the same in
+eval mode and in expectation in training.
 
 On the meta device (shape-only models, ``qcompile --out``) the gates are real CPU
 tensors, nothing is folded, and ``save`` writes the gates as usual.
