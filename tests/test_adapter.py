@@ -306,3 +306,21 @@ def test_attach_reads_a_qc_file(tmp_path, tiny_llama, token_ids):
     assert (down.circuit.in_features, down.circuit.out_features) == (172, 64)
     with pytest.raises(QCError):
         attach(type(tiny_llama)(tiny_llama.config), tmp_path / "missing.qc")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_gradcheck_inputs_and_gates(kind):
+    torch.manual_seed(0)
+    circuit = Circuit(2, 2, 3).all_pairs().gate((0, 2), out=(3, 3))    # 12 -> 18
+    base = (nn.Linear(12, 18) if kind == "linear" else Conv1D(18, 12)).double()
+    layer = AdaptedLayer(base, circuit, init="freeze_one", scale=0.7, dropout=0.0)
+    assert layer.adapter.gates[0].dtype == torch.float64
+    names = [f"adapter.gates.{i}" for i in range(len(circuit.gates))]
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    gates = [g.detach().clone().requires_grad_(True) for g in layer.adapter.gates]
+
+    def f(x, *gates):
+        return torch.func.functional_call(layer, dict(zip(names, gates)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *gates))
+    assert layer.folded
