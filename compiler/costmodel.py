@@ -4,50 +4,51 @@ Every kernel the schedule runs is a dense GEMM, a batched GEMM or a strided copy
 step costs ``flops / PEAK_FLOPS + bytes / BANDWIDTH + OVERHEAD`` (additive roofline),
 plus page-fault time for memory the step touches for the first time.
 
-The constants are FIXED, measured once on the development machine (2-core Intel Xeon
-Sapphire Rapids KVM guest, ``torch.set_num_threads(2)``, float32, torch 2.13 CPU) with
-micro-benchmarks of the kernels below at 2048 tokens of a 4096-wide layer. They are not
-recalibrated at import: plans stay deterministic. Absolute predictions on another machine
-will be off by a constant-ish factor; what the planner needs is the *ranking* of variants,
-which depends mostly on the ratios between constants.
+GEMM time is a max-roofline (compute-bound from K≈128, memory-bound below). The constants are FIXED, measured once on the development machine (2-core Intel Xeon
+Sapphire Rapids KVM guest, ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE``,
+float32, torch 2.13 CPU, shared with other jobs) with micro-benchmarks of the kernels below
+at 2048 tokens of a 4096-wide layer (minimum of repeats). They are not recalibrated at
+import: plans stay deterministic. Absolute predictions on another machine will be off by a
+roughly constant factor; the planner needs the *ranking* of variants, which depends on the
+ratios between constants.
 
-Measured (ms, one 4096×2048 float32 activation): plain copy 8, permutes 12 (innermost
-axis kept), 21–24 (innermost axis moved within a token), 160–190 (token axis moved across
-the tensor),
-GEMM (M=2048·4096/K, K×K gate) K=32: 16, 64: 23, 128: 32, 256: 40, 512: 80; the same with
-the output written transposed 38/41/40/70/100; batched matmul with 32 columns per batch
-about 2× a plain GEMM of the same size; first touch of fresh memory ~0.75 ms per MB.
+Measured (ms, one 2048×4096 float32 activation, quiet machine): plain copy 5.5; permutes
+6 (innermost axis kept), 7 (few gather streams), 10 (innermost axis moved within a token),
+18 (short runs, token axis moved), 70 (token axis moved element-wise across the tensor);
+GEMM (2048·4096/K rows × K×K gate) K=32: 5.8, 64: 7, 128: 10.4, 256: 20, 512: 43.5 (about
+215 Gflop/s from K=128 on, memory-bound below); the same GEMM reading the activation
+transposed (prefix form) 1.3–1.7× slower; first touch of fresh memory ~0.3 ms per MB.
 """
 from __future__ import annotations
 
 import math
 
-PEAK_FLOPS = 1.1e11     # float32 GEMM throughput, 2 threads (flop/s)
-BANDWIDTH = 5.6e9       # effective streaming bandwidth for GEMM operands (bytes/s)
-COPY_BANDWIDTH = 8.4e9  # contiguous copy, read+write bytes/s
-PERMUTE_RUN = 1.5       # permute keeping the innermost axis: this many contiguous copies
-PERMUTE_LOCAL = 3.0     # innermost axis moves, but every gather stays in a small region
-PERMUTE_FAR = 20.0      # gathers spread over the whole tensor (TLB-bound, e.g. moving tokens)
+PEAK_FLOPS = 2.15e11    # float32 GEMM throughput, 2 threads, K >= 128 (flop/s)
+BANDWIDTH = 1.2e10      # effective streaming bandwidth for GEMM operands (bytes/s)
+GEMM_SLOW_FORM = 1.35   # GEMMs reading the big operand transposed (prefix, rotations)
+COPY_BANDWIDTH = 1.2e10 # contiguous copy, read+write bytes/s
+PERMUTE_RUN = 1.1       # permute keeping the innermost axis: this many contiguous copies
+PERMUTE_LOCAL = 1.9     # innermost axis moves, but every gather stays in a small region
+PERMUTE_MID = 3.5       # short contiguous runs gathered from all over the tensor
+PERMUTE_FAR = 13.0      # gathers spread over the whole tensor (TLB-bound, e.g. moving tokens)
 LOCAL_BYTES = 1 << 18   # "small region" for a permute's gathers
-FAULT_PER_BYTE = 7.5e-10  # first touch of freshly mapped memory (s/byte)
+FAULT_PER_BYTE = 3.0e-10  # first touch of freshly mapped memory (s/byte)
 OVERHEAD = 1.5e-5       # dispatch cost of one torch op (s)
 BATCH_HALF = 64         # batched GEMM runs at n/(n+BATCH_HALF) of peak, n its smallest dim
-TRANSPOSED_OUT = 2.0    # extra output passes when a GEMM writes its result transposed
+TRANSPOSED_OUT = 0.5    # extra output passes when a GEMM reads or writes transposed
 
 
 def gemm(m: int, n: int, k: int, itemsize: int = 4, transposed_out: bool = False) -> float:
-    """(m×k)·(k×n): one BLAS call."""
-    out = m * n * itemsize
-    t = 2.0 * m * n * k / PEAK_FLOPS + (m * k + k * n) * itemsize / BANDWIDTH + out / BANDWIDTH
-    if transposed_out:
-        t += TRANSPOSED_OUT * out / BANDWIDTH
-    return t + OVERHEAD
+    """(m×k)·(k×n): one BLAS call, the slower of its compute and its memory traffic."""
+    data = (m * k + k * n + m * n) * itemsize
+    t = max(2.0 * m * n * k / PEAK_FLOPS, data / BANDWIDTH)
+    return t * (GEMM_SLOW_FORM if transposed_out else 1.0) + OVERHEAD
 
 
 def batched_gemm(batch: int, m: int, n: int, k: int, itemsize: int = 4) -> float:
     """``batch`` independent (m×k)·(k×n) products; small matrices run below peak."""
     small = min(m, n, k)
-    eff = small / (small + BATCH_HALF)
+    eff = small / (small + BATCH_HALF) * 0.5
     flops = 2.0 * batch * m * n * k
     data = batch * (m * k + m * n) * itemsize + k * n * itemsize
     return flops / (PEAK_FLOPS * eff) + data / BANDWIDTH + OVERHEAD
@@ -76,15 +77,18 @@ def permute_factor(shape: tuple[int, ...], perm: tuple[int, ...], itemsize: int 
     while run < len(in_order) and in_order[-1 - run] == out_order[-1 - run]:
         run += 1
     run_axes = set(in_order[len(in_order) - run:])
-    if math.prod(shape[a] for a in run_axes) * itemsize >= 64:
+    run_bytes = math.prod(shape[a] for a in run_axes) * itemsize
+    if run_bytes >= 1024:
         return PERMUTE_RUN
     anchor = in_order[len(in_order) - run - 1]
     after = [a for a in out_order[out_order.index(anchor) + 1:] if a not in run_axes]
     if math.prod(shape[a] for a in after) <= 64:
-        return PERMUTE_RUN + 0.5
+        return PERMUTE_RUN + 0.2
     strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]
     span = max(shape[a] * strides[a] for a in after) * itemsize
-    return PERMUTE_LOCAL if span <= LOCAL_BYTES else PERMUTE_FAR
+    if span <= LOCAL_BYTES:
+        return PERMUTE_LOCAL
+    return PERMUTE_MID if run_bytes >= 64 else PERMUTE_FAR
 
 
 def fresh(numel: int, itemsize: int = 4) -> float:

@@ -269,8 +269,10 @@ class Plan:
     @torch.compiler.disable
     def _build_executor(self, bucket: int) -> Executor:
         # the forward seam: the one place that decides how a bucket is executed
-        return self._cached(("executor", bucket), lambda: einsum_executor(
-            self._bucket_path(bucket), self.in_dims, self.out_features))
+        from .schedule import choose_executor  # the cost-model schedule, when it predicts a win
+        return self._cached(("executor", bucket), lambda: choose_executor(
+            self.circuit, bucket, einsum_executor(self._bucket_path(bucket), self.in_dims,
+                                                  self.out_features)))
 
     def warm_up(self, *tokens: int) -> "Plan":
         """Plan and build the executors for these token counts and the dense matrix now
@@ -288,8 +290,10 @@ class Plan:
     @torch.compiler.disable
     def _build_dense_executor(self) -> DenseExecutor:
         # the dense seam: the one place that decides how T is multiplied out
-        return self._cached(("dense_executor",), lambda: einsum_dense_executor(
-            self.dense_network, self.dense_path(), self.out_features, self.in_features))
+        from .schedule import choose_dense_executor  # the dense schedule (einsum under compile)
+        return self._cached(("dense_executor",), lambda: choose_dense_executor(
+            self.circuit, einsum_dense_executor(self.dense_network, self.dense_path(),
+                                                self.out_features, self.in_features)))
 
     def module(self, init: str = "kaiming", seed: int | None = None,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,

@@ -128,7 +128,8 @@ def _gate_step_cost(form, p, k, k2, s, isz, backward) -> float:
     if form == "suffix":
         f, b = cm.gemm(p, k2, k, isz), cm.gemm(p, k, k2, isz) + cm.gemm(k2, k, p, isz)
     elif form == "prefix":
-        f, b = cm.gemm(k2, s, k, isz), cm.gemm(k, s, k2, isz) + cm.gemm(k2, k, s, isz)
+        f = cm.gemm(k2, s, k, isz, transposed_out=True)
+        b = cm.gemm(k, s, k2, isz, transposed_out=True) + cm.gemm(k2, k, s, isz)
     elif form == "rot_front":
         f = cm.gemm(k2, p, k, isz, transposed_out=True)
         b = cm.gemm(p, k, k2, isz, transposed_out=True) + cm.gemm(k2, k, p, isz)
@@ -311,5 +312,6 @@ def predicted_cost(circuit: Circuit, tokens: int, **options) -> float:
     return build_schedule(circuit, tokens, **options).cost
 
 
-from .schedule_exec import (Workspace, dense_matrix, make_dense_executor,  # noqa: E402,F401
-                            make_executor, run_schedule, step_matrices)
+from .schedule_exec import (Workspace, choose_dense_executor, choose_executor,  # noqa: E402,F401
+                            dense_matrix, make_dense_executor, make_executor, run_schedule,
+                            step_matrices)

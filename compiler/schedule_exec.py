@@ -2,17 +2,18 @@
 function, buffer recycling and the dense matrix. Planning lives in ``schedule.py``."""
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from qcircuit.errors import QCError
 from qcircuit.ir import Circuit
 
+from . import costmodel as cm
 from .schedule import TOKEN, Schedule, Step, build_schedule, cached_schedule
 
 
@@ -41,6 +42,25 @@ class Workspace:
             pool = self._free.setdefault(key, [])
             if len(pool) < self._per_key:
                 pool.append(buf)
+
+
+#: activations up to this many elements run single-threaded: each parallel region costs a
+#: thread wake-up, more than a tiny GEMM gains from a second core (measured at 16 tokens).
+SERIAL_NUMEL = 1 << 17
+
+
+@contextlib.contextmanager
+def _serial(numel: int):
+    """Run the block with one intra-op thread when the activation is small."""
+    threads = torch.get_num_threads()
+    if numel > SERIAL_NUMEL or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _shape(shape: tuple[int, ...], tokens: int) -> tuple[int, ...]:
@@ -175,6 +195,30 @@ def _forward(steps, x: Tensor, mats, tokens: int, ws: Workspace, keep: bool):
     return cur, saved
 
 
+def _plain_forward(steps, x: Tensor, mats, tokens: int) -> Tensor:
+    """The same steps with ordinary (differentiable, allocating) ops: double backward."""
+    cur, mi = x, 0
+    for st in steps:
+        if st.kind == "permute":
+            perm = [st.layout_in.index(a) for a in st.layout_out]
+            cur = cur.view(_shape(st.shape_in, tokens)).permute(perm).reshape(-1)
+            continue
+        m, mi = mats[mi], mi + 1
+        p, k, k2, s = _pks(st, tokens)
+        if st.kind == "suffix":
+            cur = cur.view(p, k) @ m.t()
+        elif st.kind == "prefix":
+            cur = m @ cur.view(k, s)
+        elif st.kind == "rot_front":
+            cur = m @ cur.view(p, k).t()
+        elif st.kind == "rot_back":
+            cur = cur.view(k, s).t() @ m.t()
+        else:
+            cur = torch.matmul(m, cur.view(p, k, s))
+        cur = cur.reshape(-1)
+    return cur
+
+
 class _Release:
     """Owns a forward's saved buffers; gives them back to the workspace when the autograd
     node that holds it is freed (so ``retain_graph`` and repeated backwards stay correct)."""
@@ -193,15 +237,28 @@ class _RunSchedule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, steps, tokens, ws, x, *mats):
-        y, saved = _forward(steps, x, mats, tokens, ws, keep=True)
+        with _serial(x.numel()):
+            y, saved = _forward(steps, x, mats, tokens, ws, keep=True)
         ctx.steps, ctx.tokens, ctx.ws = steps, tokens, ws
         ctx.saved = _Release(ws, saved[1:])
         ctx.save_for_backward(x, *mats)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward, by recomputation
+            x, *mats = ctx.saved_tensors
+            with torch.enable_grad():
+                y = _plain_forward(ctx.steps, x, mats, ctx.tokens)
+                want = [t for t in (x, *mats) if t.requires_grad]
+                got = iter(torch.autograd.grad(y, want, gy, create_graph=True, allow_unused=True))
+            grads = [next(got) if t.requires_grad else None for t in (x, *mats)]
+            return (None, None, None, *grads)
+        with _serial(gy.numel()):
+            return _RunSchedule._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         x, *mats = ctx.saved_tensors
         inputs = [x] + ctx.saved.bufs
         steps, tokens, ws = ctx.steps, ctx.tokens, ctx.ws
@@ -274,7 +331,8 @@ def run_schedule(schedule: Schedule, x2d: Tensor, gates: Sequence[Tensor],
     if torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats)):
         y = _RunSchedule.apply(schedule.steps, tokens, ws, x, *mats)
     else:
-        y, _ = _forward(schedule.steps, x, mats, tokens, ws, keep=False)
+        with _serial(x.numel()):
+            y, _ = _forward(schedule.steps, x, mats, tokens, ws, keep=False)
     return y.view(tokens, schedule.out_features)
 
 
@@ -319,3 +377,34 @@ def make_dense_executor(circuit: Circuit) -> Callable[[Sequence[Tensor]], Tensor
     sched = cached_schedule(circuit, circuit.in_features, True)
     ws = Workspace()
     return lambda gates: dense_matrix(sched, gates, ws)
+
+
+def choose_executor(circuit: Circuit, tokens: int, fallback: Callable) -> Callable:
+    """The schedule's executor when the cost model predicts it beats the opt_einsum route
+    (:func:`costmodel.einsum_reference`), else ``fallback``. Under ``torch.compile`` the
+    schedule (a Python loop over out= kernels) defers to ``fallback``, which traces."""
+    sched = cached_schedule(circuit, tokens)
+    if sched.cost >= cm.einsum_reference(tokens, circuit.in_dims, circuit.gates):
+        return fallback
+    ws = Workspace()
+
+    def run(x2d: Tensor, gates: Sequence[Tensor]) -> Tensor:
+        if torch.compiler.is_compiling():
+            return fallback(x2d, gates)
+        return run_schedule(sched, x2d, gates, ws)
+    return run
+
+
+def choose_dense_executor(circuit: Circuit, fallback: Callable) -> Callable:
+    """:func:`dense_matrix` through a cached dense schedule; ``fallback`` under
+    ``torch.compile`` and for a circuit without gates."""
+    if not circuit.gates:
+        return fallback
+    sched = cached_schedule(circuit, circuit.in_features, True)
+    ws = Workspace()
+
+    def run(gates: Sequence[Tensor]) -> Tensor:
+        if torch.compiler.is_compiling():
+            return fallback(gates)
+        return dense_matrix(sched, gates, ws)
+    return run

@@ -118,6 +118,8 @@ def test_gradcheck_forward_and_dense():
     for max_block in (4, 1000):
         sched = build_schedule(c, c.in_features, dense=True, max_block=max_block)
         assert torch.autograd.gradcheck(lambda *g: dense_matrix(sched, g), tuple(gates))
+    sched = build_schedule(c, 4)  # create_graph: the backward recomputes differentiably
+    assert torch.autograd.gradgradcheck(lambda x, *g: run_schedule(sched, x, g), (x, *gates))
 
 
 def test_gradients_match_autograd_reference_on_random_circuits():
