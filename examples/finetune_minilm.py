@@ -13,7 +13,7 @@ people and animals that never occur in training.
 3. Merge: ``merge_and_unload()`` gives a plain BertModel; its embeddings must equal the
    adapted model's (the max abs difference is printed), so inference costs nothing extra.
 
-Run:  python examples/finetune_minilm.py [--steps 80] [--out runs/minilm]
+Run:  python examples/finetune_minilm.py [--steps 80] [--out out/minilm]
 Writes OUT/loss.png (training loss) and OUT/adapter/ (the checkpoint). Nothing is downloaded.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/minilm")
+    ap.add_argument("--out", default="out/minilm")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -148,8 +148,14 @@ def main() -> None:
     _, before = train_probe(model, train, test)
     print(f"linear probe on the frozen model: test accuracy {before:.1%}")
 
-    adapted = attach(model, parse(ADAPTER), seed=args.seed)
+    sample = [b for b, _ in test[:2]]
+    with torch.no_grad():
+        base_emb = [embed(model, b) for b in sample]
+        adapted = attach(model, parse(ADAPTER), seed=args.seed)
+        init_diff = max((embed(model, b) - e).abs().max().item()
+                        for b, e in zip(sample, base_emb))
     print(adapted)
+    print(f"at init the adapted model equals the base model: max abs diff {init_diff:.1e}")
     head = nn.Linear(model.config.hidden_size, 2)
     params = adapted.trainable_parameters() + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -184,10 +190,9 @@ def main() -> None:
 
     model.eval()
     with torch.no_grad():
-        probe = [b for b, _ in test[:2]]
-        adapted_emb = [embed(model, b) for b in probe]
+        adapted_emb = [embed(model, b) for b in sample]
         merged = adapted.merge_and_unload()
-        merged_emb = [embed(merged, b) for b in probe]
+        merged_emb = [embed(merged, b) for b in sample]
     diff = max((a - m).abs().max().item() for a, m in zip(adapted_emb, merged_emb))
     kinds = sorted({type(m).__name__ for m in merged.modules() if "Linear" in type(m).__name__})
     merged_acc = accuracy(merged, head, test)
