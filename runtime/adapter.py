@@ -12,6 +12,8 @@ gradients (training; also inside gradient checkpointing) folds ``−scale·T_θ0
 the base weight, ``W' = W0 − scale·T_θ0`` computed in float64 and rounded once, and from
 then on the layer runs one circuit: ``y = W'·x + b + scale·T_θ·dropout(x)``.
 ``Adapted.fold()`` folds at once (e.g. before timing); ``merge()`` works in either state.
+Each layer's folded/merged flags are also a buffer (``adapter_state``), so loading a
+``model.state_dict()`` into a freshly attached model (a Trainer resume) stays consistent.
 
 Precision of the fold. Folded and unfolded are the same function and differ by float
 rounding only, but ``W'·x`` and ``T_θ·x`` are several times larger than ``W0·x`` and
@@ -79,6 +81,8 @@ class AdaptedLayer(nn.Module):
         self.frozen: nn.Module | None = None
         self.folded = False  # −scale·T_θ0 is in the base weight
         self.merged = False  # +scale·T_θ is in the base weight
+        # the two flags again, so that model.state_dict() round trips (Trainer resume)
+        self.register_buffer("adapter_state", torch.zeros(2, dtype=torch.uint8, device=device))
         if init == "zero_last":
             with torch.no_grad():
                 self.adapter.gates[-1].zero_()
@@ -91,6 +95,15 @@ class AdaptedLayer(nn.Module):
     @property
     def is_meta(self) -> bool:
         return self.base_layer.weight.is_meta
+
+    def _set_state(self, folded: bool, merged: bool) -> None:
+        self.folded, self.merged = folded, merged
+        self.adapter_state.copy_(torch.tensor([folded, merged], dtype=torch.uint8))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        folded, merged = (bool(v) for v in self.adapter_state.tolist())
+        self.folded, self.merged = folded, merged
 
     @torch.no_grad()
     def reset_frozen(self) -> None:
@@ -125,7 +138,7 @@ class AdaptedLayer(nn.Module):
         if self.frozen is None or self.folded or self.merged or self.is_meta:
             return
         self._add_to_weight(-self.scale * self._dense64(self.frozen))
-        self.folded = True
+        self._set_state(True, self.merged)
 
     def delta64(self) -> torch.Tensor:
         """What merging adds to the (possibly folded) base weight, float64 (out, in)."""
@@ -140,13 +153,13 @@ class AdaptedLayer(nn.Module):
         if self.is_meta:
             raise QCError("cannot merge: the model's weights are on the meta device")
         self._add_to_weight(self.delta64())
-        self.merged = True
+        self._set_state(self.folded, True)
 
     def unmerge(self) -> None:
         if not self.merged:
             raise QCError("layer is not merged")
         self._add_to_weight(-self.delta64())
-        self.merged = False
+        self._set_state(self.folded, False)
 
     # --- compute -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -114,3 +114,21 @@ def test_zero_last_is_exact_under_bfloat16(tiny_gpt2, token_ids):
         base = tiny_gpt2(token_ids).logits
         adapted = attach(tiny_gpt2, gpt2_program(init="zero_last"), seed=0)
         assert torch.equal(adapted(token_ids).logits, base)
+
+
+def test_model_state_dict_round_trip_keeps_fold_and_merge_state(tiny_llama, token_ids):
+    """What a Trainer checkpoint resume does: a freshly attached model loads the state dict."""
+    fresh = type(tiny_llama)(tiny_llama.config)
+    fresh.load_state_dict(tiny_llama.state_dict())
+    adapted = attach(tiny_llama, llama_program(), seed=0)
+    _train(adapted, token_ids, steps=2)               # folds, then moves the gates
+    with torch.no_grad():
+        want = adapted(token_ids).logits
+    resumed = attach(fresh, llama_program(), seed=1)
+    fresh.load_state_dict(tiny_llama.state_dict())
+    assert all(layer.folded and not layer.merged for layer in resumed.layers.values())
+    with torch.no_grad():
+        assert torch.equal(resumed(token_ids).logits, want)
+        adapted.merge()
+        fresh.load_state_dict(tiny_llama.state_dict())
+        assert resumed.merged and torch.equal(resumed(token_ids).logits, adapted(token_ids).logits)
