@@ -187,10 +187,13 @@ def _forward(steps, x: Tensor, mats, tokens: int, ws: Workspace, keep: bool):
         if st.kind != "permute":
             m, mi = mats[mi], mi + 1
         _apply(st, cur, m, out, tokens)
-        if keep:
-            saved.append(cur)
-        elif n > 0:
-            ws.give(cur)
+        if keep and st.kind != "permute":
+            saved.append(cur)  # a gate step's backward needs its input; a permute's does not
+        else:
+            if keep:
+                saved.append(None)
+            if n > 0:
+                ws.give(cur)
         cur = out
     return cur, saved
 
@@ -228,7 +231,8 @@ class _Release:
 
     def __del__(self):
         for b in self.bufs:
-            self.ws.give(b)
+            if b is not None:
+                self.ws.give(b)
 
 
 class _RunSchedule(torch.autograd.Function):
@@ -240,7 +244,7 @@ class _RunSchedule(torch.autograd.Function):
         with _serial(x.numel()):
             y, saved = _forward(steps, x, mats, tokens, ws, keep=True)
         ctx.steps, ctx.tokens, ctx.ws = steps, tokens, ws
-        ctx.saved = _Release(ws, saved[1:])
+        ctx.saved = _Release(ws, saved[1:])  # None where a permute step's input was freed
         ctx.save_for_backward(x, *mats)
         return y
 
@@ -274,7 +278,7 @@ class _RunSchedule(torch.autograd.Function):
                 mi -= 1
                 m = mats[mi]
             if n > 0:
-                gx = ws.take(inputs[n].numel(), x)
+                gx = ws.take(_numel(st.shape_in, tokens), x)
             else:
                 gx = torch.empty(x.numel(), dtype=x.dtype, device=x.device) if need_x else None
             gm = _apply_back(st, inputs[n], m, g, gx, m is not None and need_m[mi], tokens)
@@ -289,9 +293,10 @@ class _RunSchedule(torch.autograd.Function):
 
 def _materialize(step: Step, m: Tensor, in_dims: tuple[int, ...], ws: Workspace) -> Tensor:
     """The first step applied to the identity, written straight into its output layout:
-    ``E[i; q] = M[q_block; i_block] · δ(i_rest, q_rest)`` — zeros, then the block matrix
-    copied onto the diagonals of the untouched qudits."""
+    ``E[i; q] = M[q_block; i_block] · δ(i_rest, q_rest)``, one broadcast multiply of the block
+    matrix and an identity on the other qudits (every element written once, contiguously)."""
     n_q = len(in_dims)
+    rest = [q for q in range(n_q) if q not in step.block]
     labels, shape = [], []
     for a in step.layout_out:
         if a == TOKEN:
@@ -300,16 +305,20 @@ def _materialize(step: Step, m: Tensor, in_dims: tuple[int, ...], ws: Workspace)
         else:
             labels.append(("o", a))
             shape.append(in_dims[a] if a not in step.block else step.block_out[step.block.index(a)])
-    e = ws.take(math.prod(shape), m).zero_()
-    view = e.view(shape)
-    for q in range(n_q):
-        if q not in step.block:
-            view = view.diagonal(dim1=labels.index(("o", q)), dim2=labels.index(("i", q)))
-            labels = [x for x in labels if x not in (("o", q), ("i", q))] + [("d", q)]
-    mt = m.reshape(*step.block_out, *step.block_in)
-    m_labels = [("o", q) for q in step.block] + [("i", q) for q in step.block]
-    mt = mt.permute([m_labels.index(x) for x in labels if x[0] != "d"])
-    view.copy_(mt.reshape(mt.shape + (1,) * (len(labels) - mt.dim())))
+
+    def place(t: Tensor, own: list) -> Tensor:  # t's axes (labels ``own``) into ``labels`` order
+        t = t.permute([own.index(x) for x in labels if x in own])
+        return t.reshape([d if x in own else 1 for x, d in zip(labels, shape)])
+    mt = place(m.reshape(*step.block_out, *step.block_in),
+               [("o", q) for q in step.block] + [("i", q) for q in step.block])
+    k_rest = math.prod(in_dims[q] for q in rest)
+    eye = torch.eye(k_rest, dtype=m.dtype, device=m.device).reshape(
+        [in_dims[q] for q in rest] * 2)
+    eye = place(eye, [("o", q) for q in rest] + [("i", q) for q in rest])
+    if torch.is_grad_enabled() and m.requires_grad:
+        return torch.mul(mt, eye).reshape(-1)
+    e = ws.take(math.prod(shape), m)
+    torch.mul(mt, eye, out=e.view(shape))
     return e
 
 

@@ -1,0 +1,259 @@
+"""Speed of the QuanTA adapter (issue 5): schedules vs the one-expression reference.
+
+The paper's circuit on LLaMA-2-7B's q_proj shape (qudits 16·8·8·4, all_pairs, 4096 → 4096),
+float32, ``torch.set_num_threads(2)``. Each row is one training step of that layer's work —
+forward, then backward with a fixed random output gradient (grads to the input and to every
+trainable tensor). Variants run interleaved (each round runs every variant once, order
+rotated); the table gives medians, the ratio to the reference, and the cost model's
+prediction beside the measurement.
+
+* ``reference``: one opt_einsum expression over the whole network including ``x``, its path
+  fixed once at 100 tokens (torch backend, torch autograd).
+* ``sched naive``: per gate, permute its qudits to the end and one GEMM (no layout search,
+  no fusion); ``sched layout``: layout search, no fusion; ``sched full``: layout + fusion +
+  commuting reorders (what the compiler uses); ``module``: ``compile(c).module()`` end to end.
+* context: the frozen base layer (``nn.Linear`` 4096×4096, weight frozen, grad to input) and
+  PEFT LoRA r=8 on that same layer (base included).
+
+Dense delta: ``dense_matrix`` vs one opt_einsum expression over the gates (forward only).
+
+Peak memory of one training step: each variant runs in a fresh subprocess; the peak resident
+set (``VmHWM``) is reset through ``/proc/self/clear_refs`` after setup, one step runs, and the
+growth of ``VmHWM`` over the resident size before the step is reported (CPU torch allocates
+straight from malloc, so this counts every tensor the step holds at its peak).
+
+Usage: ``python benchmarks/adapter_speed.py [--quick] [--output FILE]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# Idle OpenMP workers sleep at once instead of spinning and yielding: on a shared 2-core
+# machine the default turns every parallel region into a scheduler-tick wait (measured:
+# 500 ms instead of 8 ms for the 16-token step). Applies to every variant alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import opt_einsum as oe  # noqa: E402
+import torch  # noqa: E402
+
+from qcircuit import Circuit  # noqa: E402
+from qcircuit.compiler import costmodel as cm  # noqa: E402
+from qcircuit.compiler.schedule import Workspace, build_schedule, dense_matrix, run_schedule  # noqa: E402
+
+THREADS = 2
+CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()
+SCHEDULES = {"sched naive": dict(layout=False, fuse=False), "sched layout": dict(fuse=False),
+             "sched full": dict()}
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+            f"float32, load average {os.getloadavg()[0]:.1f} at start")
+
+
+def network(c: Circuit, with_x: bool) -> str:
+    sym = iter(oe.get_symbol(i) for i in range(10_000))
+    cur = [next(sym) for _ in c.in_dims]
+    first, tok = list(cur), next(sym)
+    ops = [tok + "".join(cur)] if with_x else []
+    for g in c.gates:
+        ins, outs = [cur[q] for q in g.qudits], [next(sym) for _ in g.qudits]
+        for q, o in zip(g.qudits, outs):
+            cur[q] = o
+        ops.append("".join(outs) + "".join(ins))
+    out = tok + "".join(cur) if with_x else "".join(cur) + "".join(first)
+    return ",".join(ops) + "->" + out
+
+
+def make_gates(c: Circuit, grad: bool = True) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for g in c.gates:
+        bound = (3.0 / g.in_size) ** 0.5
+        out.append((torch.rand(g.shape, generator=gen) * 2 - 1).mul_(bound).requires_grad_(grad))
+    return out
+
+
+def variants(tokens: int) -> dict:
+    """name -> (step function, predicted seconds or None)."""
+    c = CIRCUIT
+    gates = make_gates(c)
+    x = torch.randn(tokens, c.in_features, requires_grad=True)
+    gy = torch.randn(tokens, c.out_features)
+    eq = network(c, True)
+    shapes = [(tokens,) + c.in_dims] + [g.shape for g in c.gates]
+    path, _ = oe.contract_path(eq, (100,) + c.in_dims, *shapes[1:], shapes=True, optimize="optimal")
+    expr = oe.contract_expression(eq, *shapes, optimize=path)
+
+    def clear(*ts):
+        for t in ts:
+            t.grad = None
+
+    def reference():
+        expr(x.view(tokens, *c.in_dims), *gates, backend="torch").reshape(tokens, -1).backward(gy)
+        clear(x, *gates)
+
+    out = {"reference": (reference, cm.einsum_reference(tokens, c.in_dims, c.gates))}
+    for name, opts in SCHEDULES.items():
+        sched, ws = build_schedule(c, tokens, **opts), Workspace()
+
+        def run(sched=sched, ws=ws):
+            run_schedule(sched, x, gates, ws).backward(gy)
+            clear(x, *gates)
+        out[name] = (run, sched.cost)
+    try:
+        from qcircuit.compiler import compile as qcompile
+        module = qcompile(c).module()
+
+        def run_module():
+            module(x).backward(gy)
+            clear(x, *module.parameters())
+        out["module"] = (run_module, None)
+    except Exception as exc:  # the compiler module is another engineer's; report, don't die
+        print(f"# module row skipped: {exc!r}")
+    base = torch.nn.Linear(c.in_features, c.out_features).requires_grad_(False)
+
+    def run_base():
+        base(x).backward(gy)
+        clear(x)
+    gemm = cm.gemm(tokens, c.out_features, c.in_features)
+    out["base layer (frozen)"] = (run_base, 2 * gemm)
+    from peft import LoraConfig, get_peft_model
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(c.in_features, c.out_features)
+
+        def forward(self, h):
+            return self.proj(h)
+    lora = get_peft_model(Layer(), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    lora_params = [p for p in lora.parameters() if p.requires_grad]
+
+    def run_lora():
+        lora(x).backward(gy)
+        clear(x, *lora_params)
+    out["base + LoRA r=8 (peft)"] = (run_lora, None)
+    return out
+
+
+def interleaved(funcs: dict, rounds: int) -> dict[str, float]:
+    for f in funcs.values():
+        f()  # warm-up: plans, caches, workspaces
+    times: dict[str, list[float]] = {k: [] for k in funcs}
+    names = list(funcs)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            funcs[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def dense_variants() -> dict:
+    c = CIRCUIT
+    gates = make_gates(c, grad=False)
+    eq = network(c, False)
+    expr = oe.contract_expression(eq, *[g.shape for g in c.gates], optimize="optimal")
+    sched, ws = build_schedule(c, c.in_features, dense=True), Workspace()
+    exact = expr(*[g.double() for g in gates], backend="torch").reshape(c.out_features, -1)
+    err = {name: ((t.double() - exact).abs().max() / exact.abs().max()).item() for name, t in (
+        ("reference", expr(*gates, backend="torch").reshape(c.out_features, -1)),
+        ("dense_matrix", dense_matrix(sched, gates, ws)))}
+    with torch.no_grad():
+        return {"reference (one expression)": (lambda: expr(*gates, backend="torch"), None),
+                "dense_matrix": (lambda: dense_matrix(sched, gates, ws), sched.cost)}, err
+
+
+def memory_child(name: str, tokens: int) -> None:
+    torch.set_num_threads(THREADS)
+    funcs = variants(tokens)
+    step = funcs[name][0]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS")
+    step()
+    print((_status("VmHWM") - before) * 1024)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def peak_memory(name: str, tokens: int) -> int | None:
+    proc = subprocess.run([sys.executable, __file__, "--memory-child", name, str(tokens)],
+                          capture_output=True, text=True, timeout=600)
+    try:
+        return int(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, memory at 512 tokens only")
+    ap.add_argument("--output", help="also write the report to this file (atomically)")
+    ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child[0], int(args.memory_child[1]))
+        return
+    torch.set_num_threads(THREADS)
+    lines = [f"# adapter_speed: {machine()}",
+             f"# circuit 16·8·8·4 all_pairs (4096 -> 4096), {CIRCUIT.num_params} parameters; "
+             "forward+backward; medians of interleaved rounds"]
+
+    def emit(s: str = "") -> None:
+        lines.append(s)
+        print(s, flush=True)
+    for s in lines:
+        print(s, flush=True)
+    emit(f"{'tokens':>6}  {'variant':26s} {'time ms':>9} {'vs ref':>7} {'vs base':>8} {'predicted ms':>13}")
+    for tokens in (16, 512, 2048):
+        rounds = (3 if args.quick else 7) if tokens >= 2048 else (5 if args.quick else 15)
+        funcs = variants(tokens)
+        med = interleaved({k: f for k, (f, _) in funcs.items()}, rounds)
+        ref, base = med["reference"], med["base layer (frozen)"]
+        for name, (_, pred) in funcs.items():
+            p = f"{pred * 1e3:13.1f}" if pred is not None else f"{'-':>13}"
+            emit(f"{tokens:>6}  {name:26s} {med[name] * 1e3:9.2f} {ref / med[name]:6.2f}x "
+                 f"{med[name] / base:7.2f}x {p}")
+        emit()
+    funcs, err = dense_variants()
+    med = interleaved({k: f for k, (f, _) in funcs.items()}, 3 if args.quick else 7)
+    ref = med["reference (one expression)"]
+    emit("dense delta (4096×4096), forward only; max relative error vs float64: "
+         + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
+    for name, (_, pred) in funcs.items():
+        p = f"{pred * 1e3:13.1f}" if pred is not None else f"{'-':>13}"
+        emit(f"        {name:26s} {med[name] * 1e3:9.2f} {ref / med[name]:6.2f}x {'':>8} {p}")
+    emit()
+    emit("peak memory of one training step (VmHWM growth, fresh process per variant)")
+    for tokens in ((512,) if args.quick else (512, 2048)):
+        for name in ("reference", "sched full", "base + LoRA r=8 (peft)"):
+            mem = peak_memory(name, tokens)
+            emit(f"{tokens:>6}  {name:26s} " + (f"{mem / 2**20:9.1f} MiB" if mem is not None else "failed"))
+    if args.output:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.output)) or ".")
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, args.output)
+
+
+if __name__ == "__main__":
+    main()
