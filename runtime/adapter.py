@@ -24,9 +24,10 @@ by 0.6–1.6e-6 relative (max-abs; the base model's own float32 error against fl
 float32): use ``zero_last`` where the start point must stay exact once training begins.
 
 Gates are float32 (float64 on a float64 layer) whatever the base dtype, and the circuit
-runs in the gates' dtype with autocast disabled. With dropout > 0 the folded
-``−scale·T_θ0`` sees ``x`` while the trainable circuit sees ``dropout(x)``: the same in
-eval mode and in expectation in training.
+runs in the gates' dtype with autocast disabled. With dropout > 0 nothing is folded:
+a folded ``−scale·T_θ0·x`` would see ``x`` while ``T_θ`` sees ``dropout(x)``, and since
+``T_θ0`` is of unit scale (far larger than ``W0``) their mismatch would inject large noise
+at every training step. Such layers run both circuits on the same ``dropout(x)``.
 
 On the meta device (shape-only models, ``qcompile --out``) the gates are real CPU
 tensors, nothing is folded, and ``save`` writes the gates as usual.
@@ -136,6 +137,8 @@ class AdaptedLayer(nn.Module):
         Called by the first forward with gradients enabled, before the weight is used.
         """
         if self.frozen is None or self.folded or self.merged or self.is_meta:
+            return
+        if isinstance(self.dropout, nn.Dropout):  # both circuits must see dropout(x)
             return
         self._add_to_weight(-self.scale * self._dense64(self.frozen))
         self._set_state(True, self.merged)

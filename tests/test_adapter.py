@@ -168,15 +168,19 @@ def test_dropout_applies_to_adapter_input_only(init):
         for g in layer.adapter.gates:
             g.add_(0.1 * torch.randn_like(g))
     t = dense_reference(SQUARE, layer.adapter.gates)
+    if layer.frozen is not None:
+        t = t - dense_reference(SQUARE, layer.frozen.gates)
     x = torch.randn(4, 64)
     layer.train()
     layer.fold()
+    assert not layer.folded  # with dropout, both circuits must see the same dropout(x)
     torch.manual_seed(5)
     got = layer(x)
+    assert not layer.folded
     torch.manual_seed(5)
     dropped = nn.functional.dropout(x, 0.5, training=True)
     assert not torch.equal(dropped, x)
-    # base path sees x, undropped; (W0 − T0)·x + T·dropout(x) with W0 − T0 folded into base
+    # base path sees x, undropped; the delta (T − T0) sees dropout(x)
     want = base(x).double() + dropped.double() @ t.t()
     assert rel_err(got, want) < 1e-5
     layer.eval()
