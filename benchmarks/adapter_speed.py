@@ -225,7 +225,7 @@ def main() -> None:
         print(s, flush=True)
     emit(f"{'tokens':>6}  {'variant':26s} {'time ms':>9} {'vs ref':>7} {'vs base':>8} {'predicted ms':>13}")
     for tokens in (16, 512, 2048):
-        rounds = (3 if args.quick else 7) if tokens >= 2048 else (5 if args.quick else 15)
+        rounds = {16: 41, 512: 21, 2048: 9}[tokens] // (3 if args.quick else 1)
         funcs = variants(tokens)
         med = interleaved({k: f for k, (f, _) in funcs.items()}, rounds)
         ref, base = med["reference"], med["base layer (frozen)"]

@@ -115,8 +115,8 @@ def einsum_reference(tokens: int, in_dims: tuple[int, ...], gates, itemsize: int
         for q, d in zip(g.qudits, g.out_dims):
             dims[q] = d
         out_numel = rows * k_out
-        step = copy(numel, itemsize, PERMUTE_FAR) + gemm(rows, k_out, k_in, itemsize) + fresh(out_numel, itemsize)
-        back = (copy(out_numel, itemsize, PERMUTE_FAR) + gemm(rows, k_in, k_out, itemsize) + fresh(numel, itemsize)
-                + gemm(k_out, k_in, rows, itemsize) + copy(numel, itemsize, PERMUTE_FAR))
+        step = copy(numel, itemsize, PERMUTE_LOCAL) + gemm(rows, k_out, k_in, itemsize) + fresh(out_numel, itemsize)
+        back = (copy(out_numel, itemsize, PERMUTE_LOCAL) + gemm(rows, k_in, k_out, itemsize) + fresh(numel, itemsize)
+                + gemm(k_out, k_in, rows, itemsize) + copy(numel, itemsize, PERMUTE_LOCAL))
         total += step + back
     return total

@@ -168,7 +168,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
             d[q] = v
         dims_at.append(tuple(d))
     first: Layout = (TOKEN,) + tuple(range(n_q))
-    # the dense T (out, in) is the result with tokens last; Tᵀ's plan ends tokens first
+    # the forward result is tokens-first; the dense plan may end either way (see below)
     last: Layout = tuple(range(n_q)) + (TOKEN,) if dense and not transposed else first
     starts = [first, last] if dense else [first]
     # frontier[i][layout] = (cost, back-pointer (i0, layout0), steps added)
@@ -228,14 +228,19 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
     n = len(order)
     best, best_lay, best_tail = math.inf, None, ()
     out_numel = tokens * circuit.out_features
-    for lay, (cost, _, _) in frontier[n].items():
-        tail: tuple[Step, ...] = ()
-        if lay != last:
-            c = _permute_cost(lay, last, dims_at[n], tokens, isz, backward)
-            tail = (Step("permute", lay, last, _tok(lay, dims_at[n]), _tok(last, dims_at[n]), c),)
-            cost += c
-        if cost < best:
-            best, best_lay, best_tail = cost, lay, tail
+    # dense: ending tokens-first or tokens-last gives T or Tᵀ contiguous; either is fine
+    # (dense_matrix returns a transposed view), so no final permute is forced
+    ends = [last, first, tuple(range(n_q)) + (TOKEN,)] if dense else [last]
+    for lay, (cost0, _, _) in frontier[n].items():
+        for end in dict.fromkeys(ends):
+            tail: tuple[Step, ...] = ()
+            cost = cost0
+            if lay != end:
+                c = _permute_cost(lay, end, dims_at[n], tokens, isz, backward)
+                tail = (Step("permute", lay, end, _tok(lay, dims_at[n]), _tok(end, dims_at[n]), c),)
+                cost += c
+            if cost < best:
+                best, best_lay, best_tail = cost, lay, tail
     if best_lay is None:
         raise QCError(f"no schedule uses only the forms {forms} for this circuit")
     steps: list[Step] = list(best_tail)

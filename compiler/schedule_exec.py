@@ -355,7 +355,9 @@ def dense_matrix(circuit: Circuit | Schedule, gates: Sequence[Tensor],
     if sched.transposed:  # the schedule applies Tᵀ: gates reversed and transposed
         gates = [g.permute(*range(g.dim() // 2, g.dim()), *range(g.dim() // 2)) for g in reversed(gates)]
     tokens = sched.in_features  # the identity the schedule is applied to
-    shape = (tokens, sched.out_features) if sched.transposed else (sched.out_features, tokens)
+    token_first = sched.steps[-1].layout_out[0] == TOKEN if sched.steps else True
+    shape = (tokens, sched.out_features) if token_first else (sched.out_features, tokens)
+    flip = token_first != sched.transposed  # the result holds Tᵀ: return its transpose (a view)
     ref = gates[0] if len(gates) else None
     if not sched.steps:
         return torch.eye(tokens, dtype=ref.dtype if ref is not None else torch.float32)
@@ -364,14 +366,14 @@ def dense_matrix(circuit: Circuit | Schedule, gates: Sequence[Tensor],
     rest = sched.steps[1:]
     e = _materialize(sched.steps[0], mats[0], sched.in_dims, ws if rest else Workspace())
     if not rest:
-        return e.view(shape)
+        return e.view(shape).t() if flip else e.view(shape)
     mats = mats[1:]
     if torch.is_grad_enabled() and (e.requires_grad or any(m.requires_grad for m in mats)):
         y = _RunSchedule.apply(rest, tokens, ws, e, *mats)
     else:
         y, _ = _forward(rest, e, mats, tokens, ws, keep=False)
         ws.give(e)
-    return y.view(shape)
+    return y.view(shape).t() if flip else y.view(shape)
 
 
 def make_executor(circuit: Circuit, tokens: int, **options) -> Callable[[Tensor, Sequence[Tensor]], Tensor]:
