@@ -290,10 +290,8 @@ class Plan:
     @torch.compiler.disable
     def _build_dense_executor(self) -> DenseExecutor:
         # the dense seam: the one place that decides how T is multiplied out
-        from .schedule import choose_dense_executor  # the dense schedule (einsum under compile)
-        return self._cached(("dense_executor",), lambda: choose_dense_executor(
-            self.circuit, einsum_dense_executor(self.dense_network, self.dense_path(),
-                                                self.out_features, self.in_features)))
+        return self._cached(("dense_executor",), lambda: einsum_dense_executor(
+            self.dense_network, self.dense_path(), self.out_features, self.in_features))
 
     def module(self, init: str = "kaiming", seed: int | None = None,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,

@@ -317,6 +317,5 @@ def predicted_cost(circuit: Circuit, tokens: int, **options) -> float:
     return build_schedule(circuit, tokens, **options).cost
 
 
-from .schedule_exec import (Workspace, choose_dense_executor, choose_executor,  # noqa: E402,F401
-                            dense_matrix, make_dense_executor, make_executor, run_schedule,
-                            step_matrices)
+from .schedule_exec import (Workspace, choose_executor, dense_matrix,  # noqa: E402,F401
+                            make_dense_executor, make_executor, run_schedule, step_matrices)

@@ -404,18 +404,3 @@ def choose_executor(circuit: Circuit, tokens: int, fallback: Callable) -> Callab
             return fallback(x2d, gates)
         return run_schedule(sched, x2d, gates, ws)
     return run
-
-
-def choose_dense_executor(circuit: Circuit, fallback: Callable) -> Callable:
-    """:func:`dense_matrix` through a cached dense schedule; ``fallback`` under
-    ``torch.compile`` and for a circuit without gates."""
-    if not circuit.gates:
-        return fallback
-    sched = cached_schedule(circuit, circuit.in_features, True)
-    ws = Workspace()
-
-    def run(gates: Sequence[Tensor]) -> Tensor:
-        if torch.compiler.is_compiling():
-            return fallback(gates)
-        return dense_matrix(sched, gates, ws)
-    return run
