@@ -45,7 +45,8 @@ import torch  # noqa: E402
 
 from qcircuit import Circuit  # noqa: E402
 from qcircuit.compiler import costmodel as cm  # noqa: E402
-from qcircuit.compiler.schedule import Workspace, build_schedule, dense_matrix, run_schedule  # noqa: E402
+from qcircuit.compiler.schedule import build_schedule  # noqa: E402
+from qcircuit.compiler.schedule_exec import Workspace, dense_matrix, run_schedule  # noqa: E402
 
 THREADS = 2
 CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()

@@ -269,7 +269,7 @@ class Plan:
     @torch.compiler.disable
     def _build_executor(self, bucket: int) -> Executor:
         # the forward seam: the one place that decides how a bucket is executed
-        from .schedule import choose_executor  # the cost-model schedule, when it predicts a win
+        from .schedule_exec import choose_executor  # the cost-model schedule, when it predicts a win
         return self._cached(("executor", bucket), lambda: choose_executor(
             self.circuit, bucket, einsum_executor(self._bucket_path(bucket), self.in_dims,
                                                   self.out_features)))

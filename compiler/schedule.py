@@ -316,6 +316,3 @@ def predicted_cost(circuit: Circuit, tokens: int, **options) -> float:
     """Predicted seconds of the best schedule (forward+backward unless ``dense``)."""
     return build_schedule(circuit, tokens, **options).cost
 
-
-from .schedule_exec import (Workspace, choose_executor, dense_matrix,  # noqa: E402,F401
-                            make_dense_executor, make_executor, run_schedule, step_matrices)

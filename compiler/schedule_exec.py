@@ -2,7 +2,6 @@
 function, buffer recycling and the dense matrix. Planning lives in ``schedule.py``."""
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from typing import Callable, Sequence
@@ -42,25 +41,6 @@ class Workspace:
             pool = self._free.setdefault(key, [])
             if len(pool) < self._per_key:
                 pool.append(buf)
-
-
-#: activations up to this many elements run single-threaded: each parallel region costs a
-#: thread wake-up, more than a tiny GEMM gains from a second core (measured at 16 tokens).
-SERIAL_NUMEL = 1 << 17
-
-
-@contextlib.contextmanager
-def _serial(numel: int):
-    """Run the block with one intra-op thread when the activation is small."""
-    threads = torch.get_num_threads()
-    if numel > SERIAL_NUMEL or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _shape(shape: tuple[int, ...], tokens: int) -> tuple[int, ...]:
@@ -241,8 +221,7 @@ class _RunSchedule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, steps, tokens, ws, x, *mats):
-        with _serial(x.numel()):
-            y, saved = _forward(steps, x, mats, tokens, ws, keep=True)
+        y, saved = _forward(steps, x, mats, tokens, ws, keep=True)
         ctx.steps, ctx.tokens, ctx.ws = steps, tokens, ws
         ctx.saved = _Release(ws, saved[1:])  # None where a permute step's input was freed
         ctx.save_for_backward(x, *mats)
@@ -258,8 +237,7 @@ class _RunSchedule(torch.autograd.Function):
                 got = iter(torch.autograd.grad(y, want, gy, create_graph=True, allow_unused=True))
             grads = [next(got) if t.requires_grad else None for t in (x, *mats)]
             return (None, None, None, *grads)
-        with _serial(gy.numel()):
-            return _RunSchedule._backward(ctx, gy)
+        return _RunSchedule._backward(ctx, gy)
 
     @staticmethod
     def _backward(ctx, gy):
@@ -340,8 +318,7 @@ def run_schedule(schedule: Schedule, x2d: Tensor, gates: Sequence[Tensor],
     if torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats)):
         y = _RunSchedule.apply(schedule.steps, tokens, ws, x, *mats)
     else:
-        with _serial(x.numel()):
-            y, _ = _forward(schedule.steps, x, mats, tokens, ws, keep=False)
+        y, _ = _forward(schedule.steps, x, mats, tokens, ws, keep=False)
     return y.view(tokens, schedule.out_features)
 
 

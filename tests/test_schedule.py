@@ -10,9 +10,9 @@ import torch
 
 from qcircuit import Circuit, QCError
 from qcircuit.compiler import costmodel as cm
-from qcircuit.compiler.schedule import (FORMS, Workspace, build_schedule, dense_matrix,
-                                        make_dense_executor, make_executor, predicted_cost,
-                                        run_schedule, transpose_circuit)
+from qcircuit.compiler.schedule import FORMS, build_schedule, predicted_cost, transpose_circuit
+from qcircuit.compiler.schedule_exec import (Workspace, dense_matrix, make_dense_executor,
+                                             make_executor, run_schedule)
 from reference import dense_operator
 
 
