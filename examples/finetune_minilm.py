@@ -138,7 +138,7 @@ def main() -> None:
 
     path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
     # the test set's people and animals never appear in training
     train_texts, train_labels = make_task(1200, args.seed, PEOPLE[:15], ANIMALS[:15])
     test_texts, test_labels = make_task(400, args.seed + 1, PEOPLE[15:], ANIMALS[15:])
