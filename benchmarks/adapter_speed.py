@@ -15,7 +15,8 @@ prediction beside the measurement.
 * context: the frozen base layer (``nn.Linear`` 4096×4096, weight frozen, grad to input) and
   PEFT LoRA r=8 on that same layer (base included).
 
-Dense delta: ``dense_matrix`` vs one opt_einsum expression over the gates (forward only).
+Dense delta: ``dense_matrix`` (schedule), the light-cone route (``lightcone.py``) and the
+``m.matrix()`` seam vs one opt_einsum expression over the gates (forward only, no grad).
 
 Peak memory of one training step: each variant runs in a fresh subprocess; the peak resident
 set (``VmHWM``) is reset through ``/proc/self/clear_refs`` after setup, one step runs, and the
@@ -47,6 +48,8 @@ from qcircuit import Circuit  # noqa: E402
 from qcircuit.compiler import costmodel as cm  # noqa: E402
 from qcircuit.compiler.schedule import build_schedule  # noqa: E402
 from qcircuit.compiler.schedule_exec import Workspace, dense_matrix, run_schedule  # noqa: E402
+from qcircuit.compiler.lightcone import plan_lightcone, run_lightcone  # noqa: E402
+from qcircuit.compiler import compile as compile_circuit  # noqa: E402
 
 THREADS = 2
 CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()
@@ -171,13 +174,19 @@ def dense_variants() -> dict:
     eq = network(c, False)
     expr = oe.contract_expression(eq, *[g.shape for g in c.gates], optimize="optimal")
     sched, ws = build_schedule(c, c.in_features, dense=True), Workspace()
+    lc_plan, lc_ws = plan_lightcone(c), Workspace()
+    seam = compile_circuit(c).dense_executor()  # what ``m.matrix()`` (merge) runs
     exact = expr(*[g.double() for g in gates], backend="torch").reshape(c.out_features, -1)
-    err = {name: ((t.double() - exact).abs().max() / exact.abs().max()).item() for name, t in (
-        ("reference", expr(*gates, backend="torch").reshape(c.out_features, -1)),
-        ("dense_matrix", dense_matrix(sched, gates, ws)))}
     with torch.no_grad():
+        err = {name: ((t.double() - exact).abs().max() / exact.abs().max()).item() for name, t in (
+            ("reference", expr(*gates, backend="torch").reshape(c.out_features, -1)),
+            ("dense_matrix", dense_matrix(sched, gates, ws)),
+            ("light cone", run_lightcone(lc_plan, gates, lc_ws)),
+            ("m.matrix()", seam(gates)))}
         return {"reference (one expression)": (lambda: expr(*gates, backend="torch"), None),
-                "dense_matrix": (lambda: dense_matrix(sched, gates, ws), sched.cost)}, err
+                "dense_matrix (schedule)": (lambda: dense_matrix(sched, gates, ws), sched.cost),
+                "light cone (m.matrix)": (lambda: run_lightcone(lc_plan, gates, lc_ws), lc_plan.cost),
+                "m.matrix() seam": (lambda: seam(gates), lc_plan.cost)}, err
 
 
 def memory_child(name: str, tokens: int) -> None:

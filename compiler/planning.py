@@ -289,9 +289,18 @@ class Plan:
 
     @torch.compiler.disable
     def _build_dense_executor(self) -> DenseExecutor:
-        # the dense seam: the one place that decides how T is multiplied out
-        return self._cached(("dense_executor",), lambda: einsum_dense_executor(
-            self.dense_network, self.dense_path(), self.out_features, self.in_features))
+        # the dense seam: the one place that decides how T is multiplied out. The light-cone
+        # route (forward only) when the cost model predicts it beats the dense schedule's
+        # estimate; opt_einsum otherwise and whenever autograd records (see lightcone.py)
+        from .lightcone import make_lightcone_executor
+        from .schedule import cached_schedule
+
+        def build() -> DenseExecutor:
+            fallback = einsum_dense_executor(self.dense_network, self.dense_path(),
+                                             self.out_features, self.in_features)
+            ref = cached_schedule(self.circuit, self.in_features, True).cost
+            return make_lightcone_executor(self.circuit, fallback, ref)
+        return self._cached(("dense_executor",), build)
 
     def module(self, init: str = "kaiming", seed: int | None = None,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,

@@ -220,3 +220,62 @@ def test_planner_never_predicts_worse_than_its_restricted_variants():
         s.layout_in.index(a) for a in s.layout_out)) < cm.PERMUTE_FAR
         for s in sched.steps if s.kind == "permute")
     assert sched.cost < cm.einsum_reference(2048, c.in_dims, c.gates)
+
+
+# ----------------------------------------------------------------------------- light cone
+from qcircuit.compiler import compile as compile_circuit  # noqa: E402
+from qcircuit.compiler.lightcone import _plan_side, plan_lightcone, run_lightcone  # noqa: E402
+
+
+def test_lightcone_random_circuits_both_sides_match_reference():
+    rng = random.Random(7)
+    sides = set()
+    for case in range(60):
+        c = random_circuit(rng)
+        gates = gates_for(c, seed=case)
+        want = reference(c, gates)
+        for tr, cap in ((False, 1024), (True, 1024), (False, 8), (True, 8)):
+            plan = _plan_side(transpose_circuit(c) if tr else c, tr, cap)
+            if plan is None:  # only when no gate-closed prefix fits the cap
+                assert cap == 8
+                continue
+            sides.add((tr, len(plan.steps) > 0))
+            got = run_lightcone(plan, gates, Workspace())
+            assert got.shape == (c.out_features, c.in_features)
+            assert_close(got, want)
+    assert sides == {(False, True), (True, True), (False, False), (True, False)}
+
+
+def test_lightcone_out_of_order_arity3_non_square_and_paper_circuit():
+    c = (Circuit(3, 2, 4, 2).gate((2, 0), out=(3, 2)).gate((1, 2))
+         .gate((3, 1, 0), out=(2, 3, 2)).gate((2, 1)))
+    p = Circuit(4, 2, 2, 3).all_pairs()
+    for circ in (c, p):
+        gates = gates_for(circ, seed=3)
+        plan = plan_lightcone(circ, max_prefix=12)
+        assert plan is not None and plan.steps
+        assert_close(run_lightcone(plan, gates), reference(circ, gates))
+
+
+def test_lightcone_absent_when_no_small_prefix_and_seam_falls_back():
+    big = Circuit(2, 2, 2, 2, 2, 2, 2).gate((0, 1))  # 7 qudits: beyond the layout search
+    assert plan_lightcone(big) is None
+    wide = Circuit(32, 32, 2).gate((0, 1)).gate((1, 2))  # first gate's support 1024 -> 1024 ok
+    assert plan_lightcone(wide) is not None
+    huge = Circuit(64, 32).gate((0, 1)).gate((1,))  # every prefix needs a 2048-wide A
+    assert _plan_side(huge, False) is None or _plan_side(huge, False).prefix == (1,)
+    odd = (Circuit(3, 2, 4, 2).gate((2, 0), out=(3, 2)).gate((3, 1, 0), out=(2, 3, 2))
+           .gate((1, 2)).gate((0, 3, 2), out=(2, 2, 1)))
+    assert plan_lightcone(odd, max_prefix=12) is None  # no permute-free row order exists
+    for circ in (big, huge, odd, Circuit(4, 2, 3).all_pairs()):
+        plan = compile_circuit(circ)
+        gates = gates_for(circ, seed=5)
+        with torch.no_grad():
+            assert_close(plan.dense_executor()(gates), reference(circ, gates))
+
+
+def test_dense_seam_gradcheck_still_differentiable():
+    c = Circuit(2, 3, 2).gate((2, 0)).gate((1, 2), out=(2, 2)).gate((0, 1))
+    gates = [g.requires_grad_() for g in gates_for(c, seed=2)]
+    run = compile_circuit(c).dense_executor()
+    assert torch.autograd.gradcheck(lambda *gs: run(list(gs)), gates)
