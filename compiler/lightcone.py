@@ -83,8 +83,8 @@ def _moves(rows: Rows, block: set[int]) -> list[tuple[int, Rows, Rows, Rows]]:
     return out
 
 
-STRIDED_OUT = 1.6   # a loop of GEMMs writing strided rows vs one batched GEMM (measured)
-ONE_WIDE = 1.5      # one GEMM over a single very wide operand (no batch) vs batched (measured)
+STRIDED_OUT = 1.1   # a loop of GEMMs writing strided rows vs one batched GEMM
+ONE_WIDE = 1.0      # one GEMM over a single very wide operand vs batched (same on a quiet run)
 
 
 def _row_gemm_cost(p: int, k2: int, s: int, k: int, in_place: bool, isz: int) -> float:
@@ -132,7 +132,8 @@ def _plan_side(circuit: Circuit, transposed: bool,
             d[q] = v
         dims_at.append(tuple(d))
     numel0 = math.prod(dims0) * n_cols
-    start = cm.copy(numel0, isz, 1.0) + cm.fresh(numel0, isz)
+    # memset + diagonal copy into a recycled buffer (the result's fresh memory is added below)
+    start = cm.copy(numel0, isz, 1.0)
     frontier: dict[Rows, tuple[float, tuple]] = {
         rows: (start, ()) for rows in itertools.permutations(range(n))}
     for t, i in enumerate(rest):
