@@ -223,7 +223,6 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
     a = _fused_matrix(pstep, gates, qud)
     with torch.no_grad():
         x = _identity_product(plan, a, tuple(c.in_dims), dims, ws, not plan.steps)
-        dims = list(dims)
         for n, st in enumerate(plan.steps):
             g = c.gates[st.gate]
             m = _matrix(gates[st.gate], g.qudits, st.block_out, st.block_in)
