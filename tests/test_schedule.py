@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from qcircuit import Circuit, QCError
+from qcircuit.compiler import compile as compile_circuit
 from qcircuit.compiler import costmodel as cm
+from qcircuit.compiler.lightcone import _plan_side, plan_lightcone, run_lightcone
 from qcircuit.compiler.schedule import FORMS, build_schedule, predicted_cost, transpose_circuit
 from qcircuit.compiler.schedule_exec import (Workspace, dense_matrix, make_dense_executor,
                                              make_executor, run_schedule)
@@ -223,8 +225,6 @@ def test_planner_never_predicts_worse_than_its_restricted_variants():
 
 
 # ----------------------------------------------------------------------------- light cone
-from qcircuit.compiler import compile as compile_circuit  # noqa: E402
-from qcircuit.compiler.lightcone import _plan_side, plan_lightcone, run_lightcone  # noqa: E402
 
 
 def test_lightcone_random_circuits_both_sides_match_reference():
