@@ -69,27 +69,10 @@ def machine() -> str:
             f"float32, load average {os.getloadavg()[0]:.1f} at start")
 
 
-def network(c: Circuit, with_x: bool) -> str:
-    sym = iter(oe.get_symbol(i) for i in range(10_000))
-    cur = [next(sym) for _ in c.in_dims]
-    first, tok = list(cur), next(sym)
-    ops = [tok + "".join(cur)] if with_x else []
-    for g in c.gates:
-        ins, outs = [cur[q] for q in g.qudits], [next(sym) for _ in g.qudits]
-        for q, o in zip(g.qudits, outs):
-            cur[q] = o
-        ops.append("".join(outs) + "".join(ins))
-    out = tok + "".join(cur) if with_x else "".join(cur) + "".join(first)
-    return ",".join(ops) + "->" + out
-
-
 def make_gates(c: Circuit, grad: bool = True) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for g in c.gates:
-        bound = (3.0 / g.in_size) ** 0.5
-        out.append((torch.rand(g.shape, generator=gen) * 2 - 1).mul_(bound).requires_grad_(grad))
-    return out
+    """The module's own Kaiming init (seed 0), as plain leaf tensors."""
+    return [g.detach().clone().requires_grad_(grad)
+            for g in compile_circuit(c).module(seed=0).gates]
 
 
 def variants(tokens: int) -> dict:
@@ -98,7 +81,7 @@ def variants(tokens: int) -> dict:
     gates = make_gates(c)
     x = torch.randn(tokens, c.in_features, requires_grad=True)
     gy = torch.randn(tokens, c.out_features)
-    eq = network(c, True)
+    eq = compile_circuit(c).forward_network.equation
     shapes = [(tokens,) + c.in_dims] + [g.shape for g in c.gates]
     path, _ = oe.contract_path(eq, (100,) + c.in_dims, *shapes[1:], shapes=True, optimize="optimal")
     expr = oe.contract_expression(eq, *shapes, optimize=path)
@@ -171,7 +154,7 @@ def interleaved(funcs: dict, rounds: int) -> dict[str, float]:
 def dense_variants() -> dict:
     c = CIRCUIT
     gates = make_gates(c, grad=False)
-    eq = network(c, False)
+    eq = compile_circuit(c).dense_network.equation
     expr = oe.contract_expression(eq, *[g.shape for g in c.gates], optimize="optimal")
     sched, ws = build_schedule(c, c.in_features, dense=True), Workspace()
     lc_plan, lc_ws = plan_lightcone(c), Workspace()
