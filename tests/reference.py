@@ -54,3 +54,10 @@ def dense_operator(in_dims: Sequence[int], gates: Sequence[tuple[Sequence[int], 
         for q, d in zip(qudits, tensor.shape[:len(qudits)]):
             dims[q] = d
     return t
+
+
+def circuit_operator(circuit, tensors) -> "torch.Tensor":
+    """:func:`dense_operator` of a ``Circuit`` and its gate tensors, as a float64 torch tensor."""
+    import torch
+    gates = [(g.qudits, t.detach().double().cpu().numpy()) for g, t in zip(circuit.gates, tensors)]
+    return torch.from_numpy(dense_operator(circuit.in_dims, gates))

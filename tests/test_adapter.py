@@ -1,7 +1,6 @@
 """The adapted layer and the Adapted handle, on tiny LLaMA (nn.Linear) and GPT-2 (Conv1D)."""
 from __future__ import annotations
 
-import string
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qcircuit import ApplyRule, Circuit, Pattern, Program, QCError
 from qcircuit.runtime.adapter import AdaptedLayer, attach
+from reference import circuit_operator
 
 SQUARE = Circuit(4, 4, 4).all_pairs()                              # 64 -> 64, 3 gates
 UP = Circuit(4, 4, 4).gate((0, 1)).gate((1, 2), out=(1, 43))       # 64 -> 172, non-square
@@ -32,22 +32,6 @@ def llama_program(**options) -> Program:
 def gpt2_program(**options) -> Program:
     return adapter_program({"a": (AUTO, ("c_attn", "c_fc")), "p": (SQUARE, ("attn.c_proj",))},
                            **options)
-
-
-def dense_reference(circuit: Circuit, gates) -> torch.Tensor:
-    """T = G_K ⋯ G_1 in float64, (out, in), by applying the gates to the identity."""
-    letters = string.ascii_letters
-    n = circuit.num_qudits
-    h = torch.eye(circuit.in_features, dtype=torch.float64).reshape(-1, *circuit.in_dims)
-    for gate, g in zip(circuit.gates, gates):
-        state = ["Z"] + [letters[q] for q in range(n)]
-        outs = [letters[26 + k] for k in range(gate.arity)]
-        result = list(state)
-        for k, q in enumerate(gate.qudits):
-            result[1 + q] = outs[k]
-        spec = "".join(outs + [letters[q] for q in gate.qudits]) + "," + "".join(state)
-        h = torch.einsum(spec + "->" + "".join(result), g.detach().double(), h)
-    return h.reshape(circuit.in_features, circuit.out_features).t()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -124,8 +108,8 @@ def _layer_case(kind: str, init: str, scale: float):
 @pytest.mark.parametrize("scale", [1.0, 0.25])
 def test_layer_matches_dense_float64_reference(kind, init, scale):
     layer, circuit, w0, b0, init_gates = _layer_case(kind, init, scale)
-    t = dense_reference(circuit, layer.adapter.gates)
-    t0 = dense_reference(circuit, init_gates) if init == "freeze_one" else torch.zeros_like(t)
+    t = circuit_operator(circuit, layer.adapter.gates)
+    t0 = circuit_operator(circuit, init_gates) if init == "freeze_one" else torch.zeros_like(t)
     x = torch.randn(3, 5, 64)
     want = x.double() @ (w0 + scale * (t - t0)).t() + b0
     with torch.no_grad():
@@ -167,9 +151,9 @@ def test_dropout_applies_to_adapter_input_only(init):
     with torch.no_grad():
         for g in layer.adapter.gates:
             g.add_(0.1 * torch.randn_like(g))
-    t = dense_reference(SQUARE, layer.adapter.gates)
+    t = circuit_operator(SQUARE, layer.adapter.gates)
     if layer.frozen is not None:
-        t = t - dense_reference(SQUARE, layer.frozen.gates)
+        t = t - circuit_operator(SQUARE, layer.frozen.gates)
     x = torch.randn(4, 64)
     layer.train()
     layer.fold()
@@ -290,8 +274,8 @@ def test_unfolded_layer_computes_exact_formula():
         assert torch.equal(layer(x), base(x))
         for g in layer.adapter.gates:
             g.add_(0.1 * torch.randn_like(g))
-        t = dense_reference(UP, layer.adapter.gates)
-        t0 = dense_reference(UP, layer.frozen.gates)
+        t = circuit_operator(UP, layer.adapter.gates)
+        t0 = circuit_operator(UP, layer.frozen.gates)
         want = base(x).double() + 0.5 * x.double() @ (t - t0).t()
         assert rel_err(layer(x), want) < 1e-5
     assert not layer.folded

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,7 @@ from qcircuit.compiler.lightcone import _plan_side, plan_lightcone, run_lightcon
 from qcircuit.compiler.schedule import FORMS, build_schedule, predicted_cost, transpose_circuit
 from qcircuit.compiler.schedule_exec import (Workspace, dense_matrix, make_dense_executor,
                                              make_executor, run_schedule)
-from reference import dense_operator
+from reference import circuit_operator
 
 
 def random_circuit(rng: random.Random) -> Circuit:
@@ -36,11 +35,6 @@ def gates_for(c: Circuit, dtype=torch.float64, seed: int = 0) -> list[torch.Tens
     return [torch.randn(g.shape, generator=gen, dtype=dtype) for g in c.gates]
 
 
-def reference(c: Circuit, gates) -> torch.Tensor:
-    t = dense_operator(c.in_dims, [(g.qudits, w.detach().double().numpy()) for g, w in zip(c.gates, gates)])
-    return torch.from_numpy(t)
-
-
 def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-10) -> None:
     scale = want.abs().max().item() + 1e-300
     assert (got.double() - want).abs().max().item() <= rel * scale
@@ -56,7 +50,7 @@ def test_random_circuits_every_variant_matches_reference():
     for case in range(40):
         c = random_circuit(rng)
         gates = gates_for(c, seed=case)
-        want = reference(c, gates)
+        want = circuit_operator(c, gates)
         for opts in VARIANTS:
             tokens = rng.choice([1, 3, 17])
             try:
@@ -75,7 +69,7 @@ def test_out_of_order_non_square_and_fused():
     c = (Circuit(3, 2, 4).gate((2, 0), out=(2, 5)).gate((1, 2)).gate((0, 1, 2), out=(2, 3, 1))
          .gate(1))
     gates = gates_for(c)
-    want = reference(c, gates)
+    want = circuit_operator(c, gates)
     fused = build_schedule(c, 5, max_block=1000)
     assert any(len(s.gates) > 1 for s in fused.steps)
     x = torch.randn(5, c.in_features, dtype=torch.float64)
@@ -89,11 +83,11 @@ def test_out_of_order_non_square_and_fused():
 def test_dense_both_directions_and_transpose_circuit():
     c = Circuit(4, 3, 2).gate((0, 1), out=(2, 5)).gate((2, 1)).gate(0, out=3)
     gates = gates_for(c)
-    want = reference(c, gates)
+    want = circuit_operator(c, gates)
     ct = transpose_circuit(c)
     assert ct.in_dims == c.out_dims and ct.out_dims == c.in_dims
     gates_t = [g.permute(*range(g.dim() // 2, g.dim()), *range(g.dim() // 2)) for g in reversed(gates)]
-    assert_close(reference(ct, gates_t), want.T)
+    assert_close(circuit_operator(ct, gates_t), want.T)
     seen = set()
     for max_block in (4, 8, 1000):
         sched = build_schedule(c, c.in_features, dense=True, max_block=max_block)
@@ -106,7 +100,7 @@ def test_dense_both_directions_and_transpose_circuit():
 def test_dense_paper_circuit_picks_a_direction_and_is_exact():
     c = Circuit(4, 2, 2, 3).all_pairs()
     gates = gates_for(c)
-    assert_close(dense_matrix(c, gates), reference(c, gates))
+    assert_close(dense_matrix(c, gates), circuit_operator(c, gates))
 
 
 def test_gradcheck_forward_and_dense():
@@ -151,7 +145,7 @@ def test_workspace_reuse_no_grad_and_retain_graph():
     sched = build_schedule(c, 8)
     ws = Workspace()
     x = torch.randn(8, c.in_features, dtype=torch.float64)
-    want = x @ reference(c, gates).T
+    want = x @ circuit_operator(c, gates).T
     grads = []
     for _ in range(3):  # buffers recycled from the previous step must not change results
         y = run_schedule(sched, x, gates, ws)
@@ -173,7 +167,7 @@ def test_workspace_reuse_no_grad_and_retain_graph():
 def test_bfloat16_and_mixed_input_dtype():
     c = Circuit(4, 2, 4).gate((2, 0)).gate((0, 1), out=(2, 4)).gate((1, 2))
     gates64 = gates_for(c)
-    want = reference(c, gates64)
+    want = circuit_operator(c, gates64)
     gates = [g.to(torch.bfloat16).requires_grad_() for g in gates64]
     x = torch.randn(16, c.in_features, dtype=torch.float64)
     for opts in (dict(), dict(fuse=False), dict(layout=False)):
@@ -233,7 +227,7 @@ def test_lightcone_random_circuits_both_sides_match_reference():
     for case in range(60):
         c = random_circuit(rng)
         gates = gates_for(c, seed=case)
-        want = reference(c, gates)
+        want = circuit_operator(c, gates)
         for tr, cap in ((False, 1024), (True, 1024), (False, 8), (True, 8)):
             plan = _plan_side(transpose_circuit(c) if tr else c, tr, cap)
             if plan is None:  # only when no gate-closed prefix fits the cap
@@ -254,7 +248,7 @@ def test_lightcone_out_of_order_arity3_non_square_and_paper_circuit():
         gates = gates_for(circ, seed=3)
         plan = plan_lightcone(circ, max_prefix=12)
         assert plan is not None and plan.steps
-        assert_close(run_lightcone(plan, gates), reference(circ, gates))
+        assert_close(run_lightcone(plan, gates), circuit_operator(circ, gates))
 
 
 def test_lightcone_absent_when_no_small_prefix_and_seam_falls_back():
@@ -271,7 +265,7 @@ def test_lightcone_absent_when_no_small_prefix_and_seam_falls_back():
         plan = compile_circuit(circ)
         gates = gates_for(circ, seed=5)
         with torch.no_grad():
-            assert_close(plan.dense_executor()(gates), reference(circ, gates))
+            assert_close(plan.dense_executor()(gates), circuit_operator(circ, gates))
 
 
 def test_dense_seam_gradcheck_still_differentiable():
