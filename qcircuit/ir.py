@@ -250,12 +250,17 @@ def _one_dim(d: object, span: Span | None) -> int:
     return dims[0]
 
 
+def _specs_of(gates: Sequence[Gate]) -> list[GateSpec]:
+    """Gates back as specs (dims kept where known), to replay through the builder."""
+    return [GateSpec(g.qudits, g.in_dims or None, g.out_dims or None, g.span) for g in gates]
+
+
 @dataclass(frozen=True, init=False)
 class Circuit:
     """An immutable circuit, and its builder: every method returns a new ``Circuit``.
 
     ``Circuit(16, 8, 8, 4)`` fixes the input dims; ``Circuit()`` learns each qudit's dims
-    from its first gate; ``Circuit.auto(n)`` leaves them to be factorised from the layer
+    from its first gate; ``Circuit.auto_dims(n)`` leaves them to be factorised from the layer
     it is bound to (``resolve``).
     """
 
@@ -386,8 +391,7 @@ class Circuit:
 
     def then(self, other: "Circuit") -> "Circuit":
         """This circuit followed by ``other``'s gates (on the same qudits)."""
-        return self._with([GateSpec(g.qudits, g.in_dims or None, g.out_dims or None, g.span)
-                           for g in other.gates])
+        return self._with(_specs_of(other.gates))
 
     def repeat(self, k: int) -> "Circuit":
         """The gate sequence played ``k`` times."""
@@ -395,9 +399,7 @@ class Circuit:
             raise QCError(f"repeat count must be a positive integer, got {k!r}")
         if len(self.gates) * k > MAX_GATES:
             raise QCError(f"too many gates: {len(self.gates)} x {k} (at most {MAX_GATES})")
-        specs = [GateSpec(g.qudits, g.in_dims or None, g.out_dims or None, g.span)
-                 for g in self.gates]
-        return self._with(specs * (k - 1))
+        return self._with(_specs_of(self.gates) * (k - 1))
 
     def resolve(self, in_features: int, out_features: int | None = None) -> "Circuit":
         """Bind to a layer of that size: auto dims are factorised (balanced); a concrete
