@@ -24,7 +24,7 @@ from qcircuit.ir import Circuit
 
 from . import costmodel as cm
 from .schedule import TOKEN, Step, transpose_circuit
-from .schedule_exec import Workspace, _fused_matrix, _materialize
+from .schedule_exec import Workspace, _fused_matrix, transposed_gates
 
 Rows = tuple[int, ...]
 MAX_QUDITS = 6      # the layout search enumerates row orders
@@ -208,8 +208,7 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
     """``T`` (out_features, in_features) of the original circuit (forward only, no autograd)."""
     c = plan.circuit
     if plan.transposed:
-        gates = [g.permute(*range(g.dim() // 2, g.dim()), *range(g.dim() // 2))
-                 for g in reversed(gates)]
+        gates = transposed_gates(gates)
     ws = workspace if workspace is not None else Workspace()
     n_cols = c.in_features
     qud = tuple(g.qudits for g in c.gates)

@@ -78,22 +78,27 @@ def forward_network(graph: nx.MultiDiGraph) -> Network:
     """``x, G_0, …, G_{K-1} -> y`` over the graph's wires (batch index first)."""
     batch = _sym(num_wires(graph))
     x = batch + "".join(_sym(w) for w in input_wires(graph))
-    gates = []
-    for node in gate_nodes(graph):
-        outs, ins = gate_wires(graph, node)
-        gates.append("".join(_sym(w) for w in outs + ins))
     y = batch + "".join(_sym(w) for w in output_wires(graph))
-    sizes = {_sym(w): d for w, d in wire_dims(graph).items()}
-    return Network((x, *gates), y, sizes, batch=batch)
+    return Network((x, *_gate_terms(graph)), y, _wire_sizes(graph), batch=batch)
 
 
-def dense_network(graph: nx.MultiDiGraph) -> Network:
-    """``G_0, …, G_{K-1}, I… -> T[out wires…, in wires…]``."""
-    sizes = {_sym(w): d for w, d in wire_dims(graph).items()}
+def _gate_terms(graph: nx.MultiDiGraph) -> list[str]:
+    """One einsum term per gate, circuit order: its output wires then its input wires."""
     terms = []
     for node in gate_nodes(graph):
         outs, ins = gate_wires(graph, node)
         terms.append("".join(_sym(w) for w in outs + ins))
+    return terms
+
+
+def _wire_sizes(graph: nx.MultiDiGraph) -> dict[str, int]:
+    return {_sym(w): d for w, d in wire_dims(graph).items()}
+
+
+def dense_network(graph: nx.MultiDiGraph) -> Network:
+    """``G_0, …, G_{K-1}, I… -> T[out wires…, in wires…]``."""
+    sizes = _wire_sizes(graph)
+    terms = _gate_terms(graph)
     ins, outs = list(input_wires(graph)), output_wires(graph)
     identities = []
     fresh = num_wires(graph)

@@ -300,6 +300,12 @@ def _materialize(step: Step, m: Tensor, in_dims: tuple[int, ...], ws: Workspace)
     return e
 
 
+def transposed_gates(gates: Sequence[Tensor]) -> list[Tensor]:
+    """The gate tensors of the transposed circuit (:func:`schedule.transpose_circuit`):
+    reversed, each with its out and in axes swapped (views)."""
+    return [g.permute(*range(g.dim() // 2, g.dim()), *range(g.dim() // 2)) for g in reversed(gates)]
+
+
 def run_schedule(schedule: Schedule, x2d: Tensor, gates: Sequence[Tensor],
                  workspace: Workspace | None = None) -> Tensor:
     """``y2d = T·x`` row by row: ``x2d`` is (tokens, in_features) -> (tokens, out_features).
@@ -330,7 +336,7 @@ def dense_matrix(circuit: Circuit | Schedule, gates: Sequence[Tensor],
     if not sched.dense:
         raise QCError("dense_matrix needs a schedule planned with dense=True")
     if sched.transposed:  # the schedule applies Tᵀ: gates reversed and transposed
-        gates = [g.permute(*range(g.dim() // 2, g.dim()), *range(g.dim() // 2)) for g in reversed(gates)]
+        gates = transposed_gates(gates)
     tokens = sched.in_features  # the identity the schedule is applied to
     token_first = sched.steps[-1].layout_out[0] == TOKEN if sched.steps else True
     shape = (tokens, sched.out_features) if token_first else (sched.out_features, tokens)
