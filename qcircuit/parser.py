@@ -36,7 +36,6 @@ def parse(text: str, file: str | None = None, base_dir: str | os.PathLike | None
         text = _decode(bytes(text), file, None)
     if not isinstance(text, str):
         raise QCError(f"parse() takes .qc text, got {type(text).__name__}")
-    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
     if base_dir is None:
         base_dir = os.path.dirname(file) if file else os.getcwd()
     state = _State()
@@ -240,7 +239,7 @@ class _State:
                           node.path.span)
         text = _read(path, node.path.span)
         self.stack.append(real)
-        self.add_items(parse_ast(text.removeprefix("\ufeff"), path), os.path.dirname(path))
+        self.add_items(parse_ast(text, path), os.path.dirname(path))
         self.stack.pop()
 
     def program(self) -> Program:

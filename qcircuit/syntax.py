@@ -226,6 +226,7 @@ def syntax_error(err: UnexpectedInput, text: str, file: str | None) -> QCError:
 
 def parse_ast(text: str, file: str | None = None) -> tuple:
     """Parse ``.qc`` text into a tuple of top-level AST nodes; syntax errors -> QCError."""
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
     try:
         tree = grammar().parse(text)
     except UnexpectedInput as err:
