@@ -2,7 +2,9 @@
 
 ``T = G_K⋯G_1`` applied to the identity. The identity is sparse: a dependency-closed prefix of
 gates acting only on a qudit subset ``S`` (commuting gates reordered) multiplies out to a small
-dense matrix ``A`` on ``S``, so after the prefix the operator is ``A ⊗ I_rest``, written out once.
+dense matrix ``A`` on ``S``, so after the prefix the operator is ``A ⊗ I_rest``, written out once
+(or, when the next gate covers every rest qudit, that gate applied to ``A ⊗ I`` is written
+directly: one batched GEMM whose inner dimension is only the gate's part inside ``S``).
 Every remaining gate acts on the row (output) axes only, so it is a loop of GEMMs over the rows
 before its block, each writing straight into the row order the next gate wants (a strided
 ``out=`` view: the rows before the block may move around it for free). The row orders are
@@ -51,9 +53,10 @@ class LightconePlan:
     transposed: bool
     prefix: tuple[int, ...]     # gate indices multiplied into A, in order
     support: Rows               # S, in the row order of the first layout
-    rows0: Rows                 # row order A ⊗ I is written in
+    rows0: Rows                 # row order the first write (A ⊗ I, or the fold) produces
     steps: tuple[GateStep, ...]
     cost: float
+    fold: int | None = None     # the first remaining gate, written straight from A (see _fold)
 
 
 def _prefix(circuit: Circuit, s: set[int]) -> list[int]:
@@ -96,8 +99,62 @@ def _row_gemm_cost(p: int, k2: int, s: int, k: int, in_place: bool, isz: int) ->
     return base * (1.0 if in_place else STRIDED_OUT)
 
 
-def _plan_side(circuit: Circuit, transposed: bool,
-               max_prefix: int = MAX_PREFIX) -> LightconePlan | None:
+def _after(circuit: Circuit, dims: Sequence[int], gates: Sequence[int]) -> tuple[int, ...]:
+    """Qudit dims after applying ``gates`` (indices) to rows of dims ``dims``."""
+    d = list(dims)
+    for i in gates:
+        for q, v in zip(circuit.gates[i].qudits, circuit.gates[i].out_dims):
+            d[q] = v
+    return tuple(d)
+
+
+def _search(circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
+            starts: dict[Rows, float]) -> tuple[float, tuple[GateStep, ...], Rows] | None:
+    """Cheapest row orders for ``gates`` from any start (rows -> cost so far) to the natural
+    order: (cost, steps, start rows), or None when no permute-free path exists."""
+    n_cols, isz = circuit.in_features, 4
+    dims_at = [dims0]
+    for i in gates:
+        dims_at.append(_after(circuit, dims_at[-1], [i]))
+    frontier = {rows: (c, (), rows) for rows, c in starts.items()}
+    for t, i in enumerate(gates):
+        g = circuit.gates[i]
+        nxt: dict[Rows, tuple] = {}
+        for rows, (c0, path, first) in frontier.items():
+            for a, b_in, b_out, rows_out in _moves(rows, set(g.qudits)):
+                p = math.prod(dims_at[t][q] for q in rows[:a])
+                s_ = math.prod(dims_at[t][q] for q in rows[a + len(b_in):]) * n_cols
+                c = c0 + _row_gemm_cost(p, g.out_size, s_, g.in_size, rows_out == rows, isz)
+                if rows_out not in nxt or c < nxt[rows_out][0]:
+                    nxt[rows_out] = (c, path + (GateStep(i, rows, rows_out, a, b_in, b_out),), first)
+        frontier = nxt
+    return frontier.get(tuple(range(len(dims0))))
+
+
+FOLD = 2.0   # the fold's batched GEMM (inner dim = the rest's size) vs one contiguous copy
+
+
+def _fold_starts(circuit: Circuit, sup: Rows, gate: int, dims0) -> dict[Rows, float] | None:
+    """Start row orders when ``gate`` (the first after the prefix) is written straight from
+    ``A`` (:func:`_fold_write`): it must cover every qudit outside ``sup``, and those must be
+    the last column axes. Rows come out as (the gate's qudits, the rest of ``sup``)."""
+    n = len(circuit.in_dims)
+    rest = [q for q in range(n) if q not in sup]
+    g = circuit.gates[gate]
+    if not rest or not set(rest) <= set(g.qudits) or max(sup) > min(rest):
+        return None
+    others = [q for q in sup if q not in g.qudits]
+    numel = math.prod(_after(circuit, dims0, [gate])) * circuit.in_features
+    k = math.prod(dims0[q] for q in g.qudits if q in sup)
+    cost = FOLD * cm.copy(numel, 4, 1.0) + 2.0 * numel * k / cm.PEAK_FLOPS
+    return {qo + ro: cost for qo in itertools.permutations(g.qudits)
+            for ro in itertools.permutations(others)}
+
+
+def _plan_side(circuit: Circuit, transposed: bool, max_prefix: int = MAX_PREFIX,
+               fold: bool | None = None) -> LightconePlan | None:
+    """The light-cone plan of one orientation. ``fold``: None lets the cost model choose,
+    True folds whenever the first remaining gate allows it, False never (tests use both)."""
     n = len(circuit.in_dims)
     if n > MAX_QUDITS or not circuit.gates:
         return None
@@ -109,52 +166,31 @@ def _plan_side(circuit: Circuit, transposed: bool,
                 continue
             sup = tuple(sorted({q for i in pre for q in circuit.gates[i].qudits}))
             k_in = math.prod(circuit.in_dims[q] for q in sup)
-            dims = list(circuit.in_dims)
-            for i in pre:
-                for q, d in zip(circuit.gates[i].qudits, circuit.gates[i].out_dims):
-                    dims[q] = d
+            dims = _after(circuit, circuit.in_dims, pre)
             if max(k_in, math.prod(dims[q] for q in sup)) > max_prefix:
                 continue
             key = (-len(pre), k_in)
             if best is None or key < best[0]:
-                best = (key, tuple(pre), sup, tuple(dims))
+                best = (key, tuple(pre), sup, dims)
     if best is None:
         return None
     _, pre, sup, dims0 = best
     rest = [i for i in range(len(circuit.gates)) if i not in pre]
-    n_cols = circuit.in_features
-    isz = 4
-    # dims after each remaining gate
-    dims_at = [dims0]
-    for i in rest:
-        d = list(dims_at[-1])
-        for q, v in zip(circuit.gates[i].qudits, circuit.gates[i].out_dims):
-            d[q] = v
-        dims_at.append(tuple(d))
-    numel0 = math.prod(dims0) * n_cols
-    # memset + diagonal copy into a recycled buffer (the result's fresh memory is added below)
-    start = cm.copy(numel0, isz, 1.0)
-    frontier: dict[Rows, tuple[float, tuple]] = {
-        rows: (start, ()) for rows in itertools.permutations(range(n))}
-    for t, i in enumerate(rest):
-        g = circuit.gates[i]
-        nxt: dict[Rows, tuple[float, tuple]] = {}
-        for rows, (c0, path) in frontier.items():
-            for a, b_in, b_out, rows_out in _moves(rows, set(g.qudits)):
-                p = math.prod(dims_at[t][q] for q in rows[:a])
-                s_ = math.prod(dims_at[t][q] for q in rows[a + len(b_in):]) * n_cols
-                c = c0 + _row_gemm_cost(p, g.out_size, s_, g.in_size, rows_out == rows, isz)
-                if rows_out not in nxt or c < nxt[rows_out][0]:
-                    nxt[rows_out] = (c, path + (GateStep(i, rows, rows_out, a, b_in, b_out),))
-        frontier = nxt
-    natural = tuple(range(n))
-    if natural not in frontier:
+    # A ⊗ I: memset + diagonal copy into a recycled buffer (the result's fresh memory below)
+    plain = _search(circuit, rest, dims0, dict.fromkeys(
+        itertools.permutations(range(n)), cm.copy(math.prod(dims0) * circuit.in_features, 4, 1.0)))
+    options = [(plain, None)]
+    starts = _fold_starts(circuit, sup, rest[0], dims0) if rest and fold is not False else None
+    if starts is not None:
+        found = _search(circuit, rest[1:], _after(circuit, dims0, rest[:1]), starts)
+        options = [(found, rest[0])] if fold and found is not None else options + [(found, rest[0])]
+    options = [(found, f) for found, f in options if found is not None]
+    if not options:
         return None
-    cost, steps = frontier[natural]
-    rows0 = steps[0].rows_in if steps else natural
-    support = tuple(q for q in rows0 if q in sup)
+    (cost, steps, rows0), folded = min(options, key=lambda o: o[0][0])
+    support = sup if folded is not None else tuple(q for q in rows0 if q in sup)
     return LightconePlan(circuit, transposed, pre, support, rows0, steps,
-                         cost + cm.fresh(circuit.out_features * n_cols, isz))
+                         cost + cm.fresh(circuit.out_features * circuit.in_features, 4), folded)
 
 
 def plan_lightcone(circuit: Circuit, max_prefix: int = MAX_PREFIX) -> LightconePlan | None:
@@ -203,6 +239,32 @@ def _identity_product(plan: LightconePlan, a: Tensor, in_dims: tuple[int, ...], 
     return out
 
 
+def _fold_write(plan: LightconePlan, a: Tensor, gate: Tensor, dims0: Sequence[int],
+                ws: Workspace, fresh: bool) -> Tensor:
+    """``(G ⊗ I)(A ⊗ I_rest)`` written at once, for a gate ``G`` covering every rest qudit:
+    ``E[q', r, s, c] = Σ_k A[k, r, s] · G[q', k, c]`` with ``k`` the gate's qudits inside the
+    support, ``r`` the support's other rows, ``s`` the support's columns and ``c`` the rest's
+    columns (the last axes). One batched GEMM, no memset, and the gate's inner dimension is
+    only its part inside the support."""
+    c = plan.circuit
+    g = c.gates[plan.fold]
+    sup, in_dims, nq = plan.support, c.in_dims, len(g.qudits)
+    q_out, others = plan.rows0[:nq], plan.rows0[nq:]
+    inside = [q for q in g.qudits if q in sup]
+    rest = [q for q in range(len(in_dims)) if q not in sup]
+    k = len(sup)
+    a = a.reshape([dims0[q] for q in sup] + [in_dims[q] for q in sup])
+    a = a.permute([sup.index(q) for q in inside + list(others)] + list(range(k, 2 * k)))
+    a = a.reshape(math.prod(dims0[q] for q in inside), -1)
+    gm = gate.permute([g.qudits.index(q) for q in q_out]
+                      + [nq + g.qudits.index(q) for q in inside + rest])
+    gm = gm.reshape(g.out_size, a.shape[0], -1)
+    numel = g.out_size * a.shape[1] * gm.shape[2]
+    out = torch.empty(numel, dtype=a.dtype, device=a.device) if fresh else ws.take(numel, a)
+    torch.matmul(a.t().unsqueeze(0), gm, out=out.view(g.out_size, a.shape[1], gm.shape[2]))
+    return out
+
+
 def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
                   workspace: Workspace | None = None) -> Tensor:
     """``T`` (out_features, in_features) of the original circuit (forward only, no autograd)."""
@@ -213,15 +275,16 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
     n_cols = c.in_features
     qud = tuple(g.qudits for g in c.gates)
     sup = plan.support
-    dims = list(c.in_dims)
-    for i in plan.prefix:
-        for q, d in zip(c.gates[i].qudits, c.gates[i].out_dims):
-            dims[q] = d
+    dims = list(_after(c, c.in_dims, plan.prefix))
     pstep = Step("materialize", (), plan.rows0 + (TOKEN,), (), (), 0.0, plan.prefix, sup,
                  tuple(c.in_dims[q] for q in sup), tuple(dims[q] for q in sup))
     a = _fused_matrix(pstep, gates, qud)
     with torch.no_grad():
-        x = _identity_product(plan, a, tuple(c.in_dims), dims, ws, not plan.steps)
+        if plan.fold is None:
+            x = _identity_product(plan, a, tuple(c.in_dims), dims, ws, not plan.steps)
+        else:
+            x = _fold_write(plan, a, gates[plan.fold], dims, ws, not plan.steps)
+            dims = list(_after(c, dims, [plan.fold]))
         for n, st in enumerate(plan.steps):
             g = c.gates[st.gate]
             m = _matrix(gates[st.gate], g.qudits, st.block_out, st.block_in)

@@ -63,12 +63,30 @@ def _gate_matrix(gate: Tensor, qudits: tuple[int, ...], block: tuple[int, ...]) 
     return gate.reshape(math.prod(gate.shape[:n]), math.prod(gate.shape[n:]))
 
 
+def _lift(gate: Tensor, qudits: tuple[int, ...], block: tuple[int, ...],
+          block_in: tuple[int, ...]) -> Tensor:
+    """``gate ⊗ I`` on ``block`` as a tensor (block dims after the gate..., ``block_in``...):
+    one broadcast multiply of the gate and an identity on the block's other qudits."""
+    n = len(block)
+    at = sorted(block.index(q) for q in qudits)
+    order = [qudits.index(block[p]) for p in at]
+    g = gate.permute(order + [len(qudits) + j for j in order])
+    outs = dict(zip(at, g.shape[:len(at)]))
+    g = g.reshape([outs.get(p, 1) for p in range(n)] + [block_in[p] if p in outs else 1 for p in range(n)])
+    others = [p for p in range(n) if p not in outs]
+    eye = torch.eye(math.prod(block_in[p] for p in others), dtype=gate.dtype, device=gate.device)
+    eye = eye.reshape([1 if p in outs else block_in[p] for p in range(n)] * 2)
+    return g * eye
+
+
 def _fused_matrix(step: Step, gates: Sequence[Tensor], gate_qudits) -> Tensor:
-    """The product of the step's gates on its block, as a (K', K) matrix (autograd-able)."""
-    ref = gates[step.gates[0]]
+    """The product of the step's gates on its block, as a (K', K) matrix (autograd-able):
+    the first gate lifted to the block, the others contracted into it one by one."""
+    first, *later = step.gates
+    z = _lift(gates[first], gate_qudits[first], step.block, step.block_in)
     k = math.prod(step.block_in)
-    z = torch.eye(k, dtype=ref.dtype, device=ref.device).reshape(*step.block_in, k)
-    for g in step.gates:
+    z = z.reshape(*z.shape[:len(step.block)], k)
+    for g in later:
         pos = [step.block.index(q) for q in gate_qudits[g]]
         n = len(pos)
         z = torch.tensordot(gates[g], z, dims=(list(range(n, 2 * n)), pos))

@@ -240,6 +240,34 @@ def test_lightcone_random_circuits_both_sides_match_reference():
     assert sides == {(False, True), (True, True), (False, False), (True, False)}
 
 
+def test_lightcone_fold_matches_reference_and_unfolded_plan():
+    """The first remaining gate written straight from A (no memset, no A ⊗ I pass) gives the
+    same operator as the unfolded plan; random circuits reach both outcomes."""
+    rng = random.Random(11)
+    folded = 0
+    for case in range(80):
+        c = random_circuit(rng)
+        gates = gates_for(c, seed=100 + case)
+        want = circuit_operator(c, gates)
+        for tr, cap in ((False, 4), (True, 4), (False, 8), (True, 8), (False, 16), (True, 16)):
+            circ = transpose_circuit(c) if tr else c
+            plan = _plan_side(circ, tr, cap, fold=True)  # folds wherever it can
+            if plan is None:
+                continue
+            if plan.fold is not None:
+                folded += 1
+                assert plan.fold not in plan.prefix and all(s.gate != plan.fold for s in plan.steps)
+                plain = _plan_side(circ, tr, cap, fold=False)
+                assert plain.fold is None
+                assert_close(run_lightcone(plain, gates, Workspace()), want)
+            assert_close(run_lightcone(plan, gates, Workspace()), want)
+    assert folded >= 10
+    paper = Circuit(16, 8, 8, 4).all_pairs()
+    plan = plan_lightcone(paper)
+    assert plan.fold is not None and plan.cost < _plan_side(
+        plan.circuit, plan.transposed, fold=False).cost
+
+
 def test_lightcone_out_of_order_arity3_non_square_and_paper_circuit():
     c = (Circuit(3, 2, 4, 2).gate((2, 0), out=(3, 2)).gate((1, 2))
          .gate((3, 1, 0), out=(2, 3, 2)).gate((2, 1)))
