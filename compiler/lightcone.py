@@ -25,7 +25,7 @@ from torch import Tensor
 from qcircuit.ir import Circuit
 
 from . import costmodel as cm
-from .schedule import TOKEN, Step, transpose_circuit
+from .schedule import TOKEN, Step, dims_after, transpose_circuit
 from .schedule_exec import Workspace, _fused_matrix, transposed_gates
 
 Rows = tuple[int, ...]
@@ -99,15 +99,6 @@ def _row_gemm_cost(p: int, k2: int, s: int, k: int, in_place: bool, isz: int) ->
     return base * (1.0 if in_place else STRIDED_OUT)
 
 
-def _after(circuit: Circuit, dims: Sequence[int], gates: Sequence[int]) -> tuple[int, ...]:
-    """Qudit dims after applying ``gates`` (indices) to rows of dims ``dims``."""
-    d = list(dims)
-    for i in gates:
-        for q, v in zip(circuit.gates[i].qudits, circuit.gates[i].out_dims):
-            d[q] = v
-    return tuple(d)
-
-
 def _search(circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
             starts: dict[Rows, float]) -> tuple[float, tuple[GateStep, ...], Rows] | None:
     """Cheapest row orders for ``gates`` from any start (rows -> cost so far) to the natural
@@ -115,7 +106,7 @@ def _search(circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
     n_cols, isz = circuit.in_features, 4
     dims_at = [dims0]
     for i in gates:
-        dims_at.append(_after(circuit, dims_at[-1], [i]))
+        dims_at.append(dims_after(circuit, dims_at[-1], [i]))
     frontier = {rows: (c, (), rows) for rows, c in starts.items()}
     for t, i in enumerate(gates):
         g = circuit.gates[i]
@@ -144,7 +135,7 @@ def _fold_starts(circuit: Circuit, sup: Rows, gate: int, dims0) -> dict[Rows, fl
     if not rest or not set(rest) <= set(g.qudits) or max(sup) > min(rest):
         return None
     others = [q for q in sup if q not in g.qudits]
-    numel = math.prod(_after(circuit, dims0, [gate])) * circuit.in_features
+    numel = math.prod(dims_after(circuit, dims0, [gate])) * circuit.in_features
     k = math.prod(dims0[q] for q in g.qudits if q in sup)
     cost = FOLD * cm.copy(numel, 4, 1.0) + 2.0 * numel * k / cm.PEAK_FLOPS
     return {qo + ro: cost for qo in itertools.permutations(g.qudits)
@@ -166,7 +157,7 @@ def _plan_side(circuit: Circuit, transposed: bool, max_prefix: int = MAX_PREFIX,
                 continue
             sup = tuple(sorted({q for i in pre for q in circuit.gates[i].qudits}))
             k_in = math.prod(circuit.in_dims[q] for q in sup)
-            dims = _after(circuit, circuit.in_dims, pre)
+            dims = dims_after(circuit, circuit.in_dims, pre)
             if max(k_in, math.prod(dims[q] for q in sup)) > max_prefix:
                 continue
             key = (-len(pre), k_in)
@@ -182,7 +173,7 @@ def _plan_side(circuit: Circuit, transposed: bool, max_prefix: int = MAX_PREFIX,
     options = [(plain, None)]
     starts = _fold_starts(circuit, sup, rest[0], dims0) if rest and fold is not False else None
     if starts is not None:
-        found = _search(circuit, rest[1:], _after(circuit, dims0, rest[:1]), starts)
+        found = _search(circuit, rest[1:], dims_after(circuit, dims0, rest[:1]), starts)
         options = [(found, rest[0])] if fold and found is not None else options + [(found, rest[0])]
     options = [(found, f) for found, f in options if found is not None]
     if not options:
@@ -275,7 +266,7 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
     n_cols = c.in_features
     qud = tuple(g.qudits for g in c.gates)
     sup = plan.support
-    dims = list(_after(c, c.in_dims, plan.prefix))
+    dims = list(dims_after(c, c.in_dims, plan.prefix))
     pstep = Step("materialize", (), plan.rows0 + (TOKEN,), (), (), 0.0, plan.prefix, sup,
                  tuple(c.in_dims[q] for q in sup), tuple(dims[q] for q in sup))
     a = _fused_matrix(pstep, gates, qud)
@@ -284,13 +275,12 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
             x = _identity_product(plan, a, tuple(c.in_dims), dims, ws, not plan.steps)
         else:
             x = _fold_write(plan, a, gates[plan.fold], dims, ws, not plan.steps)
-            dims = list(_after(c, dims, [plan.fold]))
+            dims = list(dims_after(c, dims, [plan.fold]))
         for n, st in enumerate(plan.steps):
             g = c.gates[st.gate]
             m = _matrix(gates[st.gate], g.qudits, st.block_out, st.block_in)
             rows_in_shape = [dims[q] for q in st.rows_in]
-            for q, d in zip(g.qudits, g.out_dims):
-                dims[q] = d
+            dims = list(dims_after(c, dims, [st.gate]))
             numel = math.prod(dims) * n_cols
             last = n == len(plan.steps) - 1
             out = torch.empty(numel, dtype=x.dtype, device=x.device) if last else ws.take(numel, x)

@@ -103,6 +103,15 @@ def _orders(gates) -> list[tuple[int, ...]]:
     return list(dict.fromkeys([tuple(range(n)), early, late]))
 
 
+def dims_after(circuit: Circuit, dims: Sequence[int], gates: Sequence[int]) -> tuple[int, ...]:
+    """Qudit dims after applying the gates with indices ``gates`` to wires of dims ``dims``."""
+    d = list(dims)
+    for i in gates:
+        for q, v in zip(circuit.gates[i].qudits, circuit.gates[i].out_dims):
+            d[q] = v
+    return tuple(d)
+
+
 def _size(layout: Layout, dims: Sequence[int], tokens: int) -> list[int]:
     return [tokens if a == TOKEN else dims[a] for a in layout]
 
@@ -163,10 +172,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
     n_q = len(circuit.in_dims)
     dims_at = [tuple(circuit.in_dims)]
     for i in order:
-        d = list(dims_at[-1])
-        for q, v in zip(gates[i].qudits, gates[i].out_dims):
-            d[q] = v
-        dims_at.append(tuple(d))
+        dims_at.append(dims_after(circuit, dims_at[-1], [i]))
     first: Layout = (TOKEN,) + tuple(range(n_q))
     # the forward result is tokens-first; the dense plan may end either way (see below)
     last: Layout = tuple(range(n_q)) + (TOKEN,) if dense and not transposed else first
