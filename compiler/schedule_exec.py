@@ -13,6 +13,7 @@ from qcircuit.errors import QCError
 from qcircuit.ir import Circuit
 
 from . import costmodel as cm
+from .kernels import permute_into
 from .schedule import TOKEN, Schedule, Step, build_schedule, cached_schedule
 
 
@@ -111,12 +112,16 @@ def step_matrices(schedule: Schedule, gates: Sequence[Tensor]) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- kernels
+def _token_axis(layout) -> int | None:
+    return layout.index(TOKEN) if TOKEN in layout else None
+
+
 def _apply(step: Step, x: Tensor, m: Tensor, out: Tensor, tokens: int) -> None:
     """Forward of one step from contiguous ``x`` into the flat buffer ``out``."""
     if step.kind == "permute":
         perm = [step.layout_in.index(a) for a in step.layout_out]
-        out.view(_shape(step.shape_out, tokens)).copy_(
-            x.view(_shape(step.shape_in, tokens)).permute(perm))
+        permute_into(out.view(_shape(step.shape_out, tokens)), x.view(_shape(step.shape_in, tokens)),
+                     perm, _token_axis(step.layout_in))
         return
     p, k, k2, s = _pks(step, tokens)
     if step.kind == "suffix":
@@ -137,8 +142,8 @@ def _apply_back(step: Step, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
     if step.kind == "permute":
         perm = [step.layout_out.index(a) for a in step.layout_in]
         if gx is not None:
-            gx.view(_shape(step.shape_in, tokens)).copy_(
-                gy.view(_shape(step.shape_out, tokens)).permute(perm))
+            permute_into(gx.view(_shape(step.shape_in, tokens)),
+                         gy.view(_shape(step.shape_out, tokens)), perm, _token_axis(step.layout_out))
         return None
     p, k, k2, s = _pks(step, tokens)
     gm = None
