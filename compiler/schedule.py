@@ -33,6 +33,8 @@ from qcircuit.errors import QCError
 from qcircuit.ir import Circuit, Gate
 
 from . import costmodel as cm
+from . import kernels
+from .kernels import MIN_NUMEL
 
 TOKEN = -1
 FORMS = ("suffix", "prefix", "rot_front", "rot_back", "batched")
@@ -169,6 +171,7 @@ def _forms(layout: Layout, block, sizes) -> list[tuple[str, Layout]]:
 def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, backward,
           max_block, max_group, beam, transposed=False, forms=FORMS) -> tuple[float, list[Step]]:
     gates = circuit.gates
+    generated = kernels.enabled()
     n_q = len(circuit.in_dims)
     dims_at = [tuple(circuit.in_dims)]
     for i in order:
@@ -203,7 +206,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                     numel = math.prod(pre_sizes)
                     perm_cost = 0.0
                     if pre != lay and not (dense and i == 0):
-                        perm_cost = _permute_cost(lay, pre, dims_at[i], tokens, isz, backward)
+                        perm_cost = _permute_cost(lay, pre, dims_at[i], tokens, isz, backward, generated)
                     for form, out_lay in _forms(pre, block, pre_sizes):
                         if form not in forms or (not free_layout and form != "suffix"):
                             continue
@@ -242,7 +245,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
             tail: tuple[Step, ...] = ()
             cost = cost0
             if lay != end:
-                c = _permute_cost(lay, end, dims_at[n], tokens, isz, backward)
+                c = _permute_cost(lay, end, dims_at[n], tokens, isz, backward, generated)
                 tail = (Step("permute", lay, end, _tok(lay, dims_at[n]), _tok(end, dims_at[n]), c),)
                 cost += c
             if cost < best:
@@ -260,15 +263,20 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _permute_cost(src: Layout, dst: Layout, dims, tokens: int, isz: int, backward: bool) -> float:
-    """Forward copy ``src -> dst``; backward copies the gradient ``dst -> src``."""
+def _permute_cost(src: Layout, dst: Layout, dims, tokens: int, isz: int, backward: bool,
+                  generated: bool = False) -> float:
+    """Forward copy ``src -> dst``; backward copies the gradient ``dst -> src``. ``generated``:
+    large copies run as generated kernels (:mod:`kernels`), which the model prices apart."""
     shape = _size(src, dims, tokens)
     numel = math.prod(shape)
-    perm = tuple(src.index(a) for a in dst)
-    cost = cm.copy(numel, isz, cm.permute_factor(shape, perm, isz))
+    fast = generated and numel >= MIN_NUMEL and tokens >= 2
+
+    def one(shape_from, perm) -> float:
+        c = cm.copy(numel, isz, cm.permute_factor(shape_from, perm, isz))
+        return cm.generated_copy(c) if fast else c
+    cost = one(shape, tuple(src.index(a) for a in dst))
     if backward:
-        back = tuple(dst.index(a) for a in src)
-        cost += cm.copy(numel, isz, cm.permute_factor(_size(dst, dims, tokens), back, isz))
+        cost += one(_size(dst, dims, tokens), tuple(dst.index(a) for a in src))
     return cost
 
 
