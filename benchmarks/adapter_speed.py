@@ -12,13 +12,16 @@ prediction beside the measurement.
 * ``sched naive``: per gate, permute its qudits to the end and one GEMM (no layout search,
   no fusion); ``sched layout``: layout search, no fusion; ``sched full``: layout + fusion +
   commuting reorders (what the compiler uses); ``module``: ``compile(c).module()`` end to end.
+  Schedules run their permutes as generated kernels (``compiler/kernels.py``); ``sched full,
+  ATen copies`` is the same planner and executor with them switched off (``QCIRCUIT_COMPILE=0``).
 * context: the frozen base layer (``nn.Linear`` 4096×4096, weight frozen, grad to input) and
   PEFT LoRA r=8 on that same layer (base included).
 
 Dense delta: ``dense_matrix`` (schedule), the light-cone route (``lightcone.py``) and the
 ``m.matrix()`` seam vs one opt_einsum expression over the gates (forward only, no grad).
 
-Peak memory of one training step: each variant runs in a fresh subprocess; the peak resident
+Peak memory of one training step: each variant runs in a fresh subprocess (after one throwaway
+step that compiles the generated kernels, freed and trimmed); the peak resident
 set (``VmHWM``) is reset through ``/proc/self/clear_refs`` after setup, one step runs, and the
 growth of ``VmHWM`` over the resident size before the step is reported (CPU torch allocates
 straight from malloc, so this counts every tensor the step holds at its peak).
@@ -28,6 +31,9 @@ Usage: ``python benchmarks/adapter_speed.py [--quick] [--output FILE]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import os
 import platform
 import statistics
@@ -55,6 +61,7 @@ THREADS = 2
 CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()
 SCHEDULES = {"sched naive": dict(layout=False, fuse=False), "sched layout": dict(fuse=False),
              "sched full": dict()}
+ATEN_ROW = "sched full, ATen copies"  # the same planner without generated permute kernels
 
 
 def machine() -> str:
@@ -102,6 +109,14 @@ def variants(tokens: int) -> dict:
             run_schedule(sched, x, gates, ws).backward(gy)
             clear(x, *gates)
         out[name] = (run, sched.cost)
+    with generated_kernels(False):
+        aten, aten_ws = build_schedule(c, tokens), Workspace()
+
+    def run_aten():
+        with generated_kernels(False):
+            run_schedule(aten, x, gates, aten_ws).backward(gy)
+        clear(x, *gates)
+    out[ATEN_ROW] = (run_aten, aten.cost)
     try:
         from qcircuit.compiler import compile as qcompile
         module = qcompile(c).module()
@@ -136,6 +151,20 @@ def variants(tokens: int) -> dict:
         clear(x, *lora_params)
     out["base + LoRA r=8 (peft)"] = (run_lora, None)
     return out
+
+
+@contextlib.contextmanager
+def generated_kernels(on: bool):
+    """Plan and run with or without generated permute kernels (``QCIRCUIT_COMPILE``)."""
+    old = os.environ.get("QCIRCUIT_COMPILE")
+    os.environ["QCIRCUIT_COMPILE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["QCIRCUIT_COMPILE"]
+        else:
+            os.environ["QCIRCUIT_COMPILE"] = old
 
 
 def interleaved(funcs: dict, rounds: int) -> dict[str, float]:
@@ -174,6 +203,14 @@ def dense_variants() -> dict:
 
 def memory_child(name: str, tokens: int) -> None:
     torch.set_num_threads(THREADS)
+    warm = variants(tokens)  # compile the generated kernels first: the compiler's memory
+    warm[name][0]()          # is not the step's; then free it all and measure a fresh setup
+    del warm
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS starts low
+    except OSError:
+        pass
     funcs = variants(tokens)
     step = funcs[name][0]
     with open("/proc/self/clear_refs", "w") as f:
