@@ -115,7 +115,7 @@ def _search(circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
             for a, b_in, b_out, rows_out in _moves(rows, set(g.qudits)):
                 p = math.prod(dims_at[t][q] for q in rows[:a])
                 s_ = math.prod(dims_at[t][q] for q in rows[a + len(b_in):]) * n_cols
-                c = c0 + _row_gemm_cost(p, g.out_size, s_, g.in_size, rows_out == rows, isz)
+                c = c0 + _row_gemm_cost(p, g.out_size, s_, g.in_size, rows_out[:a] == rows[:a], isz)
                 if rows_out not in nxt or c < nxt[rows_out][0]:
                     nxt[rows_out] = (c, path + (GateStep(i, rows, rows_out, a, b_in, b_out),), first)
         frontier = nxt
@@ -290,7 +290,7 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
             ov = out.view(*[dims[q] for q in st.rows_out], n_cols)
             lead = [st.rows_out.index(q) for q in pre + st.block_out]
             ov = ov.permute(lead + [ax for ax in range(ov.dim()) if ax not in lead])
-            if st.rows_out == st.rows_in and st.block_out == st.block_in:
+            if st.rows_out[:st.start] == pre:  # block stays put: one batched GEMM
                 torch.matmul(m, xv, out=out.view(xv.shape[0], g.out_size, -1))
             else:
                 for p, idx in enumerate(itertools.product(*[range(d) for d in ov.shape[:len(pre)]])):
