@@ -4,7 +4,10 @@ Every kernel the schedule runs is a dense GEMM, a batched GEMM or a strided copy
 step costs ``flops / PEAK_FLOPS + bytes / BANDWIDTH + OVERHEAD`` (additive roofline),
 plus page-fault time for memory the step touches for the first time.
 
-GEMM time is a max-roofline (compute-bound from K≈128, memory-bound below). The constants are FIXED, measured once on the development machine (2-core Intel Xeon
+GEMM time is a max-roofline: compute at ``s / (s + GEMM_HALF)`` of peak for a GEMM whose
+smallest dimension is ``s``, or its memory traffic, whichever is slower. Permutes large
+enough to run as generated kernels (``kernels.py``) are priced apart. The constants are
+FIXED, measured once on the development machine (2-core Intel Xeon
 Sapphire Rapids KVM guest, ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE``,
 float32, torch 2.13 CPU, shared with other jobs) with micro-benchmarks of the kernels below
 at 2048 tokens of a 4096-wide layer (minimum of repeats). They are not recalibrated at
@@ -15,16 +18,18 @@ ratios between constants.
 Measured (ms, one 2048×4096 float32 activation, quiet machine): plain copy 5.5; permutes
 6 (innermost axis kept), 7 (few gather streams), 10 (innermost axis moved within a token),
 18 (short runs, token axis moved), 70 (token axis moved element-wise across the tensor);
-GEMM (2048·4096/K rows × K×K gate) K=32: 5.8, 64: 7, 128: 10.4, 256: 20, 512: 43.5 (about
-215 Gflop/s from K=128 on, memory-bound below); the same GEMM reading the activation
-transposed (prefix form) 1.3–1.7× slower; first touch of fresh memory ~0.3 ms per MB.
+GEMM (2048·4096/K rows × K×K gate) K=32: 5.8, 64: 7, 128: 10.4, 256: 20, 512: 43.5; at 512
+tokens forward + both backward GEMMs (min of repeats) K=32: 4.2, 64: 6.5, 128: 11.5,
+256: 20.4 — which ``PEAK_FLOPS``/``GEMM_HALF`` fit to within 10 %; the same GEMM reading
+the activation transposed (prefix form) 1.0–1.7× slower; first touch of fresh memory ~0.3 ms
+per MB; generated permute kernels 0.3–0.6× the ATen permute.
 """
 from __future__ import annotations
 
 import math
 
-PEAK_FLOPS = 2.15e11    # float32 GEMM throughput, 2 threads, large K (flop/s)
-GEMM_HALF = 40          # a GEMM whose smallest dimension is this wide runs at half of peak
+PEAK_FLOPS = 1.85e11    # float32 GEMM throughput, 2 threads, large K (flop/s)
+GEMM_HALF = 30          # a GEMM whose smallest dimension is this wide runs at half of peak
 BANDWIDTH = 1.2e10      # effective streaming bandwidth for GEMM operands (bytes/s)
 GEMM_SLOW_FORM = 1.35   # GEMMs reading the big operand transposed (prefix, rotations)
 COPY_BANDWIDTH = 1.2e10 # contiguous copy, read+write bytes/s
