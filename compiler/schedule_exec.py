@@ -184,8 +184,7 @@ def _forward(steps, x: Tensor, mats, tokens: int, ws: Workspace, keep: bool):
     saved, cur, mi = [], x, 0
     for n, st in enumerate(steps):
         numel = _numel(st.shape_out, tokens)
-        out = torch.empty(numel, dtype=x.dtype, device=x.device) if n == len(steps) - 1 \
-            else ws.take(numel, x)
+        out = ws.take(numel, x)  # the last step's is the result: it leaves the pool for good
         m = None
         if st.kind != "permute":
             m, mi = mats[mi], mi + 1
@@ -280,8 +279,8 @@ class _RunSchedule(torch.autograd.Function):
                 m = mats[mi]
             if n > 0:
                 gx = ws.take(_numel(st.shape_in, tokens), x)
-            else:
-                gx = torch.empty(x.numel(), dtype=x.dtype, device=x.device) if need_x else None
+            else:  # grad_x leaves the pool for good: a free ping-pong buffer, not a new one
+                gx = ws.take(x.numel(), x) if need_x else None
             gm = _apply_back(st, inputs[n], m, g, gx, m is not None and need_m[mi], tokens)
             if gm is not None:
                 gms[mi] = gm
