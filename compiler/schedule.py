@@ -169,7 +169,8 @@ def _forms(layout: Layout, block, sizes) -> list[tuple[str, Layout]]:
 
 
 def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, backward,
-          max_block, max_group, beam, transposed=False, forms=FORMS) -> tuple[float, list[Step]]:
+          max_block, max_group, beam, transposed=False, forms=FORMS,
+          max_gate_steps: int | None = None) -> tuple[float, list[Step]]:
     gates = circuit.gates
     generated = kernels.enabled()
     n_q = len(circuit.in_dims)
@@ -180,12 +181,17 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
     # the forward result is tokens-first; the dense plan may end either way (see below)
     last: Layout = tuple(range(n_q)) + (TOKEN,) if dense and not transposed else first
     starts = [first, last] if dense else [first]
-    # frontier[i][layout] = (cost, back-pointer (i0, layout0), steps added)
+    # frontier[i][(layout, gate steps so far)] = (cost, back-pointer (i0, key0), steps added);
+    # counting gate steps lets the end respect a memory budget (each keeps its input)
     frontier: list[dict] = [dict() for _ in range(len(order) + 1)]
     for lay in starts:
-        frontier[0][lay] = (0.0, None, ())
+        frontier[0][(lay, 0)] = (0.0, None, ())
     for i in range(len(order)):
-        states = sorted(frontier[i].items(), key=lambda kv: kv[1][0])[:beam]
+        states, kept = [], {}
+        for key, v in sorted(frontier[i].items(), key=lambda kv: kv[1][0]):
+            if kept.setdefault(key[1], 0) < beam:  # a beam per gate-step count
+                kept[key[1]] += 1
+                states.append((key, v))
         for j in range(i + 1, min(len(order), i + (max_group if fuse else 1)) + 1):
             group = order[i:j]
             block = tuple(dict.fromkeys(q for g in group for q in gates[g].qudits))
@@ -200,7 +206,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                     sizes.append((gates[g].out_size, k * cur // gates[g].in_size, gates[g].in_size))
                     cur = cur // gates[g].in_size * gates[g].out_size
                 build = cm.small_matmuls(sizes) * (1.0 if backward else 1.0 / 3.0)
-            for lay, (cost0, _, _) in states:
+            for (lay, used), (cost0, _, _) in states:
                 for pre in _candidates(lay, block, free_layout):
                     pre_sizes = _size(pre, dims_at[i], tokens)
                     numel = math.prod(pre_sizes)
@@ -221,7 +227,8 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                             c = _gate_step_cost(form, p, k, k2, s, isz, backward)
                         c += build
                         total = cost0 + perm_cost + c
-                        old = frontier[j].get(out_lay)
+                        key = (out_lay, used + 1)
+                        old = frontier[j].get(key)
                         if old is not None and total >= old[0]:
                             continue
                         inner = tuple(q for q in pre if q in block)
@@ -233,14 +240,17 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                         if perm_cost:
                             steps0 = (Step("permute", lay, pre, _tok(lay, dims_at[i]),
                                            _tok(pre, dims_at[i]), perm_cost),)
-                        frontier[j][out_lay] = (total, (i, lay), steps0 + (step,))
+                        frontier[j][key] = (total, (i, (lay, used)), steps0 + (step,))
     n = len(order)
     best, best_lay, best_tail = math.inf, None, ()
     out_numel = tokens * circuit.out_features
     # dense: ending tokens-first or tokens-last gives T or Tᵀ contiguous; either is fine
     # (dense_matrix returns a transposed view), so no final permute is forced
     ends = [last, first, tuple(range(n_q)) + (TOKEN,)] if dense else [last]
-    for lay, (cost0, _, _) in frontier[n].items():
+    finals = frontier[n].items()
+    if max_gate_steps is not None and any(used <= max_gate_steps for (_, used), _ in finals):
+        finals = [(key, v) for key, v in finals if key[1] <= max_gate_steps]
+    for (lay, used), (cost0, _, _) in finals:
         for end in dict.fromkeys(ends):
             tail: tuple[Step, ...] = ()
             cost = cost0
@@ -249,7 +259,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                 tail = (Step("permute", lay, end, _tok(lay, dims_at[n]), _tok(end, dims_at[n]), c),)
                 cost += c
             if cost < best:
-                best, best_lay, best_tail = cost, lay, tail
+                best, best_lay, best_tail = cost, (lay, used), tail
     if best_lay is None:
         raise QCError(f"no schedule uses only the forms {forms} for this circuit")
     steps: list[Step] = list(best_tail)
@@ -284,13 +294,31 @@ def _tok(layout: Layout, dims) -> tuple[int, ...]:
     return tuple(-1 if a == TOKEN else dims[a] for a in layout)
 
 
+MEMORY_NUMEL = 1 << 20  # activations this large make a training step's memory matter
+
+
+def gate_step_budget(circuit: Circuit, tokens: int) -> int | None:
+    """Most gate steps a training schedule may have so that its peak holds fewer
+    activation-sized buffers than the one-expression reference. A schedule keeps every gate
+    step's input but ``x`` (steps − 1) plus a forward scratch buffer, the output and one
+    backward ping-pong buffer: steps + 2. Torch autograd on one opt_einsum expression keeps
+    about one activation per gate plus the output and its gradient: gates + 2 (measured: 8
+    buffers for the 6-gate paper circuit at 2048 tokens). None (no budget) when one
+    activation is under ``MEMORY_NUMEL`` elements."""
+    if tokens * max(circuit.in_features, circuit.out_features) < MEMORY_NUMEL:
+        return None
+    return max(len(circuit.gates) - 1, 1)
+
+
 def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: bool = True,
                    reorder: bool = True, dense: bool = False, backward: bool | None = None,
                    dtype: torch.dtype = torch.float32, max_block: int = 512, max_group: int = 4,
-                   beam: int = 48, forms: Sequence[str] = FORMS) -> Schedule:
+                   beam: int = 48, forms: Sequence[str] = FORMS, memory: bool = True) -> Schedule:
     """Plan ``circuit`` for ``tokens`` rows. ``layout=False`` keeps the naive plan (every
     gate's qudits permuted to the end, one suffix GEMM); ``fuse``/``reorder`` switch fusion
-    and commuting reorders; ``forms`` restricts the GEMM forms (tests use it). ``dense`` plans the dense matrix (identity input, forward only)."""
+    and commuting reorders; ``forms`` restricts the GEMM forms (tests use it). ``dense`` plans
+    the dense matrix (identity input, forward only). ``memory``: a training plan keeps within
+    :func:`gate_step_budget` when some plan can (the fastest such plan wins)."""
     if set(forms) - set(FORMS) or not forms:
         raise QCError(f"unknown GEMM forms {sorted(set(forms) - set(FORMS))}", expected=" or ".join(FORMS))
     if not isinstance(tokens, int) or tokens < 1:
@@ -298,6 +326,7 @@ def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: 
     circuit.check_complete()
     backward = (not dense) if backward is None else backward
     isz = torch.empty((), dtype=dtype).element_size()
+    budget = gate_step_budget(circuit, tokens) if memory and backward and not dense else None
     best = None
     for transposed in ((False, True) if dense else (False,)):
         circ = transpose_circuit(circuit) if transposed else circuit
@@ -305,7 +334,7 @@ def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: 
             cost, steps = _plan(circ, order, circ.in_features if dense else tokens, isz, fuse=fuse,
                                 free_layout=layout, dense=dense, backward=backward,
                                 max_block=max_block, max_group=max_group, beam=beam,
-                                transposed=transposed, forms=tuple(forms))
+                                transposed=transposed, forms=tuple(forms), max_gate_steps=budget)
             if best is None or cost < best[0]:
                 best = (cost, steps, circ, transposed)
     cost, steps, circ, transposed = best

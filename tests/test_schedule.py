@@ -11,7 +11,8 @@ from qcircuit import Circuit, QCError
 from qcircuit.compiler import compile as compile_circuit
 from qcircuit.compiler import costmodel as cm
 from qcircuit.compiler.lightcone import _plan_side, plan_lightcone, run_lightcone
-from qcircuit.compiler.schedule import FORMS, build_schedule, predicted_cost, transpose_circuit
+from qcircuit.compiler.schedule import (FORMS, build_schedule, gate_step_budget, predicted_cost,
+                                       transpose_circuit)
 from qcircuit.compiler.schedule_exec import (Workspace, dense_matrix, make_dense_executor,
                                              make_executor, run_schedule)
 from reference import circuit_operator
@@ -203,13 +204,36 @@ def test_permute_factor_ranks_copies():
     assert cm.permute_factor((3, 4), (0, 1)) == 1.0
 
 
+def test_memory_budget_keeps_fewer_buffers_than_the_reference_when_it_matters():
+    c = Circuit(16, 8, 8, 4).all_pairs()
+    assert gate_step_budget(c, 16) is None  # 16 tokens: 64K-element activations, speed only
+    for tokens in (512, 2048):
+        budget = gate_step_budget(c, tokens)
+        assert budget == len(c.gates) - 1
+        free = build_schedule(c, tokens, memory=False)
+        kept = build_schedule(c, tokens)
+        steps = lambda s: sum(1 for st in s.steps if st.gates)  # noqa: E731
+        assert steps(free) > budget >= steps(kept)  # the fastest plan alone would hold more
+        assert free.cost <= kept.cost  # the budget costs predicted time, never saves it
+        # no fusion allowed: no plan fits the budget, so the planner takes the fastest
+        assert build_schedule(c, tokens, fuse=False).cost == build_schedule(
+            c, tokens, fuse=False, memory=False).cost
+    small = Circuit(4, 3, 2).all_pairs()
+    gates = gates_for(small, seed=9)
+    x = torch.randn(1 << 17, small.in_features, dtype=torch.float64)  # budget applies
+    sched = build_schedule(small, x.shape[0])
+    assert gate_step_budget(small, x.shape[0]) is not None
+    with torch.no_grad():
+        assert_close(run_schedule(sched, x, gates), x @ circuit_operator(small, gates).T)
+
+
 def test_planner_never_predicts_worse_than_its_restricted_variants():
     c = Circuit(16, 8, 8, 4).all_pairs()
     for tokens in (16, 512, 2048):
-        best = predicted_cost(c, tokens)
+        best = predicted_cost(c, tokens, memory=False)
         for opts in (dict(fuse=False), dict(layout=False), dict(reorder=False),
                      dict(fuse=False, layout=False)):
-            assert best <= predicted_cost(c, tokens, **opts) + 1e-12
+            assert best <= predicted_cost(c, tokens, memory=False, **opts) + 1e-12
     # the big-token plan keeps the token axis in place (no transpose of the whole activation)
     sched = build_schedule(c, 2048)
     assert all(cm.permute_factor(tuple(abs(d) for d in s.shape_in), tuple(
