@@ -294,7 +294,7 @@ def _tok(layout: Layout, dims) -> tuple[int, ...]:
     return tuple(-1 if a == TOKEN else dims[a] for a in layout)
 
 
-MEMORY_NUMEL = 1 << 20  # activations this large make a training step's memory matter
+MEMORY_NUMEL = 1 << 22  # activations this large (16 MiB in float32) make memory the concern
 
 
 def gate_step_budget(circuit: Circuit, tokens: int) -> int | None:
