@@ -42,6 +42,8 @@ FAULT_PER_BYTE = 3.0e-10  # first touch of freshly mapped memory (s/byte)
 OVERHEAD = 1.5e-5       # dispatch cost of one torch op (s)
 BATCH_HALF = 64         # batched GEMM runs at n/(n+BATCH_HALF) of peak, n its smallest dim
 TRANSPOSED_OUT = 0.5    # extra output passes when a GEMM reads or writes transposed
+SPLIT_GRAM_WIDTH = 64   # a gate gradient Σ gyᵀx this narrow is split over row blocks
+SPLIT_GRAM = 0.78       # ... and then runs this much of a plain GEMM's time (measured)
 GENERATED_COPY = 0.5    # a generated (inductor) permute kernel vs the ATen copy, measured
 KERNEL_CALL = 1.2e-4    # per-call cost of a compiled kernel (dynamo guards, dynamic sizes)
 

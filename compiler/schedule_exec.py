@@ -136,6 +136,20 @@ def _apply(step: Step, x: Tensor, m: Tensor, out: Tensor, tokens: int) -> None:
         torch.matmul(m, x.view(p, k, s), out=out.view(p, k2, s))
 
 
+def _gram(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀ b`` for tall ``a`` (p×m) and ``b`` (p×n). For narrow gates (m, n ≤ ``cm.SPLIT_GRAM_WIDTH``)
+    BLAS splits the tiny m×n output, not the long p, across threads; a batched product over
+    row blocks and a sum keeps every thread busy (measured 20–26 % faster for 32- and
+    64-wide gates at 512–2048 tokens)."""
+    p, m = a.shape
+    n = b.shape[1]
+    blocks = max(2, torch.get_num_threads())
+    if max(m, n) > cm.SPLIT_GRAM_WIDTH or p % blocks or p < 64 * blocks:
+        return a.t() @ b
+    return torch.bmm(a.view(blocks, p // blocks, m).transpose(1, 2),
+                     b.view(blocks, p // blocks, n)).sum(0)
+
+
 def _apply_back(step: Step, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
                 need_m: bool, tokens: int) -> Tensor | None:
     """Backward of one step: returns ``grad_m`` (or None) and writes ``grad_x`` into ``gx``."""
@@ -149,7 +163,7 @@ def _apply_back(step: Step, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
     gm = None
     if step.kind == "suffix":
         if need_m:
-            gm = gy.view(p, k2).t() @ x.view(p, k)
+            gm = _gram(gy.view(p, k2), x.view(p, k))
         if gx is not None:
             torch.mm(gy.view(p, k2), m, out=gx.view(p, k))
     elif step.kind == "prefix":

@@ -119,23 +119,24 @@ def test_gradcheck_forward_and_dense():
     assert torch.autograd.gradgradcheck(lambda x, *g: run_schedule(sched, x, g), (x, *gates))
 
 
-def test_gradients_match_autograd_reference_on_random_circuits():
+@pytest.mark.parametrize("tokens", [6, 256])  # 256: gate gradients split over row blocks
+def test_gradients_match_autograd_reference_on_random_circuits(tokens):
     rng = random.Random(7)
     for case in range(10):
         c = random_circuit(rng)
         gates = [g.requires_grad_() for g in gates_for(c, seed=case)]
-        x = torch.randn(6, c.in_features, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(6, c.out_features, dtype=torch.float64)
-        (run_schedule(build_schedule(c, 6), x, gates) * w).sum().backward()
+        x = torch.randn(tokens, c.in_features, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(tokens, c.out_features, dtype=torch.float64)
+        (run_schedule(build_schedule(c, tokens), x, gates) * w).sum().backward()
         got = [x.grad] + [g.grad for g in gates]
         x2 = x.detach().clone().requires_grad_()
         g2 = [g.detach().clone().requires_grad_() for g in gates]
-        y = x2.reshape(6, *c.in_dims)
+        y = x2.reshape(tokens, *c.in_dims)
         for gate, t in zip(c.gates, g2):  # plain per-gate einsum, autograd's own backward
             k = gate.arity
             y = torch.tensordot(y, t, dims=([q + 1 for q in gate.qudits], list(range(k, 2 * k))))
             y = torch.movedim(y, list(range(y.dim() - k, y.dim())), [q + 1 for q in gate.qudits])
-        (y.reshape(6, -1) * w).sum().backward()
+        (y.reshape(tokens, -1) * w).sum().backward()
         for a, b in zip(got, [x2.grad] + [g.grad for g in g2]):
             assert_close(a, b)
 
