@@ -1,9 +1,8 @@
 """Running a :class:`~qcircuit.compiler.schedule.Schedule`: step matrices, the fused autograd
-function, buffer recycling and the dense matrix. Planning lives in ``schedule.py``."""
+function and the dense matrix. Planning lives in ``schedule.py``, buffers in ``workspace.py``."""
 from __future__ import annotations
 
 import math
-import threading
 from typing import Callable, Sequence
 
 import torch
@@ -15,33 +14,7 @@ from qcircuit.ir import Circuit
 from . import costmodel as cm
 from .kernels import permute_into
 from .schedule import TOKEN, Schedule, Step, build_schedule, cached_schedule
-
-
-class Workspace:
-    """A pool of flat buffers. A buffer enters the pool only when no autograd graph and no
-    caller can see it any more (when the graph that saved it is freed, at the end of the
-    backward that used it as scratch, or at once without grad), so reuse never aliases live
-    data; reused memory skips the page faults of a fresh allocation."""
-
-    def __init__(self, per_key: int = 16):
-        self._free: dict[tuple, list[Tensor]] = {}
-        self._lock = threading.Lock()
-        self._per_key = per_key
-
-    def take(self, numel: int, like: Tensor) -> Tensor:
-        key = (numel, like.dtype, like.device)
-        with self._lock:
-            pool = self._free.get(key)
-            if pool:
-                return pool.pop()
-        return torch.empty(numel, dtype=like.dtype, device=like.device)
-
-    def give(self, buf: Tensor) -> None:
-        key = (buf.numel(), buf.dtype, buf.device)
-        with self._lock:
-            pool = self._free.setdefault(key, [])
-            if len(pool) < self._per_key:
-                pool.append(buf)
+from .workspace import Release, Workspace
 
 
 def _shape(shape: tuple[int, ...], tokens: int) -> tuple[int, ...]:
@@ -238,19 +211,6 @@ def _plain_forward(steps, x: Tensor, mats, tokens: int) -> Tensor:
     return cur
 
 
-class _Release:
-    """Owns a forward's saved buffers; gives them back to the workspace when the autograd
-    node that holds it is freed (so ``retain_graph`` and repeated backwards stay correct)."""
-
-    def __init__(self, ws: Workspace, bufs: list[Tensor]):
-        self.ws, self.bufs = ws, bufs
-
-    def __del__(self):
-        for b in self.bufs:
-            if b is not None:
-                self.ws.give(b)
-
-
 class _RunSchedule(torch.autograd.Function):
     """The whole circuit as one autograd node; backward is a loop of GEMMs in the same layouts,
     gradients ping-ponging between two workspace buffers."""
@@ -259,7 +219,7 @@ class _RunSchedule(torch.autograd.Function):
     def forward(ctx, steps, tokens, ws, x, *mats):
         y, saved = _forward(steps, x, mats, tokens, ws, keep=True)
         ctx.steps, ctx.tokens, ctx.ws = steps, tokens, ws
-        ctx.saved = _Release(ws, saved[1:])  # None where a permute step's input was freed
+        ctx.saved = Release(ws, saved[1:])  # None where a permute step's input was freed
         ctx.save_for_backward(x, *mats)
         return y
 
