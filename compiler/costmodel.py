@@ -44,6 +44,7 @@ BATCH_HALF = 64         # batched GEMM runs at n/(n+BATCH_HALF) of peak, n its s
 TRANSPOSED_OUT = 0.5    # extra output passes when a GEMM reads or writes transposed
 SPLIT_GRAM_WIDTH = 64   # a gate gradient Σ gyᵀx this narrow is split over row blocks
 SPLIT_GRAM = 0.78       # ... and then runs this much of a plain GEMM's time (measured)
+SPLIT_GRAM_ROWS = 8192  # ... when it sums over this many rows or more (else the calls cost more)
 GENERATED_COPY = 0.5    # a generated (inductor) permute kernel vs the ATen copy, measured
 KERNEL_CALL = 1.2e-4    # per-call cost of a compiled kernel (dynamo guards, dynamic sizes)
 

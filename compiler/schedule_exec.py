@@ -3,7 +3,7 @@ function and the dense matrix. Planning lives in ``schedule.py``, buffers in ``w
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -17,15 +17,51 @@ from .schedule import TOKEN, Schedule, Step, build_schedule, cached_schedule
 from .workspace import Release, Workspace
 
 
-def _shape(shape: tuple[int, ...], tokens: int) -> tuple[int, ...]:
-    return tuple(tokens if d == -1 else d for d in shape)
+class Bound(NamedTuple):
+    """A step with its sizes worked out for one token count (computed once, then cached)."""
+
+    kind: str
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+    numel_in: int
+    numel_out: int
+    p: int                      # rows before the block, block size in and out, rows after
+    k: int
+    k2: int
+    s: int
+    perm: tuple[int, ...]       # permute steps: forward and backward axis orders, and where
+    back: tuple[int, ...]       # the token axis sits in the input and in the output
+    tok_in: int | None
+    tok_out: int | None
 
 
-def _pks(step: Step, tokens: int) -> tuple[int, int, int, int]:
-    shape = _shape(step.shape_in, tokens)
+def _bind_step(step: Step, tokens: int) -> Bound:
+    shape_in = tuple(tokens if d == -1 else d for d in step.shape_in)
+    shape_out = tuple(tokens if d == -1 else d for d in step.shape_out)
     a, b = step.start, step.start + len(step.block)
-    return (math.prod(shape[:a]), math.prod(step.block_in), math.prod(step.block_out),
-            math.prod(shape[b:]))
+    tok = lambda lay: lay.index(TOKEN) if TOKEN in lay else None  # noqa: E731
+    return Bound(step.kind, shape_in, shape_out, math.prod(shape_in), math.prod(shape_out),
+                 math.prod(shape_in[:a]), math.prod(step.block_in), math.prod(step.block_out),
+                 math.prod(shape_in[b:]),
+                 tuple(step.layout_in.index(x) for x in step.layout_out),
+                 tuple(step.layout_out.index(x) for x in step.layout_in),
+                 tok(step.layout_in), tok(step.layout_out))
+
+
+_bound_cache: dict[tuple[int, int], tuple[Schedule, tuple[Bound, ...]]] = {}
+
+
+def bind(schedule: Schedule, tokens: int) -> tuple[Bound, ...]:
+    """The schedule's steps bound to ``tokens`` rows, cached per schedule and token count
+    (the hot path then does no shape arithmetic)."""
+    hit = _bound_cache.get((id(schedule), tokens))
+    if hit is not None and hit[0] is schedule:
+        return hit[1]
+    if len(_bound_cache) > 1024:
+        _bound_cache.clear()
+    bound = tuple(_bind_step(st, tokens) for st in schedule.steps)
+    _bound_cache[(id(schedule), tokens)] = (schedule, bound)
+    return bound
 
 
 # ----------------------------------------------------------------------------- step matrices
@@ -85,25 +121,19 @@ def step_matrices(schedule: Schedule, gates: Sequence[Tensor]) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- kernels
-def _token_axis(layout) -> int | None:
-    return layout.index(TOKEN) if TOKEN in layout else None
-
-
-def _apply(step: Step, x: Tensor, m: Tensor, out: Tensor, tokens: int) -> None:
+def _apply(b: Bound, x: Tensor, m: Tensor, out: Tensor) -> None:
     """Forward of one step from contiguous ``x`` into the flat buffer ``out``."""
-    if step.kind == "permute":
-        perm = [step.layout_in.index(a) for a in step.layout_out]
-        permute_into(out.view(_shape(step.shape_out, tokens)), x.view(_shape(step.shape_in, tokens)),
-                     perm, _token_axis(step.layout_in))
+    if b.kind == "permute":
+        permute_into(out.view(b.shape_out), x.view(b.shape_in), b.perm, b.tok_in)
         return
-    p, k, k2, s = _pks(step, tokens)
-    if step.kind == "suffix":
+    p, k, k2, s = b.p, b.k, b.k2, b.s
+    if b.kind == "suffix":
         torch.mm(x.view(p, k), m.t(), out=out.view(p, k2))
-    elif step.kind == "prefix":
+    elif b.kind == "prefix":
         torch.mm(m, x.view(k, s), out=out.view(k2, s))
-    elif step.kind == "rot_front":
+    elif b.kind == "rot_front":
         torch.mm(m, x.view(p, k).t(), out=out.view(k2, p))
-    elif step.kind == "rot_back":
+    elif b.kind == "rot_back":
         torch.mm(x.view(k, s).t(), m.t(), out=out.view(s, k2))
     else:
         torch.matmul(m, x.view(p, k, s), out=out.view(p, k2, s))
@@ -117,39 +147,37 @@ def _gram(a: Tensor, b: Tensor) -> Tensor:
     p, m = a.shape
     n = b.shape[1]
     blocks = max(2, torch.get_num_threads())
-    if max(m, n) > cm.SPLIT_GRAM_WIDTH or p % blocks or p < 64 * blocks:
+    if max(m, n) > cm.SPLIT_GRAM_WIDTH or p % blocks or p < cm.SPLIT_GRAM_ROWS:
         return a.t() @ b
     return torch.bmm(a.view(blocks, p // blocks, m).transpose(1, 2),
                      b.view(blocks, p // blocks, n)).sum(0)
 
 
-def _apply_back(step: Step, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
-                need_m: bool, tokens: int) -> Tensor | None:
+def _apply_back(b: Bound, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
+                need_m: bool) -> Tensor | None:
     """Backward of one step: returns ``grad_m`` (or None) and writes ``grad_x`` into ``gx``."""
-    if step.kind == "permute":
-        perm = [step.layout_out.index(a) for a in step.layout_in]
+    if b.kind == "permute":
         if gx is not None:
-            permute_into(gx.view(_shape(step.shape_in, tokens)),
-                         gy.view(_shape(step.shape_out, tokens)), perm, _token_axis(step.layout_out))
+            permute_into(gx.view(b.shape_in), gy.view(b.shape_out), b.back, b.tok_out)
         return None
-    p, k, k2, s = _pks(step, tokens)
+    p, k, k2, s = b.p, b.k, b.k2, b.s
     gm = None
-    if step.kind == "suffix":
+    if b.kind == "suffix":
         if need_m:
             gm = _gram(gy.view(p, k2), x.view(p, k))
         if gx is not None:
             torch.mm(gy.view(p, k2), m, out=gx.view(p, k))
-    elif step.kind == "prefix":
+    elif b.kind == "prefix":
         if need_m:
             gm = gy.view(k2, s) @ x.view(k, s).t()
         if gx is not None:
             torch.mm(m.t(), gy.view(k2, s), out=gx.view(k, s))
-    elif step.kind == "rot_front":
+    elif b.kind == "rot_front":
         if need_m:
             gm = gy.view(k2, p) @ x.view(p, k)
         if gx is not None:
             torch.mm(gy.view(k2, p).t(), m, out=gx.view(p, k))
-    elif step.kind == "rot_back":
+    elif b.kind == "rot_back":
         if need_m:
             gm = gy.view(s, k2).t() @ x.view(k, s).t()
         if gx is not None:
@@ -162,21 +190,16 @@ def _apply_back(step: Step, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
     return gm
 
 
-def _numel(shape: tuple[int, ...], tokens: int) -> int:
-    return math.prod(_shape(shape, tokens))
-
-
-def _forward(steps, x: Tensor, mats, tokens: int, ws: Workspace, keep: bool):
+def _forward(bound: Sequence[Bound], x: Tensor, mats, ws: Workspace, keep: bool):
     """Run the steps; with ``keep`` return every step's input for backward."""
     saved, cur, mi = [], x, 0
-    for n, st in enumerate(steps):
-        numel = _numel(st.shape_out, tokens)
-        out = ws.take(numel, x)  # the last step's is the result: it leaves the pool for good
+    for n, b in enumerate(bound):
+        out = ws.take(b.numel_out, x)  # the last step's is the result: it leaves the pool for good
         m = None
-        if st.kind != "permute":
+        if b.kind != "permute":
             m, mi = mats[mi], mi + 1
-        _apply(st, cur, m, out, tokens)
-        if keep and st.kind != "permute":
+        _apply(b, cur, m, out)
+        if keep and b.kind != "permute":
             saved.append(cur)  # a gate step's backward needs its input; a permute's does not
         else:
             if keep:
@@ -187,23 +210,22 @@ def _forward(steps, x: Tensor, mats, tokens: int, ws: Workspace, keep: bool):
     return cur, saved
 
 
-def _plain_forward(steps, x: Tensor, mats, tokens: int) -> Tensor:
+def _plain_forward(bound: Sequence[Bound], x: Tensor, mats) -> Tensor:
     """The same steps with ordinary (differentiable, allocating) ops: double backward."""
     cur, mi = x, 0
-    for st in steps:
-        if st.kind == "permute":
-            perm = [st.layout_in.index(a) for a in st.layout_out]
-            cur = cur.view(_shape(st.shape_in, tokens)).permute(perm).reshape(-1)
+    for b in bound:
+        if b.kind == "permute":
+            cur = cur.view(b.shape_in).permute(b.perm).reshape(-1)
             continue
         m, mi = mats[mi], mi + 1
-        p, k, k2, s = _pks(st, tokens)
-        if st.kind == "suffix":
+        p, k, k2, s = b.p, b.k, b.k2, b.s
+        if b.kind == "suffix":
             cur = cur.view(p, k) @ m.t()
-        elif st.kind == "prefix":
+        elif b.kind == "prefix":
             cur = m @ cur.view(k, s)
-        elif st.kind == "rot_front":
+        elif b.kind == "rot_front":
             cur = m @ cur.view(p, k).t()
-        elif st.kind == "rot_back":
+        elif b.kind == "rot_back":
             cur = cur.view(k, s).t() @ m.t()
         else:
             cur = torch.matmul(m, cur.view(p, k, s))
@@ -216,9 +238,9 @@ class _RunSchedule(torch.autograd.Function):
     gradients ping-ponging between two workspace buffers."""
 
     @staticmethod
-    def forward(ctx, steps, tokens, ws, x, *mats):
-        y, saved = _forward(steps, x, mats, tokens, ws, keep=True)
-        ctx.steps, ctx.tokens, ctx.ws = steps, tokens, ws
+    def forward(ctx, bound, ws, x, *mats):
+        y, saved = _forward(bound, x, mats, ws, keep=True)
+        ctx.bound, ctx.ws = bound, ws
         ctx.saved = Release(ws, saved[1:])  # None where a permute step's input was freed
         ctx.save_for_backward(x, *mats)
         return y
@@ -228,41 +250,41 @@ class _RunSchedule(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a differentiable backward, by recomputation
             x, *mats = ctx.saved_tensors
             with torch.enable_grad():
-                y = _plain_forward(ctx.steps, x, mats, ctx.tokens)
+                y = _plain_forward(ctx.bound, x, mats)
                 want = [t for t in (x, *mats) if t.requires_grad]
                 got = iter(torch.autograd.grad(y, want, gy, create_graph=True, allow_unused=True))
             grads = [next(got) if t.requires_grad else None for t in (x, *mats)]
-            return (None, None, None, *grads)
+            return (None, None, *grads)
         return _RunSchedule._backward(ctx, gy)
 
     @staticmethod
     def _backward(ctx, gy):
         x, *mats = ctx.saved_tensors
         inputs = [x] + ctx.saved.bufs
-        steps, tokens, ws = ctx.steps, ctx.tokens, ctx.ws
-        need_x = ctx.needs_input_grad[3]
-        need_m = ctx.needs_input_grad[4:]
+        bound, ws = ctx.bound, ctx.ws
+        need_x = ctx.needs_input_grad[2]
+        need_m = ctx.needs_input_grad[3:]
         gms: list = [None] * len(mats)
         g, owned = gy.contiguous(), False
         mi = len(mats)
-        for n in range(len(steps) - 1, -1, -1):
-            st = steps[n]
+        for n in range(len(bound) - 1, -1, -1):
+            b = bound[n]
             m = None
-            if st.kind != "permute":
+            if b.kind != "permute":
                 mi -= 1
                 m = mats[mi]
             if n > 0:
-                gx = ws.take(_numel(st.shape_in, tokens), x)
+                gx = ws.take(b.numel_in, x)
             else:  # grad_x leaves the pool for good: a free ping-pong buffer, not a new one
                 gx = ws.take(x.numel(), x) if need_x else None
-            gm = _apply_back(st, inputs[n], m, g, gx, m is not None and need_m[mi], tokens)
+            gm = _apply_back(b, inputs[n], m, g, gx, m is not None and need_m[mi])
             if gm is not None:
                 gms[mi] = gm
             if owned:
                 ws.give(g)
             g, owned = gx, n > 0
         gx0 = g.view(x.shape) if need_x else None
-        return (None, None, None, gx0, *gms)
+        return (None, None, gx0, *gms)
 
 
 def _materialize(step: Step, m: Tensor, in_dims: tuple[int, ...], ws: Workspace) -> Tensor:
@@ -317,10 +339,11 @@ def run_schedule(schedule: Schedule, x2d: Tensor, gates: Sequence[Tensor],
         return x2d.to(ref.dtype).clone()
     ws = workspace if workspace is not None else Workspace()
     mats = step_matrices(schedule, gates)
+    bound = bind(schedule, tokens)
     if torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats)):
-        y = _RunSchedule.apply(schedule.steps, tokens, ws, x, *mats)
+        y = _RunSchedule.apply(bound, ws, x, *mats)
     else:
-        y, _ = _forward(schedule.steps, x, mats, tokens, ws, keep=False)
+        y, _ = _forward(bound, x, mats, ws, keep=False)
     return y.view(tokens, schedule.out_features)
 
 
@@ -346,11 +369,11 @@ def dense_matrix(circuit: Circuit | Schedule, gates: Sequence[Tensor],
     e = _materialize(sched.steps[0], mats[0], sched.in_dims, ws if rest else Workspace())
     if not rest:
         return e.view(shape).t() if flip else e.view(shape)
-    mats = mats[1:]
+    mats, bound = mats[1:], bind(sched, tokens)[1:]
     if torch.is_grad_enabled() and (e.requires_grad or any(m.requires_grad for m in mats)):
-        y = _RunSchedule.apply(rest, tokens, ws, e, *mats)
+        y = _RunSchedule.apply(bound, ws, e, *mats)
     else:
-        y, _ = _forward(rest, e, mats, tokens, ws, keep=False)
+        y, _ = _forward(bound, e, mats, ws, keep=False)
         ws.give(e)
     return y.view(shape).t() if flip else y.view(shape)
 

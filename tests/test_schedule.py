@@ -119,7 +119,7 @@ def test_gradcheck_forward_and_dense():
     assert torch.autograd.gradgradcheck(lambda x, *g: run_schedule(sched, x, g), (x, *gates))
 
 
-@pytest.mark.parametrize("tokens", [6, 256])  # 256: gate gradients split over row blocks
+@pytest.mark.parametrize("tokens", [6, 2048])  # 2048: gate gradients split over row blocks
 def test_gradients_match_autograd_reference_on_random_circuits(tokens):
     rng = random.Random(7)
     for case in range(10):
