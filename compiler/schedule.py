@@ -137,8 +137,7 @@ def _candidates(layout: Layout, block: tuple[int, ...], free_layout: bool) -> li
 
 def _gate_step_cost(form, p, k, k2, s, isz, backward) -> float:
     if form == "suffix":
-        split = max(k, k2) <= cm.SPLIT_GRAM_WIDTH and p >= cm.SPLIT_GRAM_ROWS
-        gram = cm.gemm(k2, k, p, isz) * (cm.SPLIT_GRAM if split else 1.0)
+        gram = cm.gemm(k2, k, p, isz) * cm.gram_factor(max(k, k2), p)
         f, b = cm.gemm(p, k2, k, isz), cm.gemm(p, k, k2, isz) + gram
     elif form == "prefix":
         f = cm.gemm(k2, s, k, isz, transposed_out=True)

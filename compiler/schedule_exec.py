@@ -140,14 +140,12 @@ def _apply(b: Bound, x: Tensor, m: Tensor, out: Tensor) -> None:
 
 
 def _gram(a: Tensor, b: Tensor) -> Tensor:
-    """``aᵀ b`` for tall ``a`` (p×m) and ``b`` (p×n). For narrow gates (m, n ≤ ``cm.SPLIT_GRAM_WIDTH``)
-    BLAS splits the tiny m×n output, not the long p, across threads; a batched product over
-    row blocks and a sum keeps every thread busy (measured 20–26 % faster for 32- and
-    64-wide gates at 512–2048 tokens)."""
+    """``aᵀ b`` for tall ``a`` (p×m) and ``b`` (p×n): one GEMM, or for narrow gates a batched
+    product over row blocks plus a sum, where :func:`costmodel.gram_factor` says it is faster."""
     p, m = a.shape
     n = b.shape[1]
     blocks = max(2, torch.get_num_threads())
-    if max(m, n) > cm.SPLIT_GRAM_WIDTH or p % blocks or p < cm.SPLIT_GRAM_ROWS:
+    if cm.gram_factor(max(m, n), p) >= 1.0 or p % blocks:
         return a.t() @ b
     return torch.bmm(a.view(blocks, p // blocks, m).transpose(1, 2),
                      b.view(blocks, p // blocks, n)).sum(0)
