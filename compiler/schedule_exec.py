@@ -121,22 +121,30 @@ def step_matrices(schedule: Schedule, gates: Sequence[Tensor]) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- kernels
+def _gemm(b: Bound, x: Tensor, m: Tensor, out: Tensor | None = None) -> Tensor:
+    """A gate step's GEMM in its form; into the flat buffer ``out``, or (``out=None``) as an
+    ordinary differentiable op that allocates its result."""
+    p, k, k2, s = b.p, b.k, b.k2, b.s
+
+    def into(*shape):
+        return None if out is None else out.view(*shape)
+    if b.kind == "suffix":
+        return torch.mm(x.view(p, k), m.t(), out=into(p, k2))
+    if b.kind == "prefix":
+        return torch.mm(m, x.view(k, s), out=into(k2, s))
+    if b.kind == "rot_front":
+        return torch.mm(m, x.view(p, k).t(), out=into(k2, p))
+    if b.kind == "rot_back":
+        return torch.mm(x.view(k, s).t(), m.t(), out=into(s, k2))
+    return torch.matmul(m, x.view(p, k, s), out=into(p, k2, s))
+
+
 def _apply(b: Bound, x: Tensor, m: Tensor, out: Tensor) -> None:
     """Forward of one step from contiguous ``x`` into the flat buffer ``out``."""
     if b.kind == "permute":
         permute_into(out.view(b.shape_out), x.view(b.shape_in), b.perm, b.tok_in)
-        return
-    p, k, k2, s = b.p, b.k, b.k2, b.s
-    if b.kind == "suffix":
-        torch.mm(x.view(p, k), m.t(), out=out.view(p, k2))
-    elif b.kind == "prefix":
-        torch.mm(m, x.view(k, s), out=out.view(k2, s))
-    elif b.kind == "rot_front":
-        torch.mm(m, x.view(p, k).t(), out=out.view(k2, p))
-    elif b.kind == "rot_back":
-        torch.mm(x.view(k, s).t(), m.t(), out=out.view(s, k2))
     else:
-        torch.matmul(m, x.view(p, k, s), out=out.view(p, k2, s))
+        _gemm(b, x, m, out)
 
 
 def _gram(a: Tensor, b: Tensor) -> Tensor:
@@ -215,19 +223,7 @@ def _plain_forward(bound: Sequence[Bound], x: Tensor, mats) -> Tensor:
         if b.kind == "permute":
             cur = cur.view(b.shape_in).permute(b.perm).reshape(-1)
             continue
-        m, mi = mats[mi], mi + 1
-        p, k, k2, s = b.p, b.k, b.k2, b.s
-        if b.kind == "suffix":
-            cur = cur.view(p, k) @ m.t()
-        elif b.kind == "prefix":
-            cur = m @ cur.view(k, s)
-        elif b.kind == "rot_front":
-            cur = m @ cur.view(p, k).t()
-        elif b.kind == "rot_back":
-            cur = cur.view(k, s).t() @ m.t()
-        else:
-            cur = torch.matmul(m, cur.view(p, k, s))
-        cur = cur.reshape(-1)
+        cur, mi = _gemm(b, cur, mats[mi]).reshape(-1), mi + 1
     return cur
 
 
