@@ -54,6 +54,7 @@ def permute_into(dst: Tensor, src: Tensor, perm: Sequence[int], token_axis: int 
     every token count."""
     perm = tuple(perm)
     if (not uses_kernel(src.numel(), src.device) or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
             or (token_axis is not None and src.shape[token_axis] < 2)):
         dst.copy_(src.permute(perm))
         return
@@ -71,6 +72,7 @@ def permute_into(dst: Tensor, src: Tensor, perm: Sequence[int], token_axis: int 
             return
         except Exception as exc:  # no compiler, unsupported backend: this copy stays on ATen
             _kernels[key] = _ATEN
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"qcircuit: generated permute kernel unavailable ({type(exc).__name__}: "
-                          f"{exc}); using the ATen copy", RuntimeWarning, stacklevel=2)
+                          f"{first}); using the ATen copy", RuntimeWarning, stacklevel=2)
     dst.copy_(src.permute(perm))
