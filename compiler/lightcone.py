@@ -122,7 +122,7 @@ def _search(circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
     return frontier.get(tuple(range(len(dims0))))
 
 
-FOLD = 2.0   # the fold's batched GEMM (inner dim = the rest's size) vs one contiguous copy
+FOLD = 2.0   # the fold's batched GEMM (its narrow side is the rest's size) vs one contiguous copy
 
 
 def _fold_starts(circuit: Circuit, sup: Rows, gate: int, dims0) -> dict[Rows, float] | None:
