@@ -26,7 +26,7 @@ from qcircuit.ir import Circuit
 
 from . import costmodel as cm
 from .schedule import TOKEN, Step, dims_after, transpose_circuit
-from .schedule_exec import Workspace, _fused_matrix, transposed_gates
+from .schedule_exec import Workspace, _fused_matrix, gate_matrix, transposed_gates
 
 Rows = tuple[int, ...]
 MAX_QUDITS = 6      # the layout search enumerates row orders
@@ -193,21 +193,13 @@ def plan_lightcone(circuit: Circuit, max_prefix: int = MAX_PREFIX) -> LightconeP
     return min(plans, key=lambda p: p.cost) if plans else None
 
 
-def _matrix(gate: Tensor, qudits: Sequence[int], rows: Rows, cols: Rows) -> Tensor:
-    """The gate as a (K', K) matrix, rows in order ``rows``, columns in order ``cols``."""
-    n = len(qudits)
-    perm = [qudits.index(q) for q in rows] + [n + qudits.index(q) for q in cols]
-    g = gate.permute(perm)
-    return g.reshape(math.prod(g.shape[:n]), math.prod(g.shape[n:]))
-
-
 def _identity_product(plan: LightconePlan, a: Tensor, in_dims: tuple[int, ...], dims,
-                      ws: Workspace, fresh: bool) -> Tensor:
+                      ws: Workspace) -> Tensor:
     """``A ⊗ I_rest`` (rows in ``plan.rows0`` order, columns natural), written as one memset
     plus one strided copy of ``A`` onto the diagonal of the rest qudits."""
     rows, n = plan.rows0, len(in_dims)
     numel = math.prod(dims) * math.prod(in_dims)
-    out = torch.empty(numel, dtype=a.dtype, device=a.device) if fresh else ws.take(numel, a)
+    out = ws.take(numel, a)
     out.zero_()
     shape = [dims[q] for q in rows] + list(in_dims)
     strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
@@ -231,7 +223,7 @@ def _identity_product(plan: LightconePlan, a: Tensor, in_dims: tuple[int, ...], 
 
 
 def _fold_write(plan: LightconePlan, a: Tensor, gate: Tensor, dims0: Sequence[int],
-                ws: Workspace, fresh: bool) -> Tensor:
+                ws: Workspace) -> Tensor:
     """``(G ⊗ I)(A ⊗ I_rest)`` written at once, for a gate ``G`` covering every rest qudit:
     ``E[q', r, s, c] = Σ_k A[k, r, s] · G[q', k, c]`` with ``k`` the gate's qudits inside the
     support, ``r`` the support's other rows, ``s`` the support's columns and ``c`` the rest's
@@ -251,7 +243,7 @@ def _fold_write(plan: LightconePlan, a: Tensor, gate: Tensor, dims0: Sequence[in
                       + [nq + g.qudits.index(q) for q in inside + rest])
     gm = gm.reshape(g.out_size, a.shape[0], -1)
     numel = g.out_size * a.shape[1] * gm.shape[2]
-    out = torch.empty(numel, dtype=a.dtype, device=a.device) if fresh else ws.take(numel, a)
+    out = ws.take(numel, a)
     torch.matmul(a.t().unsqueeze(0), gm, out=out.view(g.out_size, a.shape[1], gm.shape[2]))
     return out
 
@@ -272,18 +264,16 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
     a = _fused_matrix(pstep, gates, qud)
     with torch.no_grad():
         if plan.fold is None:
-            x = _identity_product(plan, a, tuple(c.in_dims), dims, ws, not plan.steps)
+            x = _identity_product(plan, a, tuple(c.in_dims), dims, ws)
         else:
-            x = _fold_write(plan, a, gates[plan.fold], dims, ws, not plan.steps)
+            x = _fold_write(plan, a, gates[plan.fold], dims, ws)
             dims = list(dims_after(c, dims, [plan.fold]))
-        for n, st in enumerate(plan.steps):
+        for st in plan.steps:
             g = c.gates[st.gate]
-            m = _matrix(gates[st.gate], g.qudits, st.block_out, st.block_in)
+            m = gate_matrix(gates[st.gate], g.qudits, st.block_out, st.block_in)
             rows_in_shape = [dims[q] for q in st.rows_in]
             dims = list(dims_after(c, dims, [st.gate]))
-            numel = math.prod(dims) * n_cols
-            last = n == len(plan.steps) - 1
-            out = torch.empty(numel, dtype=x.dtype, device=x.device) if last else ws.take(numel, x)
+            out = ws.take(math.prod(dims) * n_cols, x)
             pre = st.rows_in[:st.start]
             xv = x.view(math.prod(rows_in_shape[:st.start]), g.in_size, -1)
             # out in rows_out order, axes moved to (prefix..., block..., suffix..., columns)
@@ -297,7 +287,7 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
                     torch.mm(m, xv[p], out=ov[idx].view(g.out_size, -1))
             ws.give(x)
             x = out
-    t = x.view(c.out_features, n_cols)
+    t = x.view(c.out_features, n_cols)  # the last write leaves the pool for good: never given back
     return t.t() if plan.transposed else t
 
 

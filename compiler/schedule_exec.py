@@ -65,12 +65,14 @@ def bind(schedule: Schedule, tokens: int) -> tuple[Bound, ...]:
 
 
 # ----------------------------------------------------------------------------- step matrices
-def _gate_matrix(gate: Tensor, qudits: tuple[int, ...], block: tuple[int, ...]) -> Tensor:
-    perm = [qudits.index(q) for q in block]
-    if perm != sorted(perm):
-        gate = gate.permute(perm + [len(perm) + p for p in perm])
-    n = len(block)
-    return gate.reshape(math.prod(gate.shape[:n]), math.prod(gate.shape[n:]))
+def gate_matrix(gate: Tensor, qudits: Sequence[int], rows: Sequence[int],
+                cols: Sequence[int] | None = None) -> Tensor:
+    """The gate as a (K', K) matrix, its rows in qudit order ``rows`` and its columns in
+    ``cols`` (default: the same order)."""
+    n = len(qudits)
+    cols = rows if cols is None else cols
+    g = gate.permute([qudits.index(q) for q in rows] + [n + qudits.index(q) for q in cols])
+    return g.reshape(math.prod(g.shape[:n]), math.prod(g.shape[n:]))
 
 
 def _lift(gate: Tensor, qudits: tuple[int, ...], block: tuple[int, ...],
@@ -114,7 +116,7 @@ def step_matrices(schedule: Schedule, gates: Sequence[Tensor]) -> list[Tensor]:
             continue
         if len(st.gates) == 1:
             g = st.gates[0]
-            mats.append(_gate_matrix(gates[g], schedule.gate_qudits[g], st.block))
+            mats.append(gate_matrix(gates[g], schedule.gate_qudits[g], st.block))
         else:
             mats.append(_fused_matrix(st, gates, schedule.gate_qudits))
     return mats
