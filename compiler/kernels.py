@@ -35,9 +35,15 @@ def enabled() -> bool:
     return os.environ.get("QCIRCUIT_COMPILE", "1") != "0"
 
 
-def uses_kernel(numel: int, device: torch.device) -> bool:
+def large_enough(numel: int, tokens: int | None) -> bool:
+    """Whether a copy of ``numel`` elements (``tokens`` rows, when it has a token axis) is
+    worth a generated kernel: the executor's rule, and the planner prices it the same way."""
+    return numel >= MIN_NUMEL and (tokens is None or tokens >= 2)
+
+
+def uses_kernel(numel: int, device: torch.device, tokens: int | None = None) -> bool:
     """Whether a copy of ``numel`` elements on ``device`` goes through a generated kernel."""
-    return enabled() and numel >= MIN_NUMEL and device.type == "cpu"
+    return enabled() and large_enough(numel, tokens) and device.type == "cpu"
 
 
 def _compile() -> Callable:
@@ -53,9 +59,9 @@ def permute_into(dst: Tensor, src: Tensor, perm: Sequence[int], token_axis: int 
     ``token_axis`` (an axis of ``src``) is compiled as a dynamic size, so one kernel serves
     every token count."""
     perm = tuple(perm)
-    if (not uses_kernel(src.numel(), src.device) or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-            or (token_axis is not None and src.shape[token_axis] < 2)):
+    tokens = None if token_axis is None else src.shape[token_axis]
+    if (not uses_kernel(src.numel(), src.device, tokens) or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()):
         dst.copy_(src.permute(perm))
         return
     shape = tuple(-1 if a == token_axis else d for a, d in enumerate(src.shape))

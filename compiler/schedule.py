@@ -34,7 +34,6 @@ from qcircuit.ir import Circuit, Gate
 
 from . import costmodel as cm
 from . import kernels
-from .kernels import MIN_NUMEL
 
 TOKEN = -1
 FORMS = ("suffix", "prefix", "rot_front", "rot_back", "batched")
@@ -280,7 +279,7 @@ def _permute_cost(src: Layout, dst: Layout, dims, tokens: int, isz: int, backwar
     large copies run as generated kernels (:mod:`kernels`), which the model prices apart."""
     shape = _size(src, dims, tokens)
     numel = math.prod(shape)
-    fast = generated and numel >= MIN_NUMEL and tokens >= 2
+    fast = generated and kernels.large_enough(numel, tokens)
 
     def one(shape_from, perm) -> float:
         c = cm.copy(numel, isz, cm.permute_factor(shape_from, perm, isz))
