@@ -1,7 +1,6 @@
 """The adapted layer and the Adapted handle, on tiny LLaMA (nn.Linear) and GPT-2 (Conv1D)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn

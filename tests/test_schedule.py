@@ -36,6 +36,14 @@ def gates_for(c: Circuit, dtype=torch.float64, seed: int = 0) -> list[torch.Tens
     return [torch.randn(g.shape, generator=gen, dtype=dtype) for g in c.gates]
 
 
+def random_cases(rng: random.Random, n: int, seed0: int = 0):
+    """``n`` random circuits with their gates (seeds ``seed0 + case``) and float64 operator."""
+    for case in range(n):
+        c = random_circuit(rng)
+        gates = gates_for(c, seed=seed0 + case)
+        yield c, gates, circuit_operator(c, gates)
+
+
 def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-10) -> None:
     scale = want.abs().max().item() + 1e-300
     assert (got.double() - want).abs().max().item() <= rel * scale
@@ -48,10 +56,7 @@ VARIANTS = [dict(), dict(fuse=False), dict(layout=False), dict(reorder=False),
 def test_random_circuits_every_variant_matches_reference():
     rng = random.Random(1)
     kinds = set()
-    for case in range(40):
-        c = random_circuit(rng)
-        gates = gates_for(c, seed=case)
-        want = circuit_operator(c, gates)
+    for c, gates, want in random_cases(rng, 40):
         for opts in VARIANTS:
             tokens = rng.choice([1, 3, 17])
             try:
@@ -247,12 +252,8 @@ def test_planner_never_predicts_worse_than_its_restricted_variants():
 
 
 def test_lightcone_random_circuits_both_sides_match_reference():
-    rng = random.Random(7)
     sides = set()
-    for case in range(60):
-        c = random_circuit(rng)
-        gates = gates_for(c, seed=case)
-        want = circuit_operator(c, gates)
+    for c, gates, want in random_cases(random.Random(7), 60):
         for tr, cap in ((False, 1024), (True, 1024), (False, 8), (True, 8)):
             plan = _plan_side(transpose_circuit(c) if tr else c, tr, cap)
             if plan is None:  # only when no gate-closed prefix fits the cap
@@ -268,12 +269,8 @@ def test_lightcone_random_circuits_both_sides_match_reference():
 def test_lightcone_fold_matches_reference_and_unfolded_plan():
     """The first remaining gate written straight from A (no memset, no A ⊗ I pass) gives the
     same operator as the unfolded plan; random circuits reach both outcomes."""
-    rng = random.Random(11)
     folded = 0
-    for case in range(80):
-        c = random_circuit(rng)
-        gates = gates_for(c, seed=100 + case)
-        want = circuit_operator(c, gates)
+    for c, gates, want in random_cases(random.Random(11), 80, seed0=100):
         for tr, cap in ((False, 4), (True, 4), (False, 8), (True, 8), (False, 16), (True, 16)):
             circ = transpose_circuit(c) if tr else c
             plan = _plan_side(circ, tr, cap, fold=True)  # folds wherever it can
