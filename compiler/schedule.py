@@ -149,8 +149,7 @@ def _gate_step_cost(form, p, k, k2, s, isz, backward) -> float:
         b = cm.gemm(k, s, k2, isz, transposed_out=True) + cm.gemm(k2, k, s, isz)
     else:
         f = cm.batched_gemm(p, k2, s, k, isz)
-        b = (cm.batched_gemm(p, k, s, k2, isz) + cm.copy(p * k * s, isz)
-             + cm.copy(p * k2 * s, isz) + cm.gemm(k2, k, p * s, isz))
+        b = cm.batched_gemm(p, k, s, k2, isz) + cm.batched_gram(p, k2, k, s, isz)[0]
     return f + (b if backward else 0.0)
 
 

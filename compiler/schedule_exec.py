@@ -192,7 +192,11 @@ def _apply_back(b: Bound, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
             torch.mm(m.t(), gy.view(s, k2).t(), out=gx.view(k, s))
     else:
         if need_m:
-            gm = torch.tensordot(gy.view(p, k2, s), x.view(p, k, s), dims=([0, 2], [0, 2]))
+            gy3, x3 = gy.view(p, k2, s), x.view(p, k, s)
+            if cm.batched_gram(p, k2, k, s, x.element_size())[1]:
+                gm = torch.bmm(gy3, x3.transpose(1, 2)).sum(0)
+            else:
+                gm = torch.tensordot(gy3, x3, dims=([0, 2], [0, 2]))
         if gx is not None:
             torch.matmul(m.t(), gy.view(p, k2, s), out=gx.view(p, k, s))
     return gm

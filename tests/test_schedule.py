@@ -124,26 +124,55 @@ def test_gradcheck_forward_and_dense():
     assert torch.autograd.gradgradcheck(lambda x, *g: run_schedule(sched, x, g), (x, *gates))
 
 
+def reference_grads(c: Circuit, gates, x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of ``Σ w·(T x)`` in ``x`` and every gate: a plain per-gate tensordot
+    contraction differentiated by autograd's own backward."""
+    x2 = x.detach().clone().requires_grad_()
+    g2 = [g.detach().clone().requires_grad_() for g in gates]
+    y = x2.reshape(x.shape[0], *c.in_dims)
+    for gate, t in zip(c.gates, g2):
+        k = gate.arity
+        y = torch.tensordot(y, t, dims=([q + 1 for q in gate.qudits], list(range(k, 2 * k))))
+        y = torch.movedim(y, list(range(y.dim() - k, y.dim())), [q + 1 for q in gate.qudits])
+    (y.reshape(x.shape[0], -1) * w).sum().backward()
+    return [x2.grad] + [g.grad for g in g2]
+
+
+def schedule_grads(sched, gates, x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_()
+    gates = [g.detach().clone().requires_grad_() for g in gates]
+    (run_schedule(sched, x, gates) * w).sum().backward()
+    return [x.grad] + [g.grad for g in gates]
+
+
 @pytest.mark.parametrize("tokens", [6, 2048])  # 2048: gate gradients split over row blocks
 def test_gradients_match_autograd_reference_on_random_circuits(tokens):
     rng = random.Random(7)
     for case in range(10):
         c = random_circuit(rng)
-        gates = [g.requires_grad_() for g in gates_for(c, seed=case)]
-        x = torch.randn(tokens, c.in_features, dtype=torch.float64, requires_grad=True)
+        gates = gates_for(c, seed=case)
+        x = torch.randn(tokens, c.in_features, dtype=torch.float64)
         w = torch.randn(tokens, c.out_features, dtype=torch.float64)
-        (run_schedule(build_schedule(c, tokens), x, gates) * w).sum().backward()
-        got = [x.grad] + [g.grad for g in gates]
-        x2 = x.detach().clone().requires_grad_()
-        g2 = [g.detach().clone().requires_grad_() for g in gates]
-        y = x2.reshape(tokens, *c.in_dims)
-        for gate, t in zip(c.gates, g2):  # plain per-gate einsum, autograd's own backward
-            k = gate.arity
-            y = torch.tensordot(y, t, dims=([q + 1 for q in gate.qudits], list(range(k, 2 * k))))
-            y = torch.movedim(y, list(range(y.dim() - k, y.dim())), [q + 1 for q in gate.qudits])
-        (y.reshape(tokens, -1) * w).sum().backward()
-        for a, b in zip(got, [x2.grad] + [g.grad for g in g2]):
+        got = schedule_grads(build_schedule(c, tokens), gates, x, w)
+        for a, b in zip(got, reference_grads(c, gates, x, w)):
             assert_close(a, b)
+
+
+@pytest.mark.parametrize("inner, by_bmm", [(64, True), (2, False)])
+def test_batched_gate_gradient_both_ways(inner, by_bmm):
+    """A gate on middle axes: its gradient is a batched product summed over the batch when the
+    axes after the block are wide, one tensordot when they are narrow; both exact."""
+    c = Circuit(3, 4, inner).gate((0, 1), out=(2, 4))
+    tokens = 5
+    sched = build_schedule(c, tokens, forms=("batched",))
+    (step,) = sched.steps
+    assert step.kind == "batched"
+    assert cm.batched_gram(tokens, 8, 12, inner, 8)[1] == by_bmm
+    gates = gates_for(c)
+    x = torch.randn(tokens, c.in_features, dtype=torch.float64)
+    w = torch.randn(tokens, c.out_features, dtype=torch.float64)
+    for a, b in zip(schedule_grads(sched, gates, x, w), reference_grads(c, gates, x, w)):
+        assert_close(a, b)
 
 
 def test_workspace_reuse_no_grad_and_retain_graph():
