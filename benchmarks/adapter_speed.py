@@ -53,7 +53,8 @@ import torch  # noqa: E402
 from qcircuit import Circuit  # noqa: E402
 from qcircuit.compiler import costmodel as cm  # noqa: E402
 from qcircuit.compiler.schedule import build_schedule  # noqa: E402
-from qcircuit.compiler.schedule_exec import Workspace, dense_matrix, run_schedule  # noqa: E402
+from qcircuit.compiler.dense import dense_matrix  # noqa: E402
+from qcircuit.compiler.schedule_exec import Workspace, run_schedule  # noqa: E402
 from qcircuit.compiler.lightcone import plan_lightcone, run_lightcone  # noqa: E402
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
 

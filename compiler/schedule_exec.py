@@ -1,5 +1,6 @@
-"""Running a :class:`~qcircuit.compiler.schedule.Schedule`: step matrices, the fused autograd
-function and the dense matrix. Planning lives in ``schedule.py``, buffers in ``workspace.py``."""
+"""Running a :class:`~qcircuit.compiler.schedule.Schedule`: step matrices, GEMM kernels and
+the fused autograd function. Planning lives in ``schedule.py``, buffers in ``workspace.py``,
+the dense matrix in ``dense.py``."""
 from __future__ import annotations
 
 import math
@@ -287,35 +288,12 @@ class _RunSchedule(torch.autograd.Function):
         return (None, None, gx0, *gms)
 
 
-def _materialize(step: Step, m: Tensor, in_dims: tuple[int, ...], ws: Workspace) -> Tensor:
-    """The first step applied to the identity, written straight into its output layout:
-    ``E[i; q] = M[q_block; i_block] · δ(i_rest, q_rest)``, one broadcast multiply of the block
-    matrix and an identity on the other qudits (every element written once, contiguously)."""
-    n_q = len(in_dims)
-    rest = [q for q in range(n_q) if q not in step.block]
-    labels, shape = [], []
-    for a in step.layout_out:
-        if a == TOKEN:
-            labels += [("i", q) for q in range(n_q)]
-            shape += list(in_dims)
-        else:
-            labels.append(("o", a))
-            shape.append(in_dims[a] if a not in step.block else step.block_out[step.block.index(a)])
-
-    def place(t: Tensor, own: list) -> Tensor:  # t's axes (labels ``own``) into ``labels`` order
-        t = t.permute([own.index(x) for x in labels if x in own])
-        return t.reshape([d if x in own else 1 for x, d in zip(labels, shape)])
-    mt = place(m.reshape(*step.block_out, *step.block_in),
-               [("o", q) for q in step.block] + [("i", q) for q in step.block])
-    k_rest = math.prod(in_dims[q] for q in rest)
-    eye = torch.eye(k_rest, dtype=m.dtype, device=m.device).reshape(
-        [in_dims[q] for q in rest] * 2)
-    eye = place(eye, [("o", q) for q in rest] + [("i", q) for q in rest])
-    if torch.is_grad_enabled() and m.requires_grad:
-        return torch.mul(mt, eye).reshape(-1)
-    e = ws.take(math.prod(shape), m)
-    torch.mul(mt, eye, out=e.view(shape))
-    return e
+def run_bound(bound: Sequence[Bound], x: Tensor, mats: Sequence[Tensor], ws: Workspace) -> Tensor:
+    """Bound steps on the flat input ``x``: one autograd node when anything needs a gradient,
+    else a plain forward that keeps nothing."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats)):
+        return _RunSchedule.apply(bound, ws, x, *mats)
+    return _forward(bound, x, mats, ws, keep=False)[0]
 
 
 def transposed_gates(gates: Sequence[Tensor]) -> list[Tensor]:
@@ -338,44 +316,8 @@ def run_schedule(schedule: Schedule, x2d: Tensor, gates: Sequence[Tensor],
     if not schedule.steps:
         return x2d.to(ref.dtype).clone()
     ws = workspace if workspace is not None else Workspace()
-    mats = step_matrices(schedule, gates)
-    bound = bind(schedule, tokens)
-    if torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats)):
-        y = _RunSchedule.apply(bound, ws, x, *mats)
-    else:
-        y, _ = _forward(bound, x, mats, ws, keep=False)
+    y = run_bound(bind(schedule, tokens), x, step_matrices(schedule, gates), ws)
     return y.view(tokens, schedule.out_features)
-
-
-def dense_matrix(circuit: Circuit | Schedule, gates: Sequence[Tensor],
-                 workspace: Workspace | None = None) -> Tensor:
-    """The dense operator ``T`` (out_features, in_features), differentiable: the circuit applied
-    to the identity in the cheapest layout, its first step written out directly."""
-    sched = circuit if isinstance(circuit, Schedule) else cached_schedule(circuit, circuit.in_features, True)
-    if not sched.dense:
-        raise QCError("dense_matrix needs a schedule planned with dense=True")
-    if sched.transposed:  # the schedule applies Tᵀ: gates reversed and transposed
-        gates = transposed_gates(gates)
-    tokens = sched.in_features  # the identity the schedule is applied to
-    token_first = sched.steps[-1].layout_out[0] == TOKEN if sched.steps else True
-    shape = (tokens, sched.out_features) if token_first else (sched.out_features, tokens)
-    flip = token_first != sched.transposed  # the result holds Tᵀ: return its transpose (a view)
-    ref = gates[0] if len(gates) else None
-    if not sched.steps:
-        return torch.eye(tokens, dtype=ref.dtype if ref is not None else torch.float32)
-    ws = workspace if workspace is not None else Workspace()
-    mats = step_matrices(sched, gates)
-    rest = sched.steps[1:]
-    e = _materialize(sched.steps[0], mats[0], sched.in_dims, ws if rest else Workspace())
-    if not rest:
-        return e.view(shape).t() if flip else e.view(shape)
-    mats, bound = mats[1:], bind(sched, tokens)[1:]
-    if torch.is_grad_enabled() and (e.requires_grad or any(m.requires_grad for m in mats)):
-        y = _RunSchedule.apply(bound, ws, e, *mats)
-    else:
-        y, _ = _forward(bound, e, mats, ws, keep=False)
-        ws.give(e)
-    return y.view(shape).t() if flip else y.view(shape)
 
 
 def make_executor(circuit: Circuit, tokens: int, **options) -> Callable[[Tensor, Sequence[Tensor]], Tensor]:
@@ -383,13 +325,6 @@ def make_executor(circuit: Circuit, tokens: int, **options) -> Callable[[Tensor,
     sched = build_schedule(circuit, tokens, **options) if options else cached_schedule(circuit, tokens)
     ws = Workspace()
     return lambda x2d, gates: run_schedule(sched, x2d, gates, ws)
-
-
-def make_dense_executor(circuit: Circuit) -> Callable[[Sequence[Tensor]], Tensor]:
-    """``f(gates) -> T`` (out_features, in_features)."""
-    sched = cached_schedule(circuit, circuit.in_features, True)
-    ws = Workspace()
-    return lambda gates: dense_matrix(sched, gates, ws)
 
 
 def choose_executor(circuit: Circuit, tokens: int, fallback: Callable) -> Callable:

@@ -10,11 +10,11 @@ import torch
 from qcircuit import Circuit, QCError
 from qcircuit.compiler import compile as compile_circuit
 from qcircuit.compiler import costmodel as cm
+from qcircuit.compiler.dense import dense_matrix, make_dense_executor
 from qcircuit.compiler.lightcone import _plan_side, plan_lightcone, run_lightcone
 from qcircuit.compiler.schedule import (FORMS, build_schedule, gate_step_budget, predicted_cost,
                                        transpose_circuit)
-from qcircuit.compiler.schedule_exec import (Workspace, dense_matrix, make_dense_executor,
-                                             make_executor, run_schedule)
+from qcircuit.compiler.schedule_exec import Workspace, make_executor, run_schedule
 from reference import circuit_operator
 
 
