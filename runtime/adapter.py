@@ -117,11 +117,8 @@ class AdaptedLayer(nn.Module):
     def _dense64(self, module: nn.Module) -> torch.Tensor:
         """The circuit operator of ``module``'s gates, computed in float64, (out, in)."""
         device = module.gates[0].device
-        m64 = self.plan.module(init="zeros", dtype=torch.float64, device=device)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            for dst, src in zip(m64.gates, module.gates):
-                dst.copy_(src)
-            return m64.matrix().detach()
+            return self.plan.dense_executor()([g.double() for g in module.gates])
 
     @torch.no_grad()
     def _add_to_weight(self, delta: torch.Tensor) -> None:
