@@ -9,10 +9,14 @@ use; when compiling fails (no C++ compiler, a backend inductor does not support)
 falls back to the ATen copy for good, and the result is the same either way: a copy is exact.
 
 Kernels are used for copies of at least ``MIN_NUMEL`` elements on the CPU, where they pay
-for their compile time. ``QCIRCUIT_COMPILE=0`` in the environment switches them off.
+for their compile time. ``QCIRCUIT_COMPILE=0`` in the environment switches them off. The
+ATen copy that serves the rest moves a kept innermost run of 8 or 16 bytes (a 2- or 4-wide
+innermost qudit in float32) as one int64/complex128 element (:func:`wide_run`).
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import types
 import warnings
@@ -28,6 +32,57 @@ _kernels: dict[tuple, Callable | str] = {}
 
 def _copy_permuted(src: Tensor, dst: Tensor, perm: tuple[int, ...]) -> None:
     dst.copy_(src.permute(perm))
+
+
+# a kept innermost run of exactly this many bytes moves as one element of this dtype
+_WIDE = {16: torch.complex128, 8: torch.int64}
+
+
+def coalesce(shape: Sequence[int], perm: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The same permuted copy on fewer axes: size-1 axes dropped, and input axes that stay
+    adjacent and in order in the output merged (``(t, 16, 8, 8, 4)`` permuted ``(0, 1, 3, 2,
+    4)`` is ``(t·16, 8, 8, 4)`` permuted ``(0, 2, 1, 3)``)."""
+    live = [a for a in range(len(shape)) if shape[a] > 1]
+    shape = [shape[a] for a in live]
+    keep = [live.index(a) for a in perm if a in live]
+    groups: list[list[int]] = []
+    for a in keep:
+        if groups and a == groups[-1][-1] + 1:
+            groups[-1].append(a)
+        else:
+            groups.append([a])
+    order = sorted(range(len(groups)), key=lambda g: groups[g][0])
+    sizes = [math.prod(shape[a] for a in groups[g]) for g in order]
+    return tuple(sizes), tuple(order.index(g) for g in range(len(groups)))
+
+
+def wide_run(shape: Sequence[int], perm: Sequence[int], itemsize: int) -> torch.dtype | None:
+    """The dtype whose single element is the copy's kept innermost run, when that run is
+    exactly 8 or 16 bytes: ATen then moves 2–4× fewer elements (measured 2.5–5× faster for
+    the 4-wide innermost qudit of the paper circuit). A bit-exact move either way."""
+    sizes, order = coalesce(shape, perm)
+    if not order or order[-1] != len(sizes) - 1:
+        return None
+    return _WIDE.get(sizes[-1] * itemsize)
+
+
+@functools.lru_cache(maxsize=4096)
+def _wide_copy_plan(shape: tuple[int, ...], perm: tuple[int, ...], itemsize: int):
+    """(wide dtype, source shape, permutation, destination shape) in wide elements, or None."""
+    wide = wide_run(shape, perm, itemsize)
+    if wide is None:
+        return None
+    sizes, order = coalesce(shape, perm)
+    return wide, sizes[:-1], order[:-1], tuple(sizes[a] for a in order[:-1])
+
+
+def _aten_copy(dst: Tensor, src: Tensor, perm: tuple[int, ...]) -> None:
+    plan = _wide_copy_plan(tuple(src.shape), perm, src.element_size())
+    if plan is None or not (src.is_contiguous() and dst.is_contiguous()):
+        dst.copy_(src.permute(perm))
+        return
+    wide, src_shape, order, dst_shape = plan
+    dst.view(-1).view(wide).view(dst_shape).copy_(src.reshape(-1).view(wide).view(src_shape).permute(order))
 
 
 def enabled() -> bool:
@@ -62,7 +117,7 @@ def permute_into(dst: Tensor, src: Tensor, perm: Sequence[int], token_axis: int 
     tokens = None if token_axis is None else src.shape[token_axis]
     if (not uses_kernel(src.numel(), src.device, tokens) or torch.is_grad_enabled()
             or torch.compiler.is_compiling()):
-        dst.copy_(src.permute(perm))
+        _aten_copy(dst, src, perm)
         return
     shape = tuple(-1 if a == token_axis else d for a, d in enumerate(src.shape))
     key = (shape, perm, src.dtype)
@@ -81,4 +136,4 @@ def permute_into(dst: Tensor, src: Tensor, perm: Sequence[int], token_axis: int 
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"qcircuit: generated permute kernel unavailable ({type(exc).__name__}: "
                           f"{first}); using the ATen copy", RuntimeWarning, stacklevel=2)
-    dst.copy_(src.permute(perm))
+    _aten_copy(dst, src, perm)

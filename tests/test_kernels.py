@@ -94,3 +94,30 @@ def test_switched_off_small_or_under_autograd_uses_aten(small_kernels, monkeypat
         kernels.permute_into(dst, src, (2, 0, 1), token_axis=0)
     assert torch.equal(dst, src.permute(2, 0, 1)) and kernels._kernels == {}
     assert not kernels.uses_kernel(1 << 21, torch.device("meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_aten_copy_moves_kept_runs_as_wide_elements_bit_exactly(dtype):
+    """A permute whose innermost axis stays innermost (8 or 16 bytes) moves each run as one
+    int64/complex128 element: every bit pattern, NaN payloads included, arrives unchanged."""
+    cases = [((3, 5, 2, 8, 4), (0, 3, 2, 1, 4)), ((6, 4, 1, 2), (1, 0, 2, 3)),
+             ((2, 3, 5, 2), (2, 1, 0, 3)), ((4, 6, 3), (1, 0, 2)), ((5, 7), (1, 0))]
+    isz = torch.empty((), dtype=dtype).element_size()
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[isz]
+    widened = 0
+    for shape, perm in cases:
+        bits = torch.randint(-2**(8 * isz - 1), 2**(8 * isz - 1) - 1, shape, dtype=ints)
+        src = bits.view(dtype)
+        dst = torch.empty([shape[a] for a in perm], dtype=dtype)
+        widened += kernels.wide_run(shape, perm, isz) is not None
+        with torch.no_grad():
+            kernels.permute_into(dst, src, perm)
+        assert torch.equal(dst.view(ints), bits.permute(perm))
+    assert widened == {4: 3, 2: 1, 8: 2}[isz]
+
+
+def test_coalesce_merges_axes_that_move_together():
+    assert kernels.coalesce((7, 16, 8, 8, 4), (0, 1, 3, 2, 4)) == ((112, 8, 8, 4), (0, 2, 1, 3))
+    assert kernels.coalesce((7, 1, 8, 4), (1, 3, 0, 2)) == ((56, 4), (1, 0))
+    assert kernels.coalesce((2, 3, 4), (0, 1, 2)) == ((24,), (0,))
+    assert kernels.coalesce((1, 1), (1, 0)) == ((), ())
