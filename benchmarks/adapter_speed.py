@@ -59,6 +59,9 @@ from qcircuit.compiler.lightcone import plan_lightcone, run_lightcone  # noqa: E
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
 
 THREADS = 2
+# rounds per token count: a 16-token step takes milliseconds, so its median is taken over
+# many more rounds (host noise moves single rounds by ±20 %); a 2048-token round takes ~4 s
+ROUNDS = {16: 201, 512: 31, 2048: 9}
 CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()
 SCHEDULES = {"sched naive": dict(layout=False, fuse=False), "sched layout": dict(fuse=False),
              "sched full": dict()}
@@ -252,7 +255,7 @@ def main() -> None:
         print(s, flush=True)
     emit(f"{'tokens':>6}  {'variant':26s} {'time ms':>9} {'vs ref':>7} {'vs base':>8} {'predicted ms':>13}")
     for tokens in (16, 512, 2048):
-        rounds = {16: 41, 512: 21, 2048: 9}[tokens] // (3 if args.quick else 1)
+        rounds = ROUNDS[tokens] // (3 if args.quick else 1)
         funcs = variants(tokens)
         med = interleaved({k: f for k, (f, _) in funcs.items()}, rounds)
         ref, base = med["reference"], med["base layer (frozen)"]
@@ -262,7 +265,7 @@ def main() -> None:
                  f"{med[name] / base:7.2f}x {p}")
         emit()
     funcs, err = dense_variants()
-    med = interleaved({k: f for k, (f, _) in funcs.items()}, 3 if args.quick else 7)
+    med = interleaved({k: f for k, (f, _) in funcs.items()}, 5 if args.quick else 15)
     ref = med["reference (one expression)"]
     emit("dense delta (4096×4096), forward only; max relative error vs float64: "
          + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
