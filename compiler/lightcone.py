@@ -87,16 +87,13 @@ def _moves(rows: Rows, block: set[int]) -> list[tuple[int, Rows, Rows, Rows]]:
 
 
 STRIDED_OUT = 1.1   # a loop of GEMMs writing strided rows vs one batched GEMM
-ONE_WIDE = 1.0      # one GEMM over a single very wide operand vs batched (same on a quiet run)
 
 
 def _row_gemm_cost(p: int, k2: int, s: int, k: int, in_place: bool, isz: int) -> float:
     """``M @ X[p]`` for every row prefix ``p``: one batched GEMM when the output keeps the row
-    order, else a loop of GEMMs into strided views; measured factors, see the constants."""
+    order (or there is one prefix), else a loop of GEMMs into strided views."""
     base = p * cm.gemm(k2, s, k, isz, transposed_out=True)
-    if p == 1:
-        return base * ONE_WIDE
-    return base * (1.0 if in_place else STRIDED_OUT)
+    return base * (1.0 if in_place or p == 1 else STRIDED_OUT)
 
 
 def _search(circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
