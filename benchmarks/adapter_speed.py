@@ -12,8 +12,8 @@ prediction beside the measurement.
 * ``sched naive``: per gate, permute its qudits to the end and one GEMM (no layout search,
   no fusion); ``sched layout``: layout search, no fusion; ``sched full``: layout + fusion +
   commuting reorders (what the compiler uses); ``module``: ``compile(c).module()`` end to end.
-  Schedules run their permutes as generated kernels (``compiler/kernels.py``); ``sched full,
-  ATen copies`` is the same planner and executor with them switched off (``QCIRCUIT_COMPILE=0``).
+  Schedules run their permutes as the C kernel (``compiler/kernels.py``); ``sched full, ATen
+  copies`` is the same planner and executor with it switched off (``QCIRCUIT_COMPILE=0``).
 * context: the frozen base layer (``nn.Linear`` 4096×4096, weight frozen, grad to input) and
   PEFT LoRA r=8 on that same layer (base included).
 
@@ -21,7 +21,7 @@ Dense delta: ``dense_matrix`` (schedule), the light-cone route (``lightcone.py``
 ``m.matrix()`` seam vs one opt_einsum expression over the gates (forward only, no grad).
 
 Peak memory of one training step: each variant runs in a fresh subprocess (after one throwaway
-step that compiles the generated kernels, freed and trimmed); the peak resident
+step that builds the plan and the workspace, freed and trimmed); the peak resident
 set (``VmHWM``) is reset through ``/proc/self/clear_refs`` after setup, one step runs, and the
 growth of ``VmHWM`` over the resident size before the step is reported (CPU torch allocates
 straight from malloc, so this counts every tensor the step holds at its peak).
@@ -65,7 +65,7 @@ ROUNDS = {16: 201, 512: 31, 2048: 9}
 CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()
 SCHEDULES = {"sched naive": dict(layout=False, fuse=False), "sched layout": dict(fuse=False),
              "sched full": dict()}
-ATEN_ROW = "sched full, ATen copies"  # the same planner without generated permute kernels
+ATEN_ROW = "sched full, ATen copies"  # the same planner without the C permute kernel
 
 
 def machine() -> str:
@@ -113,11 +113,11 @@ def variants(tokens: int) -> dict:
             run_schedule(sched, x, gates, ws).backward(gy)
             clear(x, *gates)
         out[name] = (run, sched.cost)
-    with generated_kernels(False):
+    with c_kernel(False):
         aten, aten_ws = build_schedule(c, tokens), Workspace()
 
     def run_aten():
-        with generated_kernels(False):
+        with c_kernel(False):
             run_schedule(aten, x, gates, aten_ws).backward(gy)
         clear(x, *gates)
     out[ATEN_ROW] = (run_aten, aten.cost)
@@ -154,8 +154,8 @@ def variants(tokens: int) -> dict:
 
 
 @contextlib.contextmanager
-def generated_kernels(on: bool):
-    """Plan and run with or without generated permute kernels (``QCIRCUIT_COMPILE``)."""
+def c_kernel(on: bool):
+    """Plan and run with or without the C permute kernel (``QCIRCUIT_COMPILE``)."""
     old = os.environ.get("QCIRCUIT_COMPILE")
     os.environ["QCIRCUIT_COMPILE"] = "1" if on else "0"
     try:
@@ -203,7 +203,7 @@ def dense_variants() -> dict:
 
 def memory_child(name: str, tokens: int) -> None:
     torch.set_num_threads(THREADS)
-    warm = variants(tokens)  # compile the generated kernels first: the compiler's memory
+    warm = variants(tokens)  # load the kernel, plan and warm every cache first: their memory
     warm[name][0]()          # is not the step's; then free it all and measure a fresh setup
     del warm
     gc.collect()

@@ -5,8 +5,8 @@ step costs ``flops / PEAK_FLOPS + bytes / BANDWIDTH + OVERHEAD`` (additive roofl
 plus page-fault time for memory the step touches for the first time.
 
 GEMM time is a max-roofline: compute at ``s / (s + GEMM_HALF)`` of peak for a GEMM whose
-smallest dimension is ``s``, or its memory traffic, whichever is slower. Permutes large
-enough to run as generated kernels (``kernels.py``) are priced apart. The constants are
+smallest dimension is ``s``, or its memory traffic, whichever is slower. Permutes that the
+C kernel takes (``kernels.py``: the token axis stays outermost) are priced apart. The constants are
 FIXED, measured once on the development machine (2-core Intel Xeon
 Sapphire Rapids KVM guest, ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE``,
 float32, torch 2.13 CPU, shared with other jobs) with micro-benchmarks of the kernels below
@@ -22,7 +22,7 @@ GEMM (2048·4096/K rows × K×K gate) K=32: 5.8, 64: 7, 128: 10.4, 256: 20, 512:
 tokens forward + both backward GEMMs (min of repeats) K=32: 4.2, 64: 6.5, 128: 11.5,
 256: 20.4 — which ``PEAK_FLOPS``/``GEMM_HALF`` fit to within 10 %; the same GEMM reading
 the activation transposed (prefix form) 1.0–1.7× slower; first touch of fresh memory ~0.3 ms
-per MB; generated permute kernels 0.3–0.6× the ATen permute.
+per MB; the C permute kernel 4.0–5.2 (1.2–1.5× a plain copy measured beside it, quiet).
 """
 from __future__ import annotations
 
@@ -45,8 +45,7 @@ BATCH_FEW = 8           # batched GEMMs over fewer matrices run this/batch slowe
 TRANSPOSED_OUT = 0.5    # extra output passes when a GEMM reads or writes transposed
 SPLIT_GRAM_ROWS = 8192  # a gate gradient Σ gyᵀx over this many rows or more is split over
                         # row blocks when the gate is narrow (see gram_factor)
-GENERATED_COPY = 0.5    # a generated (inductor) permute kernel vs the ATen copy, measured
-KERNEL_CALL = 1.2e-4    # per-call cost of a compiled kernel (dynamo guards, dynamic sizes)
+KERNEL_PERMUTE = 0.8    # the C permute kernel, in plain copies as this model prices them
 
 
 def gemm(m: int, n: int, k: int, itemsize: int = 4, transposed_out: bool = False) -> float:
@@ -95,10 +94,11 @@ def gram_factor(width: int, rows: int) -> float:
     return 0.78 if rows >= SPLIT_GRAM_ROWS and width <= 64 else 1.0
 
 
-def generated_copy(aten_cost: float) -> float:
-    """The same permute as a generated kernel (:mod:`kernels`): measured 0.3–0.6× the ATen
-    copy at 512–2048 tokens (tiled, vectorised transposes), plus its call overhead."""
-    return aten_cost * GENERATED_COPY + KERNEL_CALL
+def kernel_copy(numel: int, itemsize: int = 4) -> float:
+    """A permute within token slabs by the C kernel (:mod:`kernels`): measured 1.2–1.7× a
+    plain copy beside it whatever the pattern (ATen: 2.4–6.8×); ``KERNEL_PERMUTE`` expresses
+    that against ``COPY_BANDWIDTH``, calibrated on a busier machine than those runs."""
+    return copy(numel, itemsize, KERNEL_PERMUTE)
 
 
 def permute_factor(shape: tuple[int, ...], perm: tuple[int, ...], itemsize: int = 4) -> float:

@@ -171,7 +171,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
           max_block, max_group, beam, transposed=False, forms=FORMS,
           max_gate_steps: int | None = None) -> tuple[float, list[Step]]:
     gates = circuit.gates
-    generated = kernels.enabled()
+    kernel = kernels.enabled()
     n_q = len(circuit.in_dims)
     dims_at = [tuple(circuit.in_dims)]
     for i in order:
@@ -211,7 +211,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                     numel = math.prod(pre_sizes)
                     perm_cost = 0.0
                     if pre != lay and not (dense and i == 0):
-                        perm_cost = _permute_cost(lay, pre, dims_at[i], tokens, isz, backward, generated)
+                        perm_cost = _permute_cost(lay, pre, dims_at[i], tokens, isz, backward, kernel)
                     for form, out_lay in _forms(pre, block, pre_sizes):
                         if form not in forms or (not free_layout and form != "suffix"):
                             continue
@@ -254,7 +254,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
             tail: tuple[Step, ...] = ()
             cost = cost0
             if lay != end:
-                c = _permute_cost(lay, end, dims_at[n], tokens, isz, backward, generated)
+                c = _permute_cost(lay, end, dims_at[n], tokens, isz, backward, kernel)
                 tail = (Step("permute", lay, end, _tok(lay, dims_at[n]), _tok(end, dims_at[n]), c),)
                 cost += c
             if cost < best:
@@ -273,17 +273,14 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
 
 @functools.lru_cache(maxsize=1 << 16)
 def _permute_cost(src: Layout, dst: Layout, dims, tokens: int, isz: int, backward: bool,
-                  generated: bool = False) -> float:
-    """Forward copy ``src -> dst``; backward copies the gradient ``dst -> src``. ``generated``:
-    large copies run as generated kernels (:mod:`kernels`), which the model prices apart."""
-    shape = _size(src, dims, tokens)
-    numel = math.prod(shape)
-    fast = generated and kernels.large_enough(numel, tokens)
-
-    def one(shape_from, perm) -> float:
-        c = cm.copy(numel, isz, cm.permute_factor(shape_from, perm, isz))
-        return cm.generated_copy(c) if fast else c
-    cost = one(shape, tuple(src.index(a) for a in dst))
+                  kernel: bool = False) -> float:
+    """Forward copy ``src -> dst``; backward copies the gradient ``dst -> src``. ``kernel``:
+    copies within token slabs run as the C kernel (:mod:`kernels`), priced apart."""
+    def one(shape, perm) -> float:
+        if kernel and kernels.in_slabs(shape, perm):
+            return cm.kernel_copy(math.prod(shape), isz)
+        return cm.copy(math.prod(shape), isz, cm.permute_factor(shape, perm, isz))
+    cost = one(_size(src, dims, tokens), tuple(src.index(a) for a in dst))
     if backward:
         cost += one(_size(dst, dims, tokens), tuple(dst.index(a) for a in src))
     return cost

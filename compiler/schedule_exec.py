@@ -14,7 +14,7 @@ from qcircuit.ir import Circuit
 
 from . import costmodel as cm
 from .kernels import permute_into
-from .schedule import TOKEN, Schedule, Step, build_schedule, cached_schedule
+from .schedule import Schedule, Step, build_schedule, cached_schedule
 from .workspace import Release, Workspace
 
 
@@ -30,23 +30,19 @@ class Bound(NamedTuple):
     k: int
     k2: int
     s: int
-    perm: tuple[int, ...]       # permute steps: forward and backward axis orders, and where
-    back: tuple[int, ...]       # the token axis sits in the input and in the output
-    tok_in: int | None
-    tok_out: int | None
+    perm: tuple[int, ...]       # permute steps: forward and backward axis orders
+    back: tuple[int, ...]
 
 
 def _bind_step(step: Step, tokens: int) -> Bound:
     shape_in = tuple(tokens if d == -1 else d for d in step.shape_in)
     shape_out = tuple(tokens if d == -1 else d for d in step.shape_out)
     a, b = step.start, step.start + len(step.block)
-    tok = lambda lay: lay.index(TOKEN) if TOKEN in lay else None  # noqa: E731
     return Bound(step.kind, shape_in, shape_out, math.prod(shape_in), math.prod(shape_out),
                  math.prod(shape_in[:a]), math.prod(step.block_in), math.prod(step.block_out),
                  math.prod(shape_in[b:]),
                  tuple(step.layout_in.index(x) for x in step.layout_out),
-                 tuple(step.layout_out.index(x) for x in step.layout_in),
-                 tok(step.layout_in), tok(step.layout_out))
+                 tuple(step.layout_out.index(x) for x in step.layout_in))
 
 
 _bound_cache: dict[tuple[int, int], tuple[Schedule, tuple[Bound, ...]]] = {}
@@ -145,7 +141,7 @@ def _gemm(b: Bound, x: Tensor, m: Tensor, out: Tensor | None = None) -> Tensor:
 def _apply(b: Bound, x: Tensor, m: Tensor, out: Tensor) -> None:
     """Forward of one step from contiguous ``x`` into the flat buffer ``out``."""
     if b.kind == "permute":
-        permute_into(out.view(b.shape_out), x.view(b.shape_in), b.perm, b.tok_in)
+        permute_into(out.view(b.shape_out), x.view(b.shape_in), b.perm)
     else:
         _gemm(b, x, m, out)
 
@@ -167,7 +163,7 @@ def _apply_back(b: Bound, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
     """Backward of one step: returns ``grad_m`` (or None) and writes ``grad_x`` into ``gx``."""
     if b.kind == "permute":
         if gx is not None:
-            permute_into(gx.view(b.shape_in), gy.view(b.shape_out), b.back, b.tok_out)
+            permute_into(gx.view(b.shape_in), gy.view(b.shape_out), b.back)
         return None
     p, k, k2, s = b.p, b.k, b.k2, b.s
     gm = None

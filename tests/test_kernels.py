@@ -1,8 +1,9 @@
-"""Generated permute kernels (compiler/kernels.py): the same bits as the ATen copy, one kernel
-per pattern for every token count, a schedule that uses them still exact with gradients, and a
-clean fallback when compiling fails or is switched off."""
+"""The C permute kernel (compiler/kernels.py): the same bits as the ATen copy for every
+pattern and element size, a schedule that uses it still exact with gradients, a cached build,
+and a clean fallback when it cannot be built or does not apply."""
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 
@@ -15,34 +16,81 @@ from qcircuit.compiler.schedule import build_schedule
 from qcircuit.compiler.schedule_exec import Workspace, run_schedule
 from reference import circuit_operator
 
+HAVE_COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None
+INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-# inductor builds its kernels with this compiler; without one every copy falls back to ATen
-HAVE_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
+
+def random_bits(shape, dtype, gen) -> torch.Tensor:
+    """Random raw bit patterns viewed as ``dtype`` (NaN payloads, infinities, denormals)."""
+    isz = torch.empty((), dtype=dtype).element_size()
+    lo = -2 ** (8 * isz - 1)
+    return torch.randint(lo, -lo - 1, shape, dtype=INTS[isz], generator=gen).view(dtype)
 
 
 @pytest.fixture
-def small_kernels(monkeypatch):
-    """Generated kernels for every copy, however small, and a fresh kernel table."""
+def counted(monkeypatch):
+    """The real kernel, with a count of its calls."""
+    kernel = kernels._library()
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return kernel(*args) if kernel is not None else -1
+    monkeypatch.setattr(kernels, "_library", lambda: spy)
     monkeypatch.setenv("QCIRCUIT_COMPILE", "1")
-    monkeypatch.setattr(kernels, "MIN_NUMEL", 1)
-    monkeypatch.setattr(kernels, "_kernels", {})
-    return kernels
+    return calls
 
 
-def test_generated_permute_is_bit_exact_and_shared_across_token_counts(small_kernels):
-    perm = (3, 0, 2, 1)  # token axis (0 in the source) ends up second
-    for tokens in (5, 9):
-        src = torch.randn(tokens, 4, 3, 2)
-        dst = torch.empty(2, tokens, 3, 4)
-        with torch.no_grad():
-            kernels.permute_into(dst, src, perm, token_axis=0)
-        assert torch.equal(dst, src.permute(perm))
-    assert len(kernels._kernels) == 1  # one dynamic-size kernel served both token counts
-    compiled = kernels._kernels[((-1, 4, 3, 2), perm, torch.float32)] is not kernels._ATEN
-    assert compiled == HAVE_COMPILER
+def test_kernel_is_built_where_a_c_compiler_is():
+    assert (kernels._library() is not None) == HAVE_COMPILER
 
 
-def test_schedule_with_generated_permutes_matches_reference_with_gradients(small_kernels, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int8])
+def test_kernel_copies_every_pattern_bit_exactly(dtype, counted):
+    """Every permutation keeping the outer axis of shapes whose inner axes are multiples of 4
+    (the register-transpose path for 4-byte elements), of odd sizes (the gather path) and
+    with kept innermost runs (moved as wide elements), on raw bit patterns."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4, 8, 4), (2, 8, 4, 16), (5, 3, 5, 2), (2, 4, 6, 2, 4), (1, 4, 8), (7, 1, 12, 4)]
+    checked = 0
+    for shape in shapes:
+        for inner in itertools.permutations(range(1, len(shape))):
+            perm = (0, *inner)
+            src = random_bits(shape, dtype, gen)
+            dst = torch.empty([shape[a] for a in perm], dtype=dtype)
+            with torch.no_grad():
+                kernels.permute_into(dst, src, perm)
+            isz = src.element_size()
+            assert torch.equal(dst.view(INTS[isz]), src.view(INTS[isz]).permute(perm)), (shape, perm)
+            checked += kernels.in_slabs(shape, perm)
+    assert len(counted) == checked > 30  # every copy within slabs went through the kernel
+
+
+def test_kernel_splits_rows_over_threads_exactly(counted):
+    src = torch.randn(4096, 8, 4, 2)  # above PARALLEL_NUMEL: the threaded loop
+    dst = torch.empty(4096, 2, 8, 4)
+    with torch.no_grad():
+        kernels.permute_into(dst, src, (0, 3, 1, 2))
+    assert torch.equal(dst, src.permute(0, 3, 1, 2)) and counted[-1][-1] == torch.get_num_threads()
+
+
+def test_copies_the_kernel_does_not_take_stay_on_aten(counted, monkeypatch):
+    src, dst = torch.randn(4, 3, 2), torch.empty(2, 4, 3)
+    with torch.no_grad():
+        kernels.permute_into(dst, src, (2, 0, 1))  # the outer axis moves
+    assert torch.equal(dst, src.permute(2, 0, 1)) and not counted
+    src, dst = torch.randn(4, 3, 2, requires_grad=True), torch.empty(4, 2, 3)
+    kernels.permute_into(dst, src, (0, 2, 1))  # under autograd: a recorded copy
+    assert dst.requires_grad and not counted
+    monkeypatch.setenv("QCIRCUIT_COMPILE", "0")
+    with torch.no_grad():
+        kernels.permute_into(dst, src, (0, 2, 1))
+        kernels.permute_into(torch.empty(0, 2, 3), torch.empty(0, 3, 2), (0, 2, 1))
+    assert torch.equal(dst, src.permute(0, 2, 1)) and not counted
+    assert not kernels.in_slabs((5, 4, 3), (0, 1, 2)) and kernels.in_slabs((5, 4, 3), (0, 2, 1))
+
+
+def test_schedule_with_the_kernel_matches_reference_with_gradients(counted, monkeypatch):
     c = Circuit(4, 3, 2).gate((0, 2)).gate((1, 0), out=(2, 5)).gate((2, 1))
     sched = build_schedule(c, 6, fuse=False)
     assert any(s.kind == "permute" for s in sched.steps)
@@ -56,7 +104,7 @@ def test_schedule_with_generated_permutes_matches_reference_with_gradients(small
         y = run_schedule(sched, x, gates, Workspace())
         return [y.detach(), *torch.autograd.grad(y, [x, *gates], gy)]
     got = step()
-    assert any(k is not kernels._ATEN for k in kernels._kernels.values()) == HAVE_COMPILER
+    assert counted  # forward and backward permutes ran through the kernel
     want = x.detach() @ circuit_operator(c, gates).T
     assert (got[0] - want).abs().max() < 1e-12
     monkeypatch.setenv("QCIRCUIT_COMPILE", "0")
@@ -66,53 +114,49 @@ def test_schedule_with_generated_permutes_matches_reference_with_gradients(small
     assert torch.autograd.gradcheck(lambda x, *g: run_schedule(sched, x, g), (x, *gates))
 
 
-def test_failed_compile_falls_back_to_aten_with_one_warning(small_kernels, monkeypatch):
-    def broken():
-        def kernel(*args):
-            raise RuntimeError("no C++ compiler")
-        return kernel
-    monkeypatch.setattr(kernels, "_compile", broken)
-    src, dst = torch.randn(3, 4, 5), torch.empty(5, 3, 4)
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="ATen copy"):
-        kernels.permute_into(dst, src, (2, 0, 1), token_axis=0)
-    assert torch.equal(dst, src.permute(2, 0, 1))
-    with torch.no_grad():  # the key is marked: no second attempt, no second warning
-        kernels.permute_into(dst, src + 1, (2, 0, 1), token_axis=0)
-    assert torch.equal(dst, (src + 1).permute(2, 0, 1))
-    assert list(kernels._kernels.values()) == [kernels._ATEN]
+@pytest.mark.skipif(not HAVE_COMPILER, reason="building needs a C compiler")
+def test_build_is_cached_and_written_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCIRCUIT_CACHE", str(tmp_path))
+    compiler = os.environ.get("CC") or "cc"
+    first = kernels._build(compiler)
+    stamp = first.stat().st_mtime_ns
+    assert kernels._build(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
 
 
-def test_switched_off_small_or_under_autograd_uses_aten(small_kernels, monkeypatch):
-    src, dst = torch.randn(4, 3, 2), torch.empty(2, 4, 3)
-    monkeypatch.setenv("QCIRCUIT_COMPILE", "0")
-    with torch.no_grad():
-        kernels.permute_into(dst, src, (2, 0, 1), token_axis=0)
-    monkeypatch.setenv("QCIRCUIT_COMPILE", "1")
-    kernels.permute_into(dst, src, (2, 0, 1), token_axis=0)  # grad mode on: plain copy
-    monkeypatch.setattr(kernels, "MIN_NUMEL", 1 << 20)
-    with torch.no_grad():
-        kernels.permute_into(dst, src, (2, 0, 1), token_axis=0)
-    assert torch.equal(dst, src.permute(2, 0, 1)) and kernels._kernels == {}
-    assert not kernels.uses_kernel(1 << 21, torch.device("meta"))
+def test_failed_build_falls_back_to_aten_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCIRCUIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "false")  # a "compiler" that always fails
+    kernels._library.cache_clear()
+    try:
+        src, dst = torch.randn(3, 4, 5), torch.empty(3, 5, 4)
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match="ATen copy"):
+            kernels.permute_into(dst, src, (0, 2, 1))
+        assert torch.equal(dst, src.permute(0, 2, 1))
+        with torch.no_grad():  # decided once: no second attempt, no second warning
+            kernels.permute_into(dst, src + 1, (0, 2, 1))
+        assert torch.equal(dst, (src + 1).permute(0, 2, 1)) and not list(tmp_path.iterdir())
+    finally:
+        kernels._library.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_aten_copy_moves_kept_runs_as_wide_elements_bit_exactly(dtype):
+def test_aten_copy_moves_kept_runs_as_wide_elements_bit_exactly(dtype, monkeypatch):
     """A permute whose innermost axis stays innermost (8 or 16 bytes) moves each run as one
     int64/complex128 element: every bit pattern, NaN payloads included, arrives unchanged."""
+    monkeypatch.setenv("QCIRCUIT_COMPILE", "0")
     cases = [((3, 5, 2, 8, 4), (0, 3, 2, 1, 4)), ((6, 4, 1, 2), (1, 0, 2, 3)),
              ((2, 3, 5, 2), (2, 1, 0, 3)), ((4, 6, 3), (1, 0, 2)), ((5, 7), (1, 0))]
     isz = torch.empty((), dtype=dtype).element_size()
-    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[isz]
     widened = 0
+    gen = torch.Generator().manual_seed(1)
     for shape, perm in cases:
-        bits = torch.randint(-2**(8 * isz - 1), 2**(8 * isz - 1) - 1, shape, dtype=ints)
-        src = bits.view(dtype)
+        src = random_bits(shape, dtype, gen)
         dst = torch.empty([shape[a] for a in perm], dtype=dtype)
         widened += kernels.wide_run(shape, perm, isz) is not None
         with torch.no_grad():
             kernels.permute_into(dst, src, perm)
-        assert torch.equal(dst.view(ints), bits.permute(perm))
+        assert torch.equal(dst.view(INTS[isz]), src.view(INTS[isz]).permute(perm))
     assert widened == {4: 3, 2: 1, 8: 2}[isz]
 
 
