@@ -99,9 +99,11 @@ def _cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcircuit")
     try:
         os.makedirs(root, exist_ok=True)
-        return Path(root)
     except OSError:
-        return Path(tempfile.mkdtemp(prefix="qcircuit-"))
+        pass
+    if os.access(root, os.W_OK):
+        return Path(root)
+    return Path(tempfile.mkdtemp(prefix="qcircuit-"))  # a read-only home: built per process
 
 
 def _cpu_id() -> str:
@@ -115,21 +117,25 @@ def _cpu_id() -> str:
 
 
 def _build(compiler: str) -> Path:
-    """The kernel's shared library, compiled into the cache unless it is there already;
-    written to a temporary name and renamed into place, so concurrent builds are safe."""
-    source = SOURCE.read_bytes()
-    errors = []
+    """The kernel's shared library: the best build already in the cache, else compiled there
+    with the first flags that work (to a temporary name, then renamed: concurrent builds
+    are safe)."""
+    source, directory = SOURCE.read_bytes(), _cache_dir()
+    targets = []
     for flags in FLAGS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                          _cpu_id().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"permute-{key}.so"
-        if target.exists():
-            return target
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        targets.append((flags, directory / f"permute-{key}.so"))
+    cached = [target for _, target in targets if target.exists()]
+    if cached:
+        return cached[0]
+    errors = []
+    for flags, target in targets:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
-        cmd = [compiler, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                                  capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 os.replace(tmp, target)
                 return target

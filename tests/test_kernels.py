@@ -3,6 +3,7 @@ pattern and element size, a schedule that uses it still exact with gradients, a 
 and a clean fallback when it cannot be built or does not apply."""
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import shutil
@@ -115,13 +116,15 @@ def test_schedule_with_the_kernel_matches_reference_with_gradients(counted, monk
 
 
 @pytest.mark.skipif(not HAVE_COMPILER, reason="building needs a C compiler")
-def test_build_is_cached_and_written_atomically(tmp_path, monkeypatch):
+def test_build_falls_back_to_plainer_flags_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("QCIRCUIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "FLAGS", (("-O3", "-fno-such-flag-at-all"), ("-O2",)))
     compiler = os.environ.get("CC") or "cc"
-    first = kernels._build(compiler)
-    stamp = first.stat().st_mtime_ns
-    assert kernels._build(compiler) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    built = kernels._build(compiler)
+    stamp = built.stat().st_mtime_ns
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary left behind
+    assert kernels._build(compiler) == built and built.stat().st_mtime_ns == stamp  # reused
+    assert ctypes.CDLL(str(built)).qc_permute  # the plain build loads and exports the kernel
 
 
 def test_failed_build_falls_back_to_aten_with_one_warning(tmp_path, monkeypatch):
