@@ -6,8 +6,8 @@ plus page-fault time for memory the step touches for the first time.
 
 GEMM time is a max-roofline: compute at ``s / (s + GEMM_HALF)`` of peak for a GEMM whose
 smallest dimension is ``s``, or its memory traffic, whichever is slower. Permutes that the
-C kernel takes (``kernels.py``: the token axis stays outermost) are priced apart. The constants are
-FIXED, measured once on the development machine (2-core Intel Xeon
+C kernel takes (``kernels.py``: the token axis stays outermost) are priced apart. The
+constants are FIXED, measured once on the development machine (2-core Intel Xeon
 Sapphire Rapids KVM guest, ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE``,
 float32, torch 2.13 CPU, shared with other jobs) with micro-benchmarks of the kernels below
 at 2048 tokens of a 4096-wide layer (minimum of repeats). They are not recalibrated at

@@ -4,12 +4,12 @@ ATen copies a permuted view element by element along the output's innermost axis
 small qudit axes of a circuit (4, 8, 16 wide) that runs at a fraction of memory speed.
 ``permute.c`` copies one token's features at a time (a slab that stays in L1), transposing
 4×4 blocks in registers where the innermost axis moves, and splits the tokens over threads:
-measured at 1.0–1.5× a plain copy for the paper circuit's permutes at 512 tokens (ATen:
-1.7–3.5×; the TorchInductor kernels this module used before: 1.5–2.7×).
+measured at 1.2–1.7× a plain copy for the paper circuit's permutes at 512–2048 tokens (ATen:
+2.4–6.8×; the TorchInductor kernels this module used before: 1.5–2.7×).
 
 The kernel is built once per machine, at first use, with the system C compiler (``CC``,
 else ``cc``), with OpenMP when the compiler has it, and cached under ``QCIRCUIT_CACHE``
-(default ``~/.cache/qcircuit``); building it takes under a second. Where it cannot be built
+(default ``~/.cache/qcircuit``); building it takes about two seconds. Where it cannot be built
 the copies stay on ATen, with one warning; the result is the same bits either way.
 ``QCIRCUIT_COMPILE=0`` in the environment switches the kernel off. The ATen copy moves a
 kept innermost run of 8 or 16 bytes as one int64/complex128 element (:func:`wide_run`).
@@ -189,8 +189,9 @@ def _kernel_args(shape: tuple[int, ...], perm: tuple[int, ...], itemsize: int) -
         sizes[-1] = run // itemsize
     strides = [math.prod(sizes[a + 1:]) for a in range(len(sizes))]
     slab = [a for a in order[1:] if sizes[a] > 1]
-    return (itemsize, sizes[0], strides[0], len(slab), (ctypes.c_int64 * len(slab))(*[sizes[a] for a in slab]),
-            (ctypes.c_int64 * len(slab))(*[strides[a] for a in slab]))
+    axes = ctypes.c_int64 * len(slab)
+    return (itemsize, sizes[0], strides[0], len(slab), axes(*[sizes[a] for a in slab]),
+            axes(*[strides[a] for a in slab]))
 
 
 def permute_into(dst: Tensor, src: Tensor, perm: Sequence[int]) -> None:
