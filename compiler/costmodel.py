@@ -22,7 +22,7 @@ GEMM (2048·4096/K rows × K×K gate) K=32: 5.8, 64: 7, 128: 10.4, 256: 20, 512:
 tokens forward + both backward GEMMs (min of repeats) K=32: 4.2, 64: 6.5, 128: 11.5,
 256: 20.4 — which ``PEAK_FLOPS``/``GEMM_HALF`` fit to within 10 %; the same GEMM reading
 the activation transposed (prefix form) 1.0–1.7× slower; first touch of fresh memory ~0.3 ms
-per MB; the C permute kernel 4.0–5.2 (1.2–1.5× a plain copy measured beside it, quiet).
+per MB; the C permute kernel 4.0–5.2 (1.2–1.7× a plain copy measured beside it, quiet).
 """
 from __future__ import annotations
 

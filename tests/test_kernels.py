@@ -156,7 +156,7 @@ def test_aten_copy_moves_kept_runs_as_wide_elements_bit_exactly(dtype, monkeypat
     for shape, perm in cases:
         src = random_bits(shape, dtype, gen)
         dst = torch.empty([shape[a] for a in perm], dtype=dtype)
-        widened += kernels.wide_run(shape, perm, isz) is not None
+        widened += kernels._wide_copy_plan(shape, perm, isz) is not None
         with torch.no_grad():
             kernels.permute_into(dst, src, perm)
         assert torch.equal(dst.view(INTS[isz]), src.view(INTS[isz]).permute(perm))
