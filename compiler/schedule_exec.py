@@ -159,8 +159,9 @@ def _gram(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _apply_back(b: Bound, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
-                need_m: bool) -> Tensor | None:
-    """Backward of one step: returns ``grad_m`` (or None) and writes ``grad_x`` into ``gx``."""
+                need_m: bool, ws: Workspace) -> Tensor | None:
+    """Backward of one step: returns ``grad_m`` (or None) and writes ``grad_x`` into ``gx``;
+    scratch comes from ``ws``."""
     if b.kind == "permute":
         if gx is not None:
             permute_into(gx.view(b.shape_in), gy.view(b.shape_out), b.back)
@@ -191,7 +192,11 @@ def _apply_back(b: Bound, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
         if need_m:
             gy3, x3 = gy.view(p, k2, s), x.view(p, k, s)
             if cm.batched_gram(p, k2, k, s, x.element_size())[1]:
-                gm = torch.bmm(gy3, x3.transpose(1, 2)).sum(0)
+                # per-batch products into a recycled buffer: a fresh one as large as the
+                # activation would fault in its pages on every step (measured 2.7 vs 7 ms)
+                parts = ws.take(p * k2 * k, x)
+                gm = torch.bmm(gy3, x3.transpose(1, 2), out=parts.view(p, k2, k)).sum(0)
+                ws.give(parts)
             else:
                 gm = torch.tensordot(gy3, x3, dims=([0, 2], [0, 2]))
         if gx is not None:
@@ -274,7 +279,7 @@ class _RunSchedule(torch.autograd.Function):
                 gx = ws.take(b.numel_in, x)
             else:  # grad_x leaves the pool for good: a free ping-pong buffer, not a new one
                 gx = ws.take(x.numel(), x) if need_x else None
-            gm = _apply_back(b, inputs[n], m, g, gx, m is not None and need_m[mi])
+            gm = _apply_back(b, inputs[n], m, g, gx, m is not None and need_m[mi], ws)
             if gm is not None:
                 gms[mi] = gm
             if owned:
