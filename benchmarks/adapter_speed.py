@@ -61,7 +61,7 @@ from qcircuit.compiler import compile as compile_circuit  # noqa: E402
 THREADS = 2
 # rounds per token count: a 16-token step takes milliseconds, so its median is taken over
 # many more rounds (host noise moves single rounds by ±20 %); a 2048-token round takes ~4 s
-ROUNDS = {16: 201, 512: 31, 2048: 9}
+ROUNDS = {16: 201, 512: 61, 2048: 9}
 CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()
 SCHEDULES = {"sched naive": dict(layout=False, fuse=False), "sched layout": dict(fuse=False),
              "sched full": dict()}
@@ -122,10 +122,11 @@ def variants(tokens: int) -> dict:
         clear(x, *gates)
     out[ATEN_ROW] = (run_aten, aten.cost)
     module = compile_circuit(c).module()
+    module_params = list(module.parameters())
 
     def run_module():
         module(x).backward(gy)
-        clear(x, *module.parameters())
+        clear(x, *module_params)
     out["module"] = (run_module, None)
     base = torch.nn.Linear(c.in_features, c.out_features).requires_grad_(False)
 
@@ -265,7 +266,7 @@ def main() -> None:
                  f"{med[name] / base:7.2f}x {p}")
         emit()
     funcs, err = dense_variants()
-    med = interleaved({k: f for k, (f, _) in funcs.items()}, 5 if args.quick else 15)
+    med = interleaved({k: f for k, (f, _) in funcs.items()}, 5 if args.quick else 31)
     ref = med["reference (one expression)"]
     emit("dense delta (4096×4096), forward only; max relative error vs float64: "
          + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
