@@ -3,6 +3,7 @@ the fused autograd function. Planning lives in ``schedule.py``, buffers in ``wor
 the dense matrix in ``dense.py``."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -15,6 +16,7 @@ from qcircuit.ir import Circuit
 from . import costmodel as cm
 from .kernels import permute_into
 from .schedule import Schedule, Step, build_schedule, cached_schedule
+from .threads import serial
 from .workspace import Release, Workspace
 
 
@@ -241,7 +243,8 @@ class _RunSchedule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bound, ws, x, *mats):
-        y, saved = _forward(bound, x, mats, ws, keep=True)
+        with _threads(bound):
+            y, saved = _forward(bound, x, mats, ws, keep=True)
         ctx.bound, ctx.ws = bound, ws
         ctx.saved = Release(ws, saved[1:])  # None where a permute step's input was freed
         ctx.save_for_backward(x, *mats)
@@ -257,7 +260,8 @@ class _RunSchedule(torch.autograd.Function):
                 got = iter(torch.autograd.grad(y, want, gy, create_graph=True, allow_unused=True))
             grads = [next(got) if t.requires_grad else None for t in (x, *mats)]
             return (None, None, *grads)
-        return _RunSchedule._backward(ctx, gy)
+        with _threads(ctx.bound):
+            return _RunSchedule._backward(ctx, gy)
 
     @staticmethod
     def _backward(ctx, gy):
@@ -289,12 +293,19 @@ class _RunSchedule(torch.autograd.Function):
         return (None, None, gx0, *gms)
 
 
+def _threads(bound: Sequence[Bound]):
+    """One thread for a small schedule (:func:`costmodel.runs_serial`), else the caller's."""
+    small = cm.runs_serial(max(max(b.numel_in, b.numel_out) for b in bound))
+    return serial() if small else contextlib.nullcontext()
+
+
 def run_bound(bound: Sequence[Bound], x: Tensor, mats: Sequence[Tensor], ws: Workspace) -> Tensor:
     """Bound steps on the flat input ``x``: one autograd node when anything needs a gradient,
     else a plain forward that keeps nothing."""
     if torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats)):
         return _RunSchedule.apply(bound, ws, x, *mats)
-    return _forward(bound, x, mats, ws, keep=False)[0]
+    with _threads(bound):
+        return _forward(bound, x, mats, ws, keep=False)[0]
 
 
 def transposed_gates(gates: Sequence[Tensor]) -> list[Tensor]:
