@@ -32,7 +32,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("permute.c")
+# the library: the fused gate kernel (gate_kernel.c, see fused.py), which includes permute.c
+SOURCE = Path(__file__).with_name("gate_kernel.c")
+SOURCES = (SOURCE, Path(__file__).with_name("permute.c"))
 # compiler flags, best first: vectorised for this CPU and threaded, then plain and serial
 FLAGS = (("-O3", "-march=native", "-fopenmp"), ("-O3",))
 PARALLEL_NUMEL = 1 << 15     # smaller copies run on one thread (waking a second costs more)
@@ -112,7 +114,7 @@ def _build(compiler: str) -> Path:
     """The kernel's shared library: the best build already in the cache, else compiled there
     with the first flags that work (to a temporary name, then renamed: concurrent builds
     are safe)."""
-    source, directory = SOURCE.read_bytes(), _cache_dir()
+    source, directory = b"\0".join(p.read_bytes() for p in SOURCES), _cache_dir()
     targets = []
     for flags in FLAGS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
@@ -139,18 +141,27 @@ def _build(compiler: str) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _library() -> Callable | None:
-    """``qc_permute`` from the built kernel, or None (with one warning) where it cannot be built."""
+def shared_library() -> ctypes.CDLL | None:
+    """The built kernels, or None (with one warning) where they cannot be built."""
     compiler = os.environ.get("CC") or "cc"
     try:
         if shutil.which(compiler) is None:
             raise RuntimeError(f"no C compiler ({compiler!r} not found)")
-        fn = ctypes.CDLL(str(_build(compiler))).qc_permute
+        return ctypes.CDLL(str(_build(compiler)))
     except Exception as exc:  # no compiler, a failed build, a library that does not load
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         warnings.warn(f"qcircuit: permute kernel unavailable ({type(exc).__name__}: {first}); "
-                      "using the ATen copy", RuntimeWarning, stacklevel=3)
+                      "using the ATen copy", RuntimeWarning, stacklevel=4)
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> Callable | None:
+    """``qc_permute`` from the built kernels, or None."""
+    lib = shared_library()
+    if lib is None:
+        return None
+    fn = lib.qc_permute
     i64p = ctypes.POINTER(ctypes.c_int64)
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_int, i64p, i64p, ctypes.c_int]

@@ -33,7 +33,7 @@ from qcircuit.errors import QCError
 from qcircuit.ir import Circuit, Gate
 
 from . import costmodel as cm
-from . import kernels
+from . import fused, kernels
 
 TOKEN = -1
 FORMS = ("suffix", "prefix", "rot_front", "rot_back", "batched")
@@ -169,7 +169,7 @@ def _forms(layout: Layout, block, sizes) -> list[tuple[str, Layout]]:
 
 def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, backward,
           max_block, max_group, beam, transposed=False, forms=FORMS,
-          max_gate_steps: int | None = None) -> tuple[float, list[Step]]:
+          max_gate_steps: int | None = None, gather: bool = False) -> tuple[float, list[Step]]:
     gates = circuit.gates
     kernel = kernels.enabled()
     n_q = len(circuit.in_dims)
@@ -209,9 +209,11 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                 for pre in _candidates(lay, block, free_layout):
                     pre_sizes = _size(pre, dims_at[i], tokens)
                     numel = math.prod(pre_sizes)
-                    perm_cost = 0.0
+                    perm_cost = fused_cost = 0.0
                     if pre != lay and not (dense and i == 0):
                         perm_cost = _permute_cost(lay, pre, dims_at[i], tokens, isz, backward, kernel)
+                        fused_cost = _permute_cost(lay, pre, dims_at[i], tokens, isz, backward,
+                                                   kernel, gather) if gather else perm_cost
                     for form, out_lay in _forms(pre, block, pre_sizes):
                         if form not in forms or (not free_layout and form != "suffix"):
                             continue
@@ -225,7 +227,9 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                             s = math.prod(pre_sizes[a + len(block):])
                             c = _gate_step_cost(form, p, k, k2, s, isz, backward)
                         c += build
-                        total = cost0 + perm_cost + c
+                        # a permute before a suffix GEMM runs fused with it (fused.py)
+                        pc = fused_cost if form == "suffix" else perm_cost
+                        total = cost0 + pc + c
                         key = (out_lay, used + 1)
                         old = frontier[j].get(key)
                         if old is not None and total >= old[0]:
@@ -238,7 +242,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                         steps0: tuple[Step, ...] = ()
                         if perm_cost:
                             steps0 = (Step("permute", lay, pre, _tok(lay, dims_at[i]),
-                                           _tok(pre, dims_at[i]), perm_cost),)
+                                           _tok(pre, dims_at[i]), pc),)
                         frontier[j][key] = (total, (i, (lay, used)), steps0 + (step,))
     n = len(order)
     best, best_lay, best_tail = math.inf, None, ()
@@ -273,12 +277,14 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
 
 @functools.lru_cache(maxsize=1 << 16)
 def _permute_cost(src: Layout, dst: Layout, dims, tokens: int, isz: int, backward: bool,
-                  kernel: bool = False) -> float:
+                  kernel: bool = False, gather: bool = False) -> float:
     """Forward copy ``src -> dst``; backward copies the gradient ``dst -> src``. ``kernel``:
-    copies within token slabs run as the C kernel (:mod:`kernels`), priced apart."""
+    copies within token slabs run as the C kernel (:mod:`kernels`), priced apart; ``gather``:
+    they run inside the fused gate kernel after them (:mod:`fused`)."""
     def one(shape, perm) -> float:
         if kernel and kernels.in_slabs(shape, perm):
-            return cm.kernel_copy(math.prod(shape), isz)
+            n = math.prod(shape)
+            return cm.fused_copy(n, isz) if gather else cm.kernel_copy(n, isz)
         return cm.copy(math.prod(shape), isz, cm.permute_factor(shape, perm, isz))
     cost = one(_size(src, dims, tokens), tuple(src.index(a) for a in dst))
     if backward:
@@ -322,6 +328,7 @@ def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: 
     circuit.check_complete()
     backward = (not dense) if backward is None else backward
     isz = torch.empty((), dtype=dtype).element_size()
+    gather = dtype in (torch.float32, torch.float64) and fused.available()
     budget = gate_step_budget(circuit, tokens) if memory and backward and not dense else None
     best = None
     for transposed in ((False, True) if dense else (False,)):
@@ -330,7 +337,8 @@ def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: 
             cost, steps = _plan(circ, order, circ.in_features if dense else tokens, isz, fuse=fuse,
                                 free_layout=layout, dense=dense, backward=backward,
                                 max_block=max_block, max_group=max_group, beam=beam,
-                                transposed=transposed, forms=tuple(forms), max_gate_steps=budget)
+                                transposed=transposed, forms=tuple(forms), max_gate_steps=budget,
+                                gather=gather)
             if best is None or cost < best[0]:
                 best = (cost, steps, circ, transposed)
     cost, steps, circ, transposed = best

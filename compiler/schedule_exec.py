@@ -4,6 +4,7 @@ the dense matrix in ``dense.py``."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -14,6 +15,7 @@ from qcircuit.errors import QCError
 from qcircuit.ir import Circuit
 
 from . import costmodel as cm
+from . import fused
 from .kernels import permute_into
 from .schedule import Schedule, Step, build_schedule, cached_schedule
 from .threads import serial
@@ -34,6 +36,7 @@ class Bound(NamedTuple):
     s: int
     perm: tuple[int, ...]       # permute steps: forward and backward axis orders
     back: tuple[int, ...]
+    mid: tuple[int, ...] = ()   # a "gather" step (permute + suffix gate): the permuted shape
 
 
 def _bind_step(step: Step, tokens: int) -> Bound:
@@ -61,6 +64,30 @@ def bind(schedule: Schedule, tokens: int) -> tuple[Bound, ...]:
     bound = tuple(_bind_step(st, tokens) for st in schedule.steps)
     _bound_cache[(id(schedule), tokens)] = (schedule, bound)
     return bound
+
+
+@functools.lru_cache(maxsize=1024)
+def _fuse_gathers(bound: tuple[Bound, ...], itemsize: int) -> tuple[Bound, ...]:
+    """Each permute followed by a suffix gate step becomes one "gather" step where the fused
+    kernel takes it (:mod:`fused`): the permuted activation is never written out."""
+    out: list[Bound] = []
+    for b in bound:
+        prev = out[-1] if out else None
+        if (b.kind == "suffix" and prev is not None and prev.kind == "permute"
+                and fused.fusable(prev.shape_in, prev.perm, prev.shape_out, prev.back, itemsize)):
+            out[-1] = b._replace(kind="gather", shape_in=prev.shape_in, numel_in=prev.numel_in,
+                                 perm=prev.perm, back=prev.back, mid=prev.shape_out)
+        else:
+            out.append(b)
+    return tuple(out)
+
+
+def fuse_gathers(bound: tuple[Bound, ...], x: Tensor) -> tuple[Bound, ...]:
+    """:func:`_fuse_gathers` for float32/float64 CPU inputs with the kernel on; else ``bound``."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) \
+            or not fused.available():
+        return bound
+    return _fuse_gathers(bound, x.element_size())
 
 
 # ----------------------------------------------------------------------------- step matrices
@@ -129,7 +156,7 @@ def _gemm(b: Bound, x: Tensor, m: Tensor, out: Tensor | None = None) -> Tensor:
 
     def into(*shape):
         return None if out is None else out.view(*shape)
-    if b.kind == "suffix":
+    if b.kind in ("suffix", "gather"):  # a gather step's input, already permuted
         return torch.mm(x.view(p, k), m.t(), out=into(p, k2))
     if b.kind == "prefix":
         return torch.mm(m, x.view(k, s), out=into(k2, s))
@@ -144,6 +171,11 @@ def _apply(b: Bound, x: Tensor, m: Tensor, out: Tensor) -> None:
     """Forward of one step from contiguous ``x`` into the flat buffer ``out``."""
     if b.kind == "permute":
         permute_into(out.view(b.shape_out), x.view(b.shape_in), b.perm)
+    elif b.kind == "gather":
+        if not fused.gate_forward(out, x, m, b.shape_in, b.perm):
+            mid = torch.empty(b.mid, dtype=x.dtype, device=x.device)
+            permute_into(mid, x.view(b.shape_in), b.perm)
+            torch.mm(mid.view(b.p, b.k), m.t(), out=out.view(b.p, b.k2))
     else:
         _gemm(b, x, m, out)
 
@@ -170,6 +202,17 @@ def _apply_back(b: Bound, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
         return None
     p, k, k2, s = b.p, b.k, b.k2, b.s
     gm = None
+    if b.kind == "gather":
+        gm = x.new_zeros(k2, k) if need_m else None
+        if fused.gate_backward(x, gy, m, gx, gm, b.shape_in, b.perm, b.mid, b.back):
+            return gm
+        mid = torch.empty(b.mid, dtype=x.dtype, device=x.device)  # the unfused steps
+        permute_into(mid, x.view(b.shape_in), b.perm)
+        gm = _gram(gy.view(p, k2), mid.view(p, k)) if need_m else None
+        if gx is not None:
+            torch.mm(gy.view(p, k2), m, out=mid.view(p, k))
+            permute_into(gx.view(b.shape_in), mid, b.back)
+        return gm
     if b.kind == "suffix":
         if need_m:
             gm = _gram(gy.view(p, k2), x.view(p, k))
@@ -230,9 +273,10 @@ def _plain_forward(bound: Sequence[Bound], x: Tensor, mats) -> Tensor:
     """The same steps with ordinary (differentiable, allocating) ops: double backward."""
     cur, mi = x, 0
     for b in bound:
-        if b.kind == "permute":
+        if b.kind in ("permute", "gather"):
             cur = cur.view(b.shape_in).permute(b.perm).reshape(-1)
-            continue
+            if b.kind == "permute":
+                continue
         cur, mi = _gemm(b, cur, mats[mi]).reshape(-1), mi + 1
     return cur
 
@@ -302,6 +346,7 @@ def _threads(bound: Sequence[Bound]):
 def run_bound(bound: Sequence[Bound], x: Tensor, mats: Sequence[Tensor], ws: Workspace) -> Tensor:
     """Bound steps on the flat input ``x``: one autograd node when anything needs a gradient,
     else a plain forward that keeps nothing."""
+    bound = fuse_gathers(tuple(bound), x)
     if torch.is_grad_enabled() and (x.requires_grad or any(m.requires_grad for m in mats)):
         return _RunSchedule.apply(bound, ws, x, *mats)
     with _threads(bound):

@@ -27,8 +27,22 @@ class _Knobs(NamedTuple):
     mkl_local: Callable[[int], int] | None  # returns the previous local setting (0: global)
 
 
-def _symbol(libs: list[ctypes.CDLL], name: str, restype, argtypes):
-    for lib in libs:
+@functools.lru_cache(maxsize=1)
+def _torch_libraries() -> tuple[ctypes.CDLL, ...]:
+    """The OpenMP runtime and the CPU library torch itself loaded (same files, same state)."""
+    libs = []
+    for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*", "libtorch_cpu.so"):
+        for path in sorted(_LIB.glob(pattern)):
+            try:
+                libs.append(ctypes.CDLL(str(path)))
+            except OSError:
+                pass
+    return tuple(libs)
+
+
+def torch_symbol(name: str, restype=None, argtypes=None):
+    """A C function exported by torch's own libraries (its BLAS, its OpenMP), or None."""
+    for lib in _torch_libraries():
         fn = getattr(lib, name, None)
         if fn is not None:
             fn.restype, fn.argtypes = restype, argtypes
@@ -38,21 +52,17 @@ def _symbol(libs: list[ctypes.CDLL], name: str, restype, argtypes):
 
 @functools.lru_cache(maxsize=1)
 def _knobs() -> _Knobs | None:
-    """The OpenMP runtime and MKL that torch itself loaded (same files, so the same state)."""
-    libs = []
-    for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*", "libtorch_cpu.so"):
-        for path in sorted(_LIB.glob(pattern)):
-            try:
-                libs.append(ctypes.CDLL(str(path)))
-            except OSError:
-                pass
-    omp_get = _symbol(libs, "omp_get_max_threads", ctypes.c_int, [])
-    omp_set = _symbol(libs, "omp_set_num_threads", None, [ctypes.c_int])
+    omp_get = torch_symbol("omp_get_max_threads", ctypes.c_int, [])
+    omp_set = torch_symbol("omp_set_num_threads", None, [ctypes.c_int])
     if omp_get is None or omp_set is None:
         return None
-    # the by-value C entry point (the lower-case name takes a pointer, Fortran style)
-    mkl_local = _symbol(libs, "MKL_Set_Num_Threads_Local", ctypes.c_int, [ctypes.c_int])
-    return _Knobs(omp_get, omp_set, mkl_local)
+    return _Knobs(omp_get, omp_set, mkl_local_threads())
+
+
+def mkl_local_threads():
+    """MKL's thread-local thread count setter (by value; the lower-case name takes a
+    pointer, Fortran style), or None where torch's BLAS is not MKL."""
+    return torch_symbol("MKL_Set_Num_Threads_Local", ctypes.c_int, [ctypes.c_int])
 
 
 @contextlib.contextmanager

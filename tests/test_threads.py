@@ -59,12 +59,15 @@ def test_schedule_runs_serial_below_the_threshold_with_the_same_numbers(
     sched = build_schedule(c, tokens, fuse=False)
     monkeypatch.setattr(cm, "SERIAL_NUMEL", serial_numel)
     counts = []
-    real = schedule_exec.permute_into
+    forward, backward = schedule_exec._apply, schedule_exec._apply_back
 
-    def spy(dst, src, perm):
-        counts.append(torch.get_num_threads())
-        real(dst, src, perm)
-    monkeypatch.setattr(schedule_exec, "permute_into", spy)
+    def spy(real):
+        def step(*args):
+            counts.append(torch.get_num_threads())
+            return real(*args)
+        return step
+    monkeypatch.setattr(schedule_exec, "_apply", spy(forward))
+    monkeypatch.setattr(schedule_exec, "_apply_back", spy(backward))
     gen = torch.Generator().manual_seed(1)
     gates = [torch.randn(g.shape, generator=gen, dtype=torch.float64, requires_grad=True)
              for g in c.gates]
