@@ -12,8 +12,10 @@ prediction beside the measurement.
 * ``sched naive``: per gate, permute its qudits to the end and one GEMM (no layout search,
   no fusion); ``sched layout``: layout search, no fusion; ``sched full``: layout + fusion +
   commuting reorders (what the compiler uses); ``module``: ``compile(c).module()`` end to end.
-  Schedules run their permutes as the C kernel (``compiler/kernels.py``); ``sched full, ATen
-  copies`` is the same planner and executor with it switched off (``QCIRCUIT_COMPILE=0``).
+  Schedules run a permute followed by a suffix GEMM as one fused C kernel (``compiler/fused.py``)
+  and other permutes as the C permute kernel (``compiler/kernels.py``); ``sched full, permutes
+  apart`` is the same planner and executor without the fused kernel (``QCIRCUIT_FUSE=0``),
+  ``sched full, ATen copies`` without any C kernel (``QCIRCUIT_COMPILE=0``).
 * context: the frozen base layer (``nn.Linear`` 4096×4096, weight frozen, grad to input) and
   PEFT LoRA r=8 on that same layer (base included).
 
@@ -65,7 +67,8 @@ ROUNDS = {16: 201, 512: 61, 2048: 9}
 CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()
 SCHEDULES = {"sched naive": dict(layout=False, fuse=False), "sched layout": dict(fuse=False),
              "sched full": dict()}
-ATEN_ROW = "sched full, ATen copies"  # the same planner without the C permute kernel
+APART_ROW = "sched full, permutes apart"  # without the fused permute + gate kernel
+ATEN_ROW = "sched full, ATen copies"  # the same planner without any C kernel
 
 
 def machine() -> str:
@@ -113,14 +116,15 @@ def variants(tokens: int) -> dict:
             run_schedule(sched, x, gates, ws).backward(gy)
             clear(x, *gates)
         out[name] = (run, sched.cost)
-    with c_kernel(False):
-        aten, aten_ws = build_schedule(c, tokens), Workspace()
+    for row, switch in ((APART_ROW, "QCIRCUIT_FUSE"), (ATEN_ROW, "QCIRCUIT_COMPILE")):
+        with switched_off(switch):
+            sched, ws = build_schedule(c, tokens), Workspace()
 
-    def run_aten():
-        with c_kernel(False):
-            run_schedule(aten, x, gates, aten_ws).backward(gy)
-        clear(x, *gates)
-    out[ATEN_ROW] = (run_aten, aten.cost)
+        def run(sched=sched, ws=ws, switch=switch):
+            with switched_off(switch):
+                run_schedule(sched, x, gates, ws).backward(gy)
+            clear(x, *gates)
+        out[row] = (run, sched.cost)
     module = compile_circuit(c).module()
     module_params = list(module.parameters())
 
@@ -155,17 +159,18 @@ def variants(tokens: int) -> dict:
 
 
 @contextlib.contextmanager
-def c_kernel(on: bool):
-    """Plan and run with or without the C permute kernel (``QCIRCUIT_COMPILE``)."""
-    old = os.environ.get("QCIRCUIT_COMPILE")
-    os.environ["QCIRCUIT_COMPILE"] = "1" if on else "0"
+def switched_off(variable: str):
+    """Plan and run with one of the C kernels switched off (``QCIRCUIT_FUSE``: the fused
+    permute + gate kernel; ``QCIRCUIT_COMPILE``: every C kernel)."""
+    old = os.environ.get(variable)
+    os.environ[variable] = "0"
     try:
         yield
     finally:
         if old is None:
-            del os.environ["QCIRCUIT_COMPILE"]
+            del os.environ[variable]
         else:
-            os.environ["QCIRCUIT_COMPILE"] = old
+            os.environ[variable] = old
 
 
 def interleaved(funcs: dict, rounds: int) -> dict[str, float]:
