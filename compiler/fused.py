@@ -96,6 +96,13 @@ def _ready(*ts: Tensor | None) -> bool:
                              and t.dtype in (torch.float32, torch.float64)) for t in ts)
 
 
+def _sizes_fit(tokens: int, f_in: int, k: int, k2: int, x: Tensor, y: Tensor,
+               gx: Tensor | None = None) -> bool:
+    """The buffers hold what the kernel will read and write (it trusts its arguments)."""
+    return (f_in % k == 0 and x.numel() == tokens * f_in and y.numel() == tokens * f_in // k * k2
+            and (gx is None or gx.numel() == x.numel()))
+
+
 def _block(tokens: int, features: int, itemsize: int, threads: int) -> int:
     return max(1, min(BLOCK_BYTES // (features * itemsize), math.ceil(tokens / threads)))
 
@@ -103,7 +110,7 @@ def _block(tokens: int, features: int, itemsize: int, threads: int) -> int:
 def gate_forward(y: Tensor, x: Tensor, m: Tensor, shape_in: Sequence[int],
                  perm: Sequence[int]) -> bool:
     """``y = permute(x)·mᵀ`` (flat buffers, ``m`` k2×k); False where it did not run."""
-    lib = _library()
+    lib, m = _library(), m.contiguous()  # a gate matrix may be a transposed view (k2×k: small)
     if lib is None or not _ready(y, x, m) or not (y.dtype == x.dtype == m.dtype):
         return False
     shape_in, perm, isz = tuple(shape_in), tuple(perm), x.element_size()
@@ -112,6 +119,8 @@ def gate_forward(y: Tensor, x: Tensor, m: Tensor, shape_in: Sequence[int],
         return False
     tokens, f_in = shape_in[0], math.prod(shape_in[1:])
     k2, k = m.shape
+    if not _sizes_fit(tokens, f_in, k, k2, x, y):
+        return False
     threads = torch.get_num_threads()
     return lib.qc_gate_forward(isz, x.data_ptr(), y.data_ptr(), m.data_ptr(), tokens, f_in, k,
                                k2, gather, _block(tokens, f_in, isz, threads), threads) == 0
@@ -122,8 +131,8 @@ def gate_backward(x: Tensor, gy: Tensor, m: Tensor, gx: Tensor | None, gm: Tenso
                   back: Sequence[int]) -> bool:
     """``gm += gyᵀ·permute(x)`` (``gm`` k2×k, when given) and ``gx = permute⁻¹(gy·m)`` (when
     given); False where it did not run (nothing was written then)."""
-    lib = _library()
-    if lib is None or not _ready(x, gy, m, gx, gm):
+    lib, m = _library(), m.contiguous()
+    if lib is None or not _ready(x, gy, m, gx, gm) or len({t.dtype for t in (x, gy, m)}) > 1:
         return False
     isz = x.element_size()
     gather = _copy(tuple(shape_in), tuple(perm), isz)
@@ -132,6 +141,8 @@ def gate_backward(x: Tensor, gy: Tensor, m: Tensor, gx: Tensor | None, gm: Tenso
         return False
     tokens, f_in = shape_in[0], math.prod(shape_in[1:])
     k2, k = m.shape
+    if not _sizes_fit(tokens, f_in, k, k2, x, gy, gx) or (gm is not None and gm.shape != (k2, k)):
+        return False
     threads = torch.get_num_threads()
     ptr = [t.data_ptr() if t is not None else None for t in (x, gy, m, gx, gm)]
     return lib.qc_gate_backward(isz, *ptr, tokens, f_in, k, k2, gather, scatter,

@@ -134,3 +134,24 @@ def test_planner_prices_fused_permutes(monkeypatch):
     without = build_schedule(c, 512)
     assert with_fusion.cost < without.cost
     assert {s.kind for s in with_fusion.steps} == {"suffix", "permute"}
+
+
+def test_gate_kernel_takes_a_transposed_gate_matrix_view():
+    """Dense plans hand over gate matrices that are transposed views: the kernel still runs."""
+    shape, perm = (3, 4, 2, 3), (0, 2, 3, 1)
+    x = torch.randn(shape, dtype=torch.float64)
+    m = torch.randn(4, 12, dtype=torch.float64)  # (k × k2) storage; its .t() is a view
+    y = torch.empty(3 * 6 * 12, dtype=torch.float64)  # 6 rows of 4 per token -> 6 of 12
+    assert fused.gate_forward(y, x.reshape(-1), m.t(), shape, perm)
+    want = x.permute(perm).reshape(-1, 4) @ m
+    assert _close(y.view(-1, 12), want)
+
+
+def test_gate_kernel_declines_buffers_of_the_wrong_size():
+    shape, perm = (3, 4, 2, 3), (0, 2, 3, 1)
+    x = torch.randn(shape, dtype=torch.float64).reshape(-1)
+    m = torch.randn(12, 4, dtype=torch.float64)
+    assert not fused.gate_forward(torch.empty(72, dtype=torch.float64), x, m, shape, perm)
+    gy = torch.randn(216, dtype=torch.float64)
+    assert not fused.gate_backward(x, gy, m, torch.empty(5, dtype=torch.float64), None,
+                                   shape, perm, (3, 2, 3, 4), (0, 3, 1, 2))
