@@ -83,6 +83,17 @@ def machine() -> str:
             f"float32, load average {os.getloadavg()[0]:.1f} at start")
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from /proc/stat: steal is time the hypervisor gave
+    this machine's CPUs to another guest, which no interleaving can factor out."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
+
+
 def make_gates(c: Circuit, grad: bool = True) -> list[torch.Tensor]:
     """The module's own Kaiming init (seed 0), as plain leaf tensors."""
     return [g.detach().clone().requires_grad_(grad)
@@ -250,6 +261,7 @@ def main() -> None:
         memory_child(args.memory_child[0], int(args.memory_child[1]))
         return
     torch.set_num_threads(THREADS)
+    ticks0 = cpu_ticks()
     lines = [f"# adapter_speed: {machine()}",
              f"# circuit 16·8·8·4 all_pairs (4096 -> 4096), {CIRCUIT.num_params} parameters; "
              "forward+backward; medians of interleaved rounds"]
@@ -284,6 +296,11 @@ def main() -> None:
         for name in ("reference", "sched full", "base + LoRA r=8 (peft)"):
             mem = peak_memory(name, tokens)
             emit(f"{tokens:>6}  {name:26s} " + (f"{mem / 2**20:9.1f} MiB" if mem is not None else "failed"))
+    ticks1 = cpu_ticks()
+    if ticks0 and ticks1 and ticks1[1] > ticks0[1]:
+        steal = (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
+        emit(f"# CPU steal (time the hypervisor gave these cores to other guests): "
+             f"{100 * steal:.0f} % during the run")
     if args.output:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.output)) or ".")
         with os.fdopen(fd, "w") as f:
