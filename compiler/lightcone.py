@@ -238,7 +238,7 @@ def _fold_write(plan: LightconePlan, a: Tensor, gate: Tensor, dims0: Sequence[in
     a = a.reshape(math.prod(dims0[q] for q in inside), -1)
     gm = gate.permute([g.qudits.index(q) for q in q_out]
                       + [nq + g.qudits.index(q) for q in inside + rest])
-    gm = gm.reshape(g.out_size, a.shape[0], -1)
+    gm = gm.reshape(g.out_size, a.shape[0], -1).contiguous()  # BLAS needs a unit stride
     numel = g.out_size * a.shape[1] * gm.shape[2]
     out = ws.take(numel, a)
     torch.matmul(a.t().unsqueeze(0), gm, out=out.view(g.out_size, a.shape[1], gm.shape[2]))
