@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def permutation_matrix(dims: Sequence[int], front: Sequence[int]) -> np.ndarray:
