@@ -37,6 +37,12 @@ typedef struct {
     const int64_t *size, *stride;
 } qc_copy;
 
+/* BLAS's alpha = 1 and beta = 0 in the element type */
+static const float ONE4 = 1.0f, ZERO4 = 0.0f;
+static const double ONE8 = 1.0, ZERO8 = 0.0;
+#define ONE(isz) ((isz) == 4 ? (const void *)&ONE4 : (const void *)&ONE8)
+#define ZERO(isz) ((isz) == 4 ? (const void *)&ZERO4 : (const void *)&ZERO8)
+
 static void copy_block(const qc_copy *c, const char *src, char *dst, int64_t tokens) {
     qc_permute(src, dst, c->itemsize, tokens * c->rows_per_token, c->row_stride, c->nd,
                c->size, c->stride, 1);
@@ -60,12 +66,8 @@ int qc_gate_forward(int isz, const void *x, void *y, const void *g, int64_t toke
             int64_t nb = tokens - t0 < block ? tokens - t0 : block;
             copy_block(gather, (const char *)x + t0 * f_in * isz, scratch, nb);
             int n = (int)(nb * rows);
-            double one = 1.0, zero = 0.0;
-            float one4 = 1.0f, zero4 = 0.0f;
-            const void *a = isz == 4 ? (const void *)&one4 : (const void *)&one;
-            const void *b = isz == 4 ? (const void *)&zero4 : (const void *)&zero;
             /* column-major: yᵀ (k2 × n) = Gᵀᵀ (k2 × k) · xᵀ (k × n) */
-            gemm("T", "N", &k2, &n, &k, a, g, &k, scratch, &k, b,
+            gemm("T", "N", &k2, &n, &k, ONE(isz), g, &k, scratch, &k, ZERO(isz),
                  (char *)y + t0 * f_out * isz, &k2);
         }
         free(scratch);
@@ -100,19 +102,15 @@ int qc_gate_backward(int isz, const void *x, const void *gy, const void *g, void
             if ((gm && !xs) || (gx && !gs)) continue;
             int64_t nb = tokens - t0 < block ? tokens - t0 : block;
             int n = (int)(nb * rows);
-            double one = 1.0, zero = 0.0;
-            float one4 = 1.0f, zero4 = 0.0f;
-            const void *a = isz == 4 ? (const void *)&one4 : (const void *)&one;
-            const void *b = isz == 4 ? (const void *)&zero4 : (const void *)&zero;
             const char *gyb = (const char *)gy + t0 * f_out * isz;
             if (gm) {
                 copy_block(gather, (const char *)x + t0 * f_in * isz, xs, nb);
                 /* column-major: gmᵀ (k × k2) += xᵀ (k × n) · gy (n × k2) */
-                gemm("N", "T", &k, &k2, &n, a, xs, &k, gyb, &k2, a, mine, &k);
+                gemm("N", "T", &k, &k2, &n, ONE(isz), xs, &k, gyb, &k2, ONE(isz), mine, &k);
             }
             if (gx) {
                 /* column-major: gxᵀ (k × n) = Gᵀ (k × k2) · gyᵀ (k2 × n) */
-                gemm("N", "N", &k, &n, &k2, a, g, &k, gyb, &k2, b, gs, &k);
+                gemm("N", "N", &k, &n, &k2, ONE(isz), g, &k, gyb, &k2, ZERO(isz), gs, &k);
                 copy_block(scatter, gs, (char *)gx + t0 * f_in * isz, nb);
             }
         }

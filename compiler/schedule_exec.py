@@ -4,7 +4,6 @@ the dense matrix in ``dense.py``."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -50,23 +49,38 @@ def _bind_step(step: Step, tokens: int) -> Bound:
                  tuple(step.layout_out.index(x) for x in step.layout_in))
 
 
-_bound_cache: dict[tuple[int, int], tuple[Schedule, tuple[Bound, ...]]] = {}
+class _ByIdentity:
+    """A hot-path cache keyed by an object's identity plus a small key: a dict lookup instead
+    of hashing a whole schedule or step tuple. Each entry holds its object, so the id cannot
+    be reused while the entry lives."""
+
+    def __init__(self, limit: int = 1024):
+        self._entries: dict[tuple, tuple[object, object]] = {}
+        self._limit = limit
+
+    def get(self, obj: object, key, make: Callable[[], object]):
+        hit = self._entries.get((id(obj), key))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        if len(self._entries) > self._limit:
+            self._entries.clear()
+        value = make()
+        self._entries[(id(obj), key)] = (obj, value)
+        return value
+
+
+_bound = _ByIdentity()
+_fused = _ByIdentity()
+_small = _ByIdentity()
 
 
 def bind(schedule: Schedule, tokens: int) -> tuple[Bound, ...]:
     """The schedule's steps bound to ``tokens`` rows, cached per schedule and token count
     (the hot path then does no shape arithmetic)."""
-    hit = _bound_cache.get((id(schedule), tokens))
-    if hit is not None and hit[0] is schedule:
-        return hit[1]
-    if len(_bound_cache) > 1024:
-        _bound_cache.clear()
-    bound = tuple(_bind_step(st, tokens) for st in schedule.steps)
-    _bound_cache[(id(schedule), tokens)] = (schedule, bound)
-    return bound
+    return _bound.get(schedule, tokens,
+                      lambda: tuple(_bind_step(st, tokens) for st in schedule.steps))
 
 
-@functools.lru_cache(maxsize=1024)
 def _fuse_gathers(bound: tuple[Bound, ...], itemsize: int) -> tuple[Bound, ...]:
     """Each permute followed by a suffix gate step becomes one "gather" step where the fused
     kernel takes it (:mod:`fused`): the permuted activation is never written out."""
@@ -87,7 +101,8 @@ def fuse_gathers(bound: tuple[Bound, ...], x: Tensor) -> tuple[Bound, ...]:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) \
             or not fused.available():
         return bound
-    return _fuse_gathers(bound, x.element_size())
+    isz = x.element_size()
+    return _fused.get(bound, isz, lambda: _fuse_gathers(bound, isz))
 
 
 # ----------------------------------------------------------------------------- step matrices
@@ -339,7 +354,8 @@ class _RunSchedule(torch.autograd.Function):
 
 def _threads(bound: Sequence[Bound]):
     """One thread for a small schedule (:func:`costmodel.runs_serial`), else the caller's."""
-    small = cm.runs_serial(max(max(b.numel_in, b.numel_out) for b in bound))
+    small = _small.get(bound, None, lambda: cm.runs_serial(
+        max(max(b.numel_in, b.numel_out) for b in bound)))
     return serial() if small else contextlib.nullcontext()
 
 
