@@ -80,7 +80,10 @@ class CircuitModule(nn.Module):
     def _gate_list(self) -> list[torch.Tensor]:
         """The gates in order (tied ones repeated): 4× cheaper than iterating the
         ParameterList, which goes through ``Module.__getattr__`` per element."""
-        return [p for _, p in self.gates.named_parameters(recurse=False, remove_duplicate=False)]
+        gates = [p for _, p in self.gates.named_parameters(recurse=False, remove_duplicate=False)]
+        if len(gates) != len(self.gates):  # a DataParallel replica holds plain tensors instead
+            gates = [getattr(self.gates, str(i)) for i in range(len(self.gates))]
+        return gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):

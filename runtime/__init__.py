@@ -1,7 +1,8 @@
 """qcircuit.runtime: models (offline), binding programs to layers, adapters, checkpoints, qcompile."""
 from .adapter import Adapted, attach, load
+from .layer import AdaptedLayer, LayerState
 from .bind import Target, bind
 from .models import EMBEDDED_MODELS, LoadedModel, load_model
 
-__all__ = ["attach", "load", "Adapted", "load_model", "LoadedModel", "EMBEDDED_MODELS",
+__all__ = ["attach", "load", "Adapted", "AdaptedLayer", "LayerState", "load_model", "LoadedModel", "EMBEDDED_MODELS",
            "bind", "Target"]

@@ -1,39 +1,18 @@
-"""Attach QuanTA adapters to a model: the adapted layer and the ``Adapted`` handle.
+"""Attach QuanTA adapters to a model, and the ``Adapted`` handle on the result.
 
-An adapted layer computes ``y = W0·x + b + scale·(T_θ − T_θ0)·dropout(x)`` (DESIGN.md).
+``attach``/``load`` replace every layer the program matches by an :class:`AdaptedLayer`
+(``layer.py``: the math, the states and what the base weight holds in each) and leave the
+model ready to train: only the gates are trainable, and with ``fold=True`` (the default)
+every ``freeze_one`` layer that can fold is folded right away, ``W ← W0 − scale·T_θ0``
+computed in float64 and rounded once, so training runs one circuit per layer. After that
+no forward changes anything: wrap the model (DDP, FSDP, DataParallel, ``torch.compile``)
+and train.
 
-``init = freeze_one`` (default): every gate starts Kaiming-uniform and a frozen copy of
-the initial gates is kept (``layer.frozen``, ``requires_grad=False``, a few KB).
-Until the layer first runs with gradients enabled it computes that formula literally,
-with both circuits: right after ``attach`` or ``load`` the adapted model reproduces the
-base model bit for bit, in float32 and under bfloat16 autocast alike (``T_θ·x`` and
-``T_θ0·x`` are the same float ops on the same numbers). The first forward that records
-gradients (training; also inside gradient checkpointing) folds ``−scale·T_θ0`` once into
-the base weight, ``W' = W0 − scale·T_θ0`` computed in float64 and rounded once, and from
-then on the layer runs one circuit: ``y = W'·x + b + scale·T_θ·dropout(x)``.
-``Adapted.fold()`` folds at once (e.g. before timing); ``merge()`` works in either state.
-Each layer's folded/merged flags are also a buffer (``adapter_state``), so loading a
-``model.state_dict()`` into a freshly attached model (a Trainer resume) stays consistent.
-
-Precision of the fold. Folded and unfolded are the same function and differ by float
-rounding only, but ``W'·x`` and ``T_θ·x`` are several times larger than ``W0·x`` and
-cancel. Measured on the tiny test models (random weights, std 0.02): float32 logits move
-by 0.6–1.6e-6 relative (max-abs; the base model's own float32 error against float64 is
-~3e-7). Under bfloat16 autocast, or with weights stored in bfloat16, the folded model is
-1–2e-2 relative from the base model in the same precision (which is itself 3–4e-3 from
-float32): use ``zero_last`` where the start point must stay exact once training begins.
-
-Gates are float32 (float64 on a float64 layer) whatever the base dtype, and the circuit
-runs in the gates' dtype with autocast disabled. With dropout > 0 nothing is folded:
-a folded ``−scale·T_θ0·x`` would see ``x`` while ``T_θ`` sees ``dropout(x)``, and since
-``T_θ0`` is of unit scale (far larger than ``W0``) their mismatch would inject large noise
-at every training step. Such layers run both circuits on the same ``dropout(x)``.
-
-On the meta device (shape-only models, ``qcompile --out``) the gates are real CPU
-tensors, nothing is folded, and ``save`` writes the gates as usual.
-
-``init = zero_last``: the last gate starts at zero, no frozen copy, nothing to fold; the
-delta is exactly zero at init in any dtype.
+Precision of the fold: folded and unfolded are the same function up to float rounding,
+but ``W'·x`` and ``T_θ·x`` are larger than ``W0·x`` and cancel, so float32 outputs move by
+about 1e-6 relative and bfloat16 ones by 1–2e-2. ``fold=False`` keeps every layer unfolded
+(two circuits per forward; the adapted model then equals the base model bit for bit at
+init, in any precision); ``zero_last`` is exact at init either way.
 """
 from __future__ import annotations
 
@@ -41,7 +20,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import qcircuit
 from qcircuit import Circuit, Program, QCError, parse, parse_file
@@ -49,144 +27,9 @@ from qcircuit.compiler import compile as compile_circuit
 
 from . import checkpoint
 from .bind import Target, bind
+from .layer import AdaptedLayer, LayerState
 
-
-def _gate_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Gates train in float32 (float64 for float64 layers), whatever the base dtype."""
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-class AdaptedLayer(nn.Module):
-    """An ``nn.Linear`` or GPT-2 ``Conv1D`` (``base_layer``) plus a circuit adapter."""
-
-    def __init__(self, base: nn.Module, circuit: Circuit, *, init: str, scale: float,
-                 dropout: float, generator: torch.Generator | None = None, plan=None):
-        super().__init__()
-        if not isinstance(base, (nn.Linear, Conv1D)):
-            raise QCError(f"cannot adapt a {type(base).__name__}: only nn.Linear and Conv1D")
-        if not circuit.gates:
-            raise QCError("a circuit with no gates cannot be an adapter")
-        self.base_layer = base
-        self.transposed = isinstance(base, Conv1D)  # Conv1D keeps its weight as (in, out)
-        self.circuit = circuit
-        self.plan = compile_circuit(circuit) if plan is None else plan  # shareable
-        self.init_mode = init
-        self.scale = float(scale)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = base.weight
-        dtype = _gate_dtype(weight)
-        device = torch.device("cpu") if weight.is_meta else weight.device
-        # Gates are drawn on the CPU (where the generator lives), then moved.
-        self.adapter = self.plan.module(init="kaiming", generator=generator, dtype=dtype,
-                                        device="cpu").to(device)
-        self.frozen: nn.Module | None = None
-        self.folded = False  # −scale·T_θ0 is in the base weight
-        self.merged = False  # +scale·T_θ is in the base weight
-        # the two flags again, so that model.state_dict() round trips (Trainer resume)
-        self.register_buffer("adapter_state", torch.zeros(2, dtype=torch.uint8, device=device))
-        if init == "zero_last":
-            with torch.no_grad():
-                self.adapter.gates[-1].zero_()
-        else:
-            self.frozen = self.plan.module(init="zeros", dtype=dtype, device=device)
-            self.frozen.requires_grad_(False)
-            self.reset_frozen()
-
-    # --- state ---------------------------------------------------------------------------
-    @property
-    def is_meta(self) -> bool:
-        return self.base_layer.weight.is_meta
-
-    def _set_state(self, folded: bool, merged: bool) -> None:
-        self.folded, self.merged = folded, merged
-        self.adapter_state.copy_(torch.tensor([folded, merged], dtype=torch.uint8))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        folded, merged = (bool(v) for v in self.adapter_state.tolist())
-        self.folded, self.merged = folded, merged
-
-    @torch.no_grad()
-    def reset_frozen(self) -> None:
-        """Make the frozen copy equal the current gates (before folding only)."""
-        if self.frozen is None or self.folded:
-            raise QCError("reset_frozen: no frozen copy, or it is already folded in")
-        for dst, src in zip(self.frozen.gates, self.adapter.gates):
-            dst.copy_(src)
-
-    def _dense64(self, module: nn.Module) -> torch.Tensor:
-        """The circuit operator of ``module``'s gates, computed in float64, (out, in)."""
-        device = module.gates[0].device
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            return self.plan.dense_executor()([g.double() for g in module.gates])
-
-    @torch.no_grad()
-    def _add_to_weight(self, delta: torch.Tensor) -> None:
-        """``W ← W + delta`` (delta (out, in), float64), rounded once to W's dtype."""
-        w = self.base_layer.weight
-        if self.transposed:
-            delta = delta.t()
-        w.copy_((w.double() + delta.to(w.device)).to(w.dtype))
-
-    def fold(self) -> None:
-        """Fold ``−scale·T_θ0`` into the base weight (freeze_one, real weights, once).
-
-        Called by the first forward with gradients enabled, before the weight is used.
-        """
-        if self.frozen is None or self.folded or self.merged or self.is_meta:
-            return
-        if isinstance(self.dropout, nn.Dropout):  # both circuits must see dropout(x)
-            return
-        self._add_to_weight(-self.scale * self._dense64(self.frozen))
-        self._set_state(True, self.merged)
-
-    def delta64(self) -> torch.Tensor:
-        """What merging adds to the (possibly folded) base weight, float64 (out, in)."""
-        delta = self._dense64(self.adapter)
-        if self.frozen is not None and not self.folded:
-            delta = delta - self._dense64(self.frozen)
-        return self.scale * delta
-
-    def merge(self) -> None:
-        if self.merged:
-            raise QCError("layer is already merged")
-        if self.is_meta:
-            raise QCError("cannot merge: the model's weights are on the meta device")
-        self._add_to_weight(self.delta64())
-        self._set_state(self.folded, True)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise QCError("layer is not merged")
-        self._add_to_weight(-self.delta64())
-        self._set_state(self.folded, False)
-
-    # --- compute -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen is not None and not self.folded and torch.is_grad_enabled():
-            self.fold()
-        y = self.base_layer(x)
-        if self.merged:
-            return y
-        h = self.dropout(x).to(self.adapter.gates[0].dtype)
-        with torch.autocast(h.device.type, enabled=False):  # the circuit runs in the gates' dtype
-            d = self.adapter(h)
-            if self.frozen is not None and not self.folded:
-                d = d - self.frozen(h)
-        return y + (self.scale * d).to(y.dtype)
-
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Gates (and frozen initial gates) under stable names, for safetensors."""
-        out = {f"{name}.gates.{i}": g for i, g in enumerate(self.adapter.gates)}
-        if self.frozen is not None:
-            out.update({f"{name}.init_gates.{i}": g for i, g in enumerate(self.frozen.gates)})
-        return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
-
-    def extra_repr(self) -> str:
-        c = self.circuit
-        return (f"circuit={'·'.join(map(str, c.in_dims))}->{'·'.join(map(str, c.out_dims))}, "
-                f"gates={len(c.gates)}, params={c.num_params}, init={self.init_mode}, "
-                f"scale={self.scale}, folded={self.folded}, merged={self.merged}")
+__all__ = ["Adapted", "AdaptedLayer", "LayerState", "attach", "load"]
 
 
 def _as_program(program_or_path: Program | str | Path) -> Program:
@@ -205,7 +48,8 @@ def _split(name: str) -> tuple[str, str]:
 class Adapted:
     """Handle on a model whose matched layers carry circuit adapters.
 
-    Callable like the model; other attributes are looked up on the model.
+    Callable like the model; other attributes are looked up on the model. Once the model
+    is wrapped (DDP, DataParallel, ``torch.compile``), call the wrapper, not this handle.
     """
 
     def __init__(self, model: nn.Module, program: Program, targets: tuple[Target, ...],
@@ -231,45 +75,63 @@ class Adapted:
             raise QCError("the adapter was merged and unloaded; this handle is no longer usable")
         return self.layers
 
-    # --- merging -------------------------------------------------------------------------
+    # --- state ---------------------------------------------------------------------------
+    @property
+    def states(self) -> dict[str, LayerState]:
+        """Each adapted layer's state (what its base weight holds; see ``layer.py``)."""
+        return {name: layer.state for name, layer in self._live().items()}
+
     @property
     def merged(self) -> bool:
         return any(layer.merged for layer in self._live().values())
 
+    def _all_layers(self, move: str, undo: str) -> None:
+        """``layer.<move>()`` on every layer, or on none: the gates of all layers are checked
+        first, and a layer that still fails has the layers before it undone."""
+        layers = list(self._live().values())
+        for layer in layers:
+            layer.check_gates()
+        done = []
+        try:
+            for layer in layers:
+                getattr(layer, move)()
+                done.append(layer)
+        except BaseException:
+            for layer in reversed(done):
+                getattr(layer, undo)()
+            raise
+
     def merge(self) -> None:
-        """``W ← W + scale·(T_θ − T_θ0)`` in every layer: no adapter cost at inference."""
+        """``W ← W0 + scale·(T_θ − T_θ0)`` in every layer: no adapter cost at inference."""
         if self.merged:
             raise QCError("the adapter is already merged")
-        if any(layer.is_meta for layer in self.layers.values()):
+        if any(layer.is_meta for layer in self._live().values()):
             raise QCError("cannot merge: the model's weights are on the meta device")
-        for layer in self.layers.values():
-            layer.merge()
+        self._all_layers("merge", "unmerge")
 
     def unmerge(self) -> None:
         """Undo ``merge`` (exact up to one float rounding of each weight)."""
         if not self.merged:
             raise QCError("the adapter is not merged")
-        for layer in self.layers.values():
-            layer.unmerge()
+        self._all_layers("unmerge", "merge")
 
     def merge_and_unload(self) -> nn.Module:
         """Merge, then put each base layer back: the model holds only its own module types."""
         if not self.merged:
             self.merge()
-        for name, layer in self.layers.items():
-            parent, child = _split(name)
-            setattr(self.model.get_submodule(parent), child, layer.base_layer)
-        for name, param in self.model.named_parameters():
-            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
-        self._unloaded = True
-        return self.model
+        return _unwrap(self)
 
     def fold(self) -> None:
-        """Fold now what the first training forward would fold (see the module doc)."""
+        """Fold every layer that can (``attach``/``load`` do this unless ``fold=False``)."""
         if self.merged:
             raise QCError("unmerge before folding")
-        for layer in self._live().values():
-            layer.fold()
+        self._all_layers("fold", "unfold")
+
+    def unfold(self) -> None:
+        """Put ``W0`` back in every folded layer: the exact two-circuit form."""
+        if self.merged:
+            raise QCError("unmerge before unfolding")
+        self._all_layers("unfold", "fold")
 
     # --- parameters ----------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -278,7 +140,7 @@ class Adapted:
 
     @property
     def num_trainable(self) -> int:
-        return sum(g.numel() for g in self.trainable_parameters())
+        return sum(c.num_params for c in (layer.circuit for layer in self._live().values()))
 
     @property
     def num_base(self) -> int:
@@ -290,19 +152,18 @@ class Adapted:
     def summary(self) -> str:
         layers = self._live()
         head = next(iter(layers.values()))
-        rows = [(name, f"{t.in_features} -> {t.out_features}", t.circuit_name,
-                 f"{t.circuit.num_params:,}") for name, t in
-                ((t.module_name, t) for t in self.targets)]
-        widths = [max(len(r[i]) for r in rows + [("module", "in -> out", "circuit", "params")])
-                  for i in range(4)]
-        fmt = "  {:<%d}  {:>%d}  {:<%d}  {:>%d}" % tuple(widths)
+        rows = [(t.module_name, f"{t.in_features} -> {t.out_features}", t.circuit_name,
+                 f"{t.circuit.num_params:,}", layers[t.module_name].state.value)
+                for t in self.targets]
+        titles = ("module", "in -> out", "circuit", "params", "state")
+        widths = [max(len(r[i]) for r in rows + [titles]) for i in range(5)]
+        fmt = "  {:<%d}  {:>%d}  {:<%d}  {:>%d}  {:<%d}" % tuple(widths)
         pct = 100.0 * self.num_trainable / max(self.num_base, 1)
         lines = [f"QuanTA adapter on {type(self.model).__name__}: {len(layers)} layers, "
                  f"init {head.init_mode}, scale {head.scale:g}, "
-                 f"dropout {self.program.option('dropout'):g}"
-                 + (", merged" if self.merged else ""),
-                 fmt.format("module", "in -> out", "circuit", "params")]
-        lines += [fmt.format(*r) for r in rows]
+                 f"dropout {self.program.option('dropout'):g}",
+                 fmt.format(*titles)]
+        lines += [fmt.format(*r).rstrip() for r in rows]
         lines.append(f"trainable parameters: {self.num_trainable:,} of {self.num_base:,} "
                      f"({pct:.4f} %)")
         return "\n".join(lines)
@@ -314,18 +175,22 @@ class Adapted:
 
     # --- checkpoints ---------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` atomically."""
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
+
+        Under ``torch.distributed`` every rank must call it (sharded gates are gathered);
+        rank 0 writes and the others wait for it."""
         layers = self._live()
         if self.merged:
             raise QCError("unmerge before saving: the checkpoint stores the unmerged adapter")
-        config = checkpoint.build_config(
-            self.program, self.model,
-            {t.module_name: checkpoint.layer_record(t, layers[t.module_name].frozen is not None)
-             for t in self.targets},
-            version=qcircuit.__version__)
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in layers.items():
             tensors.update(layer.tensors(name))
+        config = checkpoint.build_config(
+            self.program, self.model,
+            {t.module_name: checkpoint.layer_record(t, layers[t.module_name].frozen is not None,
+                                                    layers[t.module_name].state.value)
+             for t in self.targets},
+            version=qcircuit.__version__)
         checkpoint.write(path, config, tensors)
 
 
@@ -335,45 +200,92 @@ def _check_fresh(model: nn.Module) -> None:
                       "or start from a fresh model")
 
 
+def _check_not_shared(model: nn.Module, targets: tuple[Target, ...]) -> None:
+    """Refuse a target whose module or weight also lives elsewhere in the model (tied
+    embeddings, one Linear reused): folding or merging would change the other user too."""
+    owners: dict[int, list[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    for t in targets:
+        weight = model.get_submodule(t.module_name).weight
+        names = owners.get(id(weight), [])
+        others = [n for n in names if n != f"{t.module_name}.weight"]
+        if others:
+            raise QCError(
+                f"module {t.module_name!r} shares its weight with {', '.join(others)} (tied "
+                "weights or a reused layer): folding or merging the adapter would change both. "
+                "Untie them first (e.g. tie_word_embeddings=False and a cloned weight) or "
+                "leave this module out of the program")
+
+
 def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
           generator: torch.Generator | None) -> Adapted:
-    """Freeze the model and replace every target layer by an (unfolded) AdaptedLayer."""
+    """Freeze the model and replace every target layer by an unfolded AdaptedLayer."""
     if not targets:
         raise QCError("the program applies no circuit to this model")
+    if any(not t.module_name for t in targets):
+        raise QCError("the model itself is a single layer: wrap it in a container first")
+    _check_not_shared(model, targets)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
     init, scale, dropout = (program.option(k) for k in ("init", "scale", "dropout"))
-    layers: dict[str, AdaptedLayer] = {}
     plans: dict[Circuit, object] = {}  # one plan (and its path caches) per distinct circuit
+    layers: dict[str, AdaptedLayer] = {}
     for t in targets:
-        if not t.module_name:
-            raise QCError("the model itself is a single layer: wrap it in a container first")
-        base = model.get_submodule(t.module_name)
         if t.circuit not in plans:
             plans[t.circuit] = compile_circuit(t.circuit)
-        layer = AdaptedLayer(base, t.circuit, init=init, scale=scale, dropout=dropout,
-                             generator=generator, plan=plans[t.circuit])
-        parent, child = _split(t.module_name)
+        layers[t.module_name] = AdaptedLayer(
+            model.get_submodule(t.module_name), t.circuit, init=init, scale=scale,
+            dropout=dropout, generator=generator, plan=plans[t.circuit], name=t.module_name)
+    model.requires_grad_(False)
+    for name, layer in layers.items():  # nothing is replaced until every layer was built
+        parent, child = _split(name)
         setattr(model.get_submodule(parent), child, layer)
-        layers[t.module_name] = layer
     return Adapted(model, program, targets, layers, requires_grad)
 
 
+def _unwrap(adapted: Adapted) -> nn.Module:
+    """Put each base layer back and restore the parameters' ``requires_grad``."""
+    model = adapted.model
+    for name, layer in adapted.layers.items():
+        parent, child = _split(name)
+        setattr(model.get_submodule(parent), child, layer.base_layer)
+    for name, param in model.named_parameters():
+        param.requires_grad_(adapted._requires_grad.get(name, param.requires_grad))
+    adapted._unloaded = True
+    return model
+
+
+def _fold_all(adapted: Adapted) -> Adapted:
+    """Fold every layer that can; on any failure put the model back as it was."""
+    try:
+        adapted.fold()
+    except BaseException:
+        for layer in adapted.layers.values():
+            if layer.folded:
+                layer.unfold()
+        _unwrap(adapted)
+        raise
+    return adapted
+
+
 def attach(model: nn.Module, program_or_path: Program | str | Path, *,
-           seed: int | None = None) -> Adapted:
+           seed: int | None = None, fold: bool = True) -> Adapted:
     """Wrap every layer the program matches, in place; only the adapter gates train.
 
-    ``seed`` makes the gate initialisation reproducible (one generator, target order).
-    """
+    ``seed`` makes the gate initialisation reproducible (one generator, target order);
+    ``fold`` folds ``freeze_one`` layers now (see the module doc)."""
     program = _as_program(program_or_path)
     _check_fresh(model)
     targets = bind(model, program)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return _wrap(model, program, targets, generator)
+    adapted = _wrap(model, program, targets, generator)
+    return _fold_all(adapted) if fold else adapted
 
 
-def load(model: nn.Module, path: str | Path) -> Adapted:
-    """Restore a saved adapter onto a fresh base model (the one it was trained on)."""
+def load(model: nn.Module, path: str | Path, *, fold: bool = True) -> Adapted:
+    """Restore a saved adapter onto a fresh base model (the one it was trained on); like
+    ``attach``, fold ``freeze_one`` layers unless ``fold=False``."""
     config, tensors = checkpoint.read(path)
     _check_fresh(model)
     try:
@@ -397,4 +309,4 @@ def load(model: nn.Module, path: str | Path) -> Adapted:
             if layer.frozen is not None:
                 for i, g in enumerate(layer.frozen.gates):
                     g.copy_(tensors[f"{name}.init_gates.{i}"])
-    return adapted
+    return _fold_all(adapted) if fold else adapted

@@ -29,12 +29,13 @@ _IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_
                   "num_attention_heads", "vocab_size", "n_embd", "n_layer")
 
 
-def layer_record(target, frozen: bool) -> dict:
-    """One adapted module as stored: kind, features, circuit name and text, gate shapes."""
+def layer_record(target, frozen: bool, state: str = "unfolded") -> dict:
+    """One adapted module as stored: kind, features, circuit name and text, gate shapes,
+    and the layer's state when saved (what its base weight held; see ``layer.py``)."""
     circuit = target.circuit
     return {"kind": target.kind, "in": target.in_features, "out": target.out_features,
             "circuit": target.circuit_name, "qc": circuit.to_qc(name=target.circuit_name),
-            "gates": [list(g.shape) for g in circuit.gates], "frozen": frozen}
+            "gates": [list(g.shape) for g in circuit.gates], "frozen": frozen, "state": state}
 
 
 def model_identity(model) -> dict:

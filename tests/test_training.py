@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qcircuit.runtime.adapter import attach
-from test_adapter import gpt2_program, llama_program, rel_err
+from test_adapter import EPS32, fold_amplification, gpt2_program, llama_program, rel_err
 
 
 def _eval_loss(model, ids) -> float:
@@ -39,7 +39,7 @@ def test_plain_loop_lowers_the_loss_and_touches_only_gates(request, token_ids, f
     before = _eval_loss(model, token_ids)
     _train(adapted, token_ids)
     after = _eval_loss(model, token_ids)
-    assert after < before - 0.05
+    assert after < 0.95 * before
     assert all(not torch.equal(a, b) for a, b in zip(start, adapted.trainable_parameters()))
     assert all(torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)
     assert all(torch.equal(a, b) for a, b in zip(
@@ -66,7 +66,7 @@ def test_transformers_trainer(tiny_llama, tmp_path, token_ids):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 8 and losses[-1] < losses[0]
     after = _eval_loss(tiny_llama, token_ids)
-    assert after < before - 0.05
+    assert after < 0.95 * before
     assert all(layer.folded for layer in adapted.layers.values())
 
 
@@ -89,24 +89,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(request, fixture, progr
         assert all(layer.folded for layer in adapted.layers.values())
         grads.append([g.grad.clone() for g in adapted.trainable_parameters()])
     assert all(g is not None and g.abs().sum() > 0 for g in grads[1])
+    # recomputation reorders float32 sums inside the base model; the folded unit-scale T0
+    # magnifies that rounding by the fold's cancellation factor
+    tol = 64 * EPS32 * fold_amplification(adapted)
     for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        assert rel_err(a, b) < tol
 
 
 def test_bfloat16_autocast(tiny_llama, token_ids):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         base = tiny_llama(token_ids).logits
-    adapted = attach(tiny_llama, llama_program(), seed=0)
+    adapted = attach(tiny_llama, llama_program(), seed=0, fold=False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(adapted(token_ids).logits, base)   # unfolded: exact at init
         adapted.fold()
         folded = adapted(token_ids).logits
-    # folded under bfloat16: W'·x and T·x are rounded to bfloat16 and cancel (doc: ~1e-2)
-    assert 0 < rel_err(folded, base) < 5e-2
+    # folded under bfloat16: W'·x and T·x are rounded to bfloat16 and cancel
+    eps16 = torch.finfo(torch.bfloat16).eps
+    assert 0 < rel_err(folded, base) < 16 * eps16 * fold_amplification(adapted)
     before = _eval_loss(tiny_llama, token_ids)
     _train(adapted, token_ids, autocast=True)
     assert all(g.dtype == torch.float32 for g in adapted.trainable_parameters())
-    assert _eval_loss(tiny_llama, token_ids) < before - 0.05
+    assert _eval_loss(tiny_llama, token_ids) < 0.95 * before
 
 
 def test_zero_last_is_exact_under_bfloat16(tiny_gpt2, token_ids):
@@ -121,7 +125,7 @@ def test_model_state_dict_round_trip_keeps_fold_and_merge_state(tiny_llama, toke
     fresh = type(tiny_llama)(tiny_llama.config)
     fresh.load_state_dict(tiny_llama.state_dict())
     adapted = attach(tiny_llama, llama_program(), seed=0)
-    _train(adapted, token_ids, steps=2)               # folds, then moves the gates
+    _train(adapted, token_ids, steps=2)
     with torch.no_grad():
         want = adapted(token_ids).logits
     resumed = attach(fresh, llama_program(), seed=1)
