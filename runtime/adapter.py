@@ -191,7 +191,28 @@ class Adapted:
                                                     layers[t.module_name].state.value)
              for t in self.targets},
             version=qcircuit.__version__)
+        _write_once(path, config, tensors)
+
+
+def _write_once(path: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the checkpoint; under ``torch.distributed`` rank 0 writes, and every rank
+    learns whether it succeeded (a broadcast: no rank races, none waits forever)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
         checkpoint.write(path, config, tensors)
+        return
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            checkpoint.write(path, config, tensors)
+        except Exception as e:  # re-raised below, after the other ranks heard of it
+            error = e
+    ok = [error is None]
+    dist.broadcast_object_list(ok, src=0)  # a bool of our own; works on gloo and nccl
+    if error is not None:
+        raise error
+    if not ok[0]:
+        raise QCError(f"rank 0 could not write the adapter to {path} (see its error)")
 
 
 def _check_fresh(model: nn.Module) -> None:
