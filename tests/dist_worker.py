@@ -1,7 +1,7 @@
 """One training run of a tiny adapted LLaMA, single-process or under a distributed wrapper.
 
-``python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py MODE OUT`` trains
-under ``MODE`` (ddp, fsdp2, fsdp1) on gloo and CPU, each rank on its half of one global
+``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_worker.py MODE
+OUT`` trains under ``MODE`` (ddp, fsdp2, fsdp1, accelerate) on gloo and CPU, each rank on its half of one global
 batch; rank 0 writes the losses, the first step's gate gradients (whole) and, after
 training, the saved adapter and the logits of the trained model to ``OUT``. ``run("single",
 ...)`` is the same run in one process on the whole batch: the reference the tests compare
@@ -64,7 +64,7 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def _wrap(mode: str, model: torch.nn.Module) -> torch.nn.Module:
-    if mode == "single":
+    if mode in ("single", "accelerate"):   # accelerate wraps in prepare()
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -103,11 +103,17 @@ def run(mode: str, init: str, dtype: torch.dtype, out: Path | None = None) -> di
     wrapped.train()
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.5)
+    backward = torch.Tensor.backward
+    if mode == "accelerate":
+        from accelerate import Accelerator
+        accelerator = Accelerator(cpu=True)
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+        backward = accelerator.backward
     ids = batch().chunk(world)[rank]
     losses, grads = [], {}
     for step in range(STEPS):
         loss = next_token_loss(wrapped(input_ids=ids).logits, ids)
-        loss.backward()
+        backward(loss)
         total = loss.detach().clone()
         if world > 1:
             dist.all_reduce(total)

@@ -1,5 +1,6 @@
 """Real multi-process training (torchrun, 2 ranks, gloo, CPU) against one process on the
-whole batch: DDP, FSDP2 (fully_shard) and FSDP1 (use_orig_params), freeze_one and zero_last.
+whole batch: DDP, FSDP2 (fully_shard), FSDP1 (use_orig_params) and accelerate, freeze_one
+and zero_last.
 Each launch runs ``tests/dist_worker.py``; see its docstring."""
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _launch(mode: str, out: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1", "accelerate"])
 def test_wrapped_training_equals_one_process(mode, single, tmp_path):
     _launch(mode, tmp_path)
     dtypes = [torch.float32] + ([torch.float64] if mode == "ddp" else [])
