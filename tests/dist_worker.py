@@ -85,11 +85,12 @@ def _wrap(mode: str, model: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(mode)
 
 
-def _gathered(mode: str, wrapped: torch.nn.Module):
+def _gathered(mode: str, wrapped: torch.nn.Module, writeback: bool = False):
     """A context in which every parameter (and gradient) is whole on this rank."""
     if mode == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
-        return FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True)
+        return FullyShardedDataParallel.summon_full_params(wrapped, writeback=writeback,
+                                                           with_grads=not writeback)
     import contextlib
     return contextlib.nullcontext()
 
@@ -132,8 +133,11 @@ def run(mode: str, init: str, dtype: torch.dtype, out: Path | None = None) -> di
         wrapped.eval()
         with torch.no_grad():
             logits = wrapped(input_ids=batch()).logits
+            with _gathered(mode, wrapped, writeback=True):
+                adapted.merge()   # every rank; the new weights go back into the shards
+            merged = wrapped(input_ids=batch()).logits
         if rank == 0:
-            save_file({"logits": logits.contiguous(),
+            save_file({"logits": logits.contiguous(), "merged": merged.contiguous(),
                        **{f"grad.{k}": v for k, v in grads.items()}},
                       str(out / f"result-{init}-{str(dtype)[6:]}.safetensors"))
             (out / f"losses-{init}-{str(dtype)[6:]}.json").write_text(json.dumps(losses))

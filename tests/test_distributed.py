@@ -61,5 +61,6 @@ def test_wrapped_training_equals_one_process(mode, single, tmp_path):
             assert rel_err(got, torch.cat([want["grads"][k].flatten() for k in keys])) < tol
         # the checkpoint rank 0 wrote after training reloads into the trained model
         got = dist_worker.reload_logits(tmp_path / f"adapter-{init}", torch.float32)
-        trained = load_file(str(tmp_path / f"result-{init}-float32.safetensors"))["logits"]
-        assert rel_err(got, trained) < 1e-5
+        result = load_file(str(tmp_path / f"result-{init}-float32.safetensors"))
+        assert rel_err(got, result["logits"]) < 1e-5
+        assert rel_err(result["merged"], result["logits"]) < 1e-5   # merge() on the wrapper
