@@ -152,10 +152,11 @@ def main() -> None:
     with torch.no_grad():
         base_emb = [embed(model, b) for b in sample]
         adapted = attach(model, parse(ADAPTER), seed=args.seed)
-        init_diff = max((embed(model, b) - e).abs().max().item()
-                        for b, e in zip(sample, base_emb))
+        init_diff = max((torch.linalg.vector_norm(embed(model, b) - e)
+                         / torch.linalg.vector_norm(e)).item() for b, e in zip(sample, base_emb))
     print(adapted)
-    print(f"at init the adapted model equals the base model: max abs diff {init_diff:.1e}")
+    print(f"at init the adapted (folded) model equals the base model to float32 rounding: "
+          f"relative difference {init_diff:.1e}")
     head = nn.Linear(model.config.hidden_size, 2)
     params = adapted.trainable_parameters() + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
