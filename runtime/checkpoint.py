@@ -12,30 +12,23 @@ agree with the stored options; every tensor must have exactly the recorded dtype
 (float32 or float64), shape and hash, be finite and at most ``MAX_GATE_ABS`` in magnitude.
 Every failure is one ``QCError`` naming the file. ``write`` refuses what ``read`` would.
 
-Writes are all-or-nothing: the complete new directory is written beside the target and
-swapped in (one ``renameat2(RENAME_EXCHANGE)`` on Linux, else two renames, undone on
-error), the old one is then removed. A target holding files other than the two
-checkpoint files is refused, never cleaned up. On an exception, Ctrl-C or SIGTERM the
-temporary directory is removed and the target is as it was. Under ``torch.distributed``
-only rank 0 writes and every rank waits for it.
+Writes are all-or-nothing (``atomic_dir``): the complete new directory is written beside
+the target and swapped in, then the old one is removed; on an exception, Ctrl-C or
+SIGTERM the target is as it was and no temporary directory is left. A target holding
+files other than the two checkpoint files is refused, never cleaned up; an existing
+checkpoint is replaced only with ``overwrite=True``. Under ``torch.distributed`` only
+rank 0 writes and every rank waits for it.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import inspect
 import json
 import math
 import os
-import shutil
-import signal
 import stat
-import tempfile
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,7 +37,9 @@ from safetensors.torch import save_file
 from qcircuit import Program, QCError, parse
 from qcircuit.ir import check_option
 
-from .checkpoint_schema import FORMAT, FORMAT_VERSION, check_config, expected_tensors
+from .atomic_dir import fsync, replace_dir
+from .checkpoint_schema import (FORMAT, FORMAT_VERSION, IDENTITY_KEYS, check_config,
+                                expected_tensors)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "FORMAT_VERSION", "MAX_CONFIG_BYTES",
            "MAX_GATE_ABS", "layer_record", "model_identity", "tensor_records", "build_config",
@@ -56,8 +51,6 @@ MAX_CONFIG_BYTES = 16 << 20
 #: Largest gate entry accepted. Gates start at most 1 in magnitude (Kaiming, unit gain) and
 #: training moves them little; 1e6 is far beyond that and far from float32 overflow.
 MAX_GATE_ABS = 1e6
-_IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "vocab_size", "n_embd", "n_layer")
 _HEADER_DTYPES = {"F32": "float32", "F64": "float64"}
 
 
@@ -84,7 +77,7 @@ def model_identity(model) -> dict:
     config = getattr(model, "config", None)
     out = {"class": type(model).__name__, "config_class": type(config).__name__ if config else None,
            "dtype": _model_dtype(model)}
-    for key in _IDENTITY_KEYS:
+    for key in IDENTITY_KEYS:
         value = getattr(config, key, None) if config is not None else None
         if isinstance(value, (int, str)) and not isinstance(value, bool):
             out[key] = value
@@ -317,122 +310,28 @@ def dtype_warning(config: dict, model) -> str | None:
 
 
 # --- writing ------------------------------------------------------------------------------
-class _Terminated(BaseException):
-    """SIGTERM arrived while a checkpoint was being written."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated()
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While writing, SIGTERM raises (so the temporary files go), then is delivered again
-    to the handler it had before. Only in the main thread, only if SIGTERM is handled."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous in (
-            signal.SIG_IGN, None):
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    except _Terminated:
-        signal.signal(signal.SIGTERM, previous)
-        signal.raise_signal(signal.SIGTERM)   # the default action ends the process here
-        raise QCError("saving was interrupted by SIGTERM; the target is unchanged") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_files(folder: Path, config: dict, tensors: Mapping[str, torch.Tensor]) -> None:
     save_file(dict(tensors), str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
-    _fsync(folder / WEIGHTS_NAME)
+    fsync(folder / WEIGHTS_NAME)
     with open(folder / CONFIG_NAME, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    _fsync(folder)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one step (Linux ``renameat2``); False where unsupported."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    """Put the directory ``new`` at ``target``; an old target ends up at ``new``'s path
-    or is removed. Any failure leaves ``target`` as it was."""
-    if not target.exists() or not any(target.iterdir()):
-        os.replace(new, target)   # a rename onto a missing or empty directory
-        return
-    if _exchange(new, target):
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, aside)     # the old checkpoint aside, onto an empty placeholder
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _check_target(target: Path, overwrite: bool) -> None:
-    if os.path.lexists(target) and not target.is_dir():
-        raise QCError(f"cannot save the adapter to {target}: it is a file, not a directory")
-    names = sorted(os.listdir(target)) if target.is_dir() else []
-    foreign = [n for n in names if n not in (CONFIG_NAME, WEIGHTS_NAME)]
-    if foreign:
-        raise QCError(f"cannot save the adapter to {target}: it holds other files "
-                      f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); a "
-                      f"checkpoint replaces its directory as a whole and qcircuit never deletes "
-                      f"files it did not write: save into a new or empty directory")
-    if names and not overwrite:
-        raise QCError(f"{target} already holds an adapter checkpoint: pass overwrite=True "
-                      f"(qcompile --force) to replace it")
 
 
 def _write_local(path: str | Path, config: dict, tensors: Mapping[str, torch.Tensor],
                  overwrite: bool) -> None:
+    if not os.fspath(path):
+        raise QCError("cannot save the adapter: the path is empty")
     target = Path(os.path.realpath(path))
     tensors = _cpu(tensors)
     full = {**config, "tensors": tensor_records(tensors)}
     _verify(full, f"the config for {target / CONFIG_NAME}", str(target))
     for name, t in tensors.items():
         _check_values(name, t, f"cannot save the adapter to {target}")
-    _check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _sigterm_raises():
-        tmp = None
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-            _write_files(tmp, full, tensors)
-            _swap_in(tmp, target)
-            _fsync(target.parent)
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+    replace_dir(target, lambda tmp: _write_files(tmp, full, tensors),
+                owned=(CONFIG_NAME, WEIGHTS_NAME), overwrite=overwrite, what="an adapter checkpoint")
 
 
 def _collective_device() -> torch.device:

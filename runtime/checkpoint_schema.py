@@ -28,6 +28,9 @@ TOP_KEYS = ("format", "format_version", "qcircuit_version", "program", "options"
             "layers", "tensors")
 RECORD_KEYS = ("kind", "in", "out", "circuit", "qc", "gates", "frozen", "state")
 TENSOR_KEYS = ("dtype", "shape", "sha256")
+MODEL_KEYS = ("class", "config_class", "dtype")       # always there (values may be null)
+IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "vocab_size", "n_embd", "n_layer")  # where the model has them
 KINDS = ("linear", "conv1d")
 STATES = ("unfolded", "folded")
 TENSOR_DTYPES = ("float32", "float64")  # gates train in float32 (float64 on float64 layers)
@@ -97,15 +100,21 @@ def _check_options(value: object, where: str) -> dict:
 
 def _check_model(value: object, where: str) -> None:
     model = _dict(value, "$.model", where)
-    for key in ("class", "dtype"):
+    for key in MODEL_KEYS:
         if key not in model:
             raise QCError(f"{where}: $.model: key {json.dumps(key)} is missing")
     _text(model["class"], "$.model.class", where)
-    if model["dtype"] is not None:
-        _text(model["dtype"], "$.model.dtype", where)
-    for key, v in model.items():  # identity fields: scalars only
-        if not (v is None or isinstance(v, (str, int, float))):
-            _bad(where, f"$.model[{json.dumps(key)}]", "a string, a number or null", v)
+    for key, v in model.items():
+        path = f"$.model.{key}"
+        if key in ("config_class", "dtype"):
+            if v is not None:
+                _text(v, path, where)
+        elif key in IDENTITY_KEYS:
+            if not (_is_int(v) or isinstance(v, str) and len(v) <= MAX_TEXT):
+                _bad(where, path, "an integer or a string", v)
+        elif key != "class":
+            raise QCError(f"{where}: $.model: unknown key {json.dumps(key)[:60]} (expected "
+                          f"only {', '.join(MODEL_KEYS + IDENTITY_KEYS)})")
 
 
 def _check_record(name: str, value: object, path: str, where: str) -> None:
@@ -230,5 +239,5 @@ def _exact_keys(obj: dict, keys: tuple[str, ...], path: str, where: str) -> None
             raise QCError(f"{where}: {path}: key {json.dumps(key)} is missing")
     for key in obj:
         if key not in keys:
-            raise QCError(f"{where}: {path}: unknown key {_show(key)} "
+            raise QCError(f"{where}: {path}: unknown key {json.dumps(key)[:60]} "
                           f"(expected only {', '.join(keys)})")
