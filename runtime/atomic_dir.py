@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import signal
@@ -64,9 +65,18 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _renameat2():
+    """libc's ``renameat2`` (glibc 2.28+), or None."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):  # no C library to look in (e.g. Windows)
+        return None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two directories in one step (Linux ``renameat2``); False where unsupported."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    renameat2 = _renameat2()
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2

@@ -201,7 +201,8 @@ def _read_config(path: Path, folder: Path) -> object:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        what = " (it looks like a pickle, which qcircuit never loads)" if data[:1] == b"\x80" else ""
+        pickle = data[:1] == b"\x80"
+        what = " (it looks like a pickle, which qcircuit never loads)" if pickle else ""
         raise QCError(f"{path}: not UTF-8 text at byte {e.start}{what}: an adapter config "
                       f"is JSON") from None
     try:
@@ -330,8 +331,8 @@ def _write_local(path: str | Path, config: dict, tensors: Mapping[str, torch.Ten
     _verify(full, f"the config for {target / CONFIG_NAME}", str(target))
     for name, t in tensors.items():
         _check_values(name, t, f"cannot save the adapter to {target}")
-    replace_dir(target, lambda tmp: _write_files(tmp, full, tensors),
-                owned=(CONFIG_NAME, WEIGHTS_NAME), overwrite=overwrite, what="an adapter checkpoint")
+    replace_dir(target, lambda tmp: _write_files(tmp, full, tensors), owned=(CONFIG_NAME,
+                WEIGHTS_NAME), overwrite=overwrite, what="an adapter checkpoint")
 
 
 def _collective_device() -> torch.device:

@@ -29,8 +29,9 @@ TOP_KEYS = ("format", "format_version", "qcircuit_version", "program", "options"
 RECORD_KEYS = ("kind", "in", "out", "circuit", "qc", "gates", "frozen", "state")
 TENSOR_KEYS = ("dtype", "shape", "sha256")
 MODEL_KEYS = ("class", "config_class", "dtype")       # always there (values may be null)
+#: config fields stored where the model has them
 IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "vocab_size", "n_embd", "n_layer")  # where the model has them
+                 "num_attention_heads", "vocab_size", "n_embd", "n_layer")
 KINDS = ("linear", "conv1d")
 STATES = ("unfolded", "folded")
 TENSOR_DTYPES = ("float32", "float64")  # gates train in float32 (float64 on float64 layers)

@@ -493,3 +493,39 @@ def test_load_refuses_a_bad_program_in_the_config(tmp_path, tiny_llama):
     path.write_text(json.dumps(config))
     with pytest.raises(QCError, match=r"\$\.options\.init: unknown init mode 'random'"):
         load(base, tmp_path / "c")
+
+
+def test_program_of_parses_with_includes_off_where_parse_can(tmp_path, tiny_llama, monkeypatch):
+    attach(tiny_llama, llama_program()).save(tmp_path / "c")
+    config, _ = checkpoint.read(tmp_path / "c")
+    seen = []
+
+    def parse_with_switch(text, file=None, base_dir=None, includes=True):
+        seen.append((file, includes))
+        return parse(text, file=file)
+
+    monkeypatch.setattr(checkpoint, "parse", parse_with_switch)
+    assert checkpoint.program_of(config, "here") == parse(config["program"])
+    assert seen == [("here/adapter_config.json (program)", False)]
+
+
+def test_save_from_another_thread(tmp_path, tiny_llama):
+    """Signal handlers belong to the main thread: a save elsewhere leaves them alone."""
+    import threading
+
+    adapted, before = _saved(tmp_path, tiny_llama)
+    handler = signal.getsignal(signal.SIGTERM)
+    errors = []
+
+    def save():
+        try:
+            adapted.save(tmp_path / "old")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=save)
+    thread.start()
+    thread.join()
+    assert errors == [] and signal.getsignal(signal.SIGTERM) is handler
+    assert _files(tmp_path / "old") != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]

@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qcircuit import QCError
-from qcircuit.runtime import checkpoint
-from qcircuit.runtime.adapter import attach, load
+from qcircuit.runtime import attach, checkpoint, load
 from test_adapter import llama_program, perturb
 
 TIME_BOUND = 5.0   # seconds; every case takes well under 0.5 s on a 2-core machine
@@ -163,7 +162,8 @@ def _with_include(config):
 def _deep_model_class(folder: Path) -> None:
     text = (folder / CONFIG).read_text()
     nested = "[" * 900 + "]" * 900
-    (folder / CONFIG).write_text(text.replace('"class": "LlamaForCausalLM"', f'"class": {nested}', 1))
+    text = text.replace('"class": "LlamaForCausalLM"', f'"class": {nested}', 1)
+    (folder / CONFIG).write_text(text)
 
 
 def _json_deep(depth: int) -> bytes:
