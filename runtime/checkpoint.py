@@ -119,7 +119,8 @@ def _parse_takes_includes() -> bool:
 
 def program_of(config: dict, where: str) -> Program:
     """The program stored in a (schema-checked) config, parsed with includes disabled,
-    checked against the stored options. ``where`` names the checkpoint directory."""
+    checked against the stored options and the layers' circuit names. ``where`` names the
+    checkpoint directory."""
     file = f"{where}/{CONFIG_NAME} (program)"
     text = config["program"]
     if _parse_takes_includes():
@@ -135,6 +136,11 @@ def program_of(config: dict, where: str) -> Program:
         if program.option(key) != check_option(key, saved):
             raise QCError(f"{where}/{CONFIG_NAME}: $.options.{key} is {json.dumps(saved)} but "
                           f"the stored program says {json.dumps(program.option(key))}")
+    for name, rec in config["layers"].items():
+        if rec["circuit"] not in program.circuits:
+            raise QCError(f"{where}/{CONFIG_NAME}: $.layers[{json.dumps(name)}].circuit is "
+                          f"{json.dumps(rec['circuit'])[:60]}, which the stored program does "
+                          f"not define")
     return program
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qcircuit
@@ -175,7 +175,7 @@ def test_load_refuses_what_is_not_a_checkpoint(tmp_path, tiny_llama):
         load(tiny_llama, tmp_path)
 
 
-def test_symlinked_checkpoint_files_load(tmp_path, tiny_llama, token_ids):
+def test_symlinked_checkpoint_files_load(tmp_path, tiny_llama):
     """A cache that links a checkpoint's files to blobs elsewhere (as the HF hub does)."""
     base = _fresh(tiny_llama)
     adapted = attach(tiny_llama, llama_program(), seed=0)
@@ -222,9 +222,9 @@ def _saved(tmp_path: Path, model) -> tuple:
 
 
 def _broken(error: BaseException):
-    def save_file(*args, **kwargs):
+    def broken_save_file(*args, **kwargs):
         raise error
-    return save_file
+    return broken_save_file
 
 
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()],

@@ -246,6 +246,8 @@ CASES = [
      r"number 1e999 is out of range"),
     # the stored program
     (F1, "program_includes_a_file", _edit(_with_include), r"include"),
+    (F1, "record_names_an_unknown_circuit", _edit(_record("circuit", "lora")),
+     r'q_proj"\]\.circuit is "lora", which the stored program does not define'),
     (F1, "program_syntax_error", _edit(lambda c: c.update(program="circuit {")),
      r"adapter_config\.json \(program\):1"),
     (F1, "program_circuit_edited", _edit(lambda c: c.update(program=c["program"].replace(
