@@ -36,7 +36,8 @@ KINDS = ("linear", "conv1d")
 STATES = ("unfolded", "folded")
 TENSOR_DTYPES = ("float32", "float64")  # gates train in float32 (float64 on float64 layers)
 MAX_FEATURES = 2**31
-MAX_TEXT = 1 << 20                      # a name or a version string, not a program
+MAX_TEXT = 1 << 20                      # a circuit's name or a version string, not a program
+MAX_MODULE_NAME = 1000
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -77,11 +78,11 @@ def check_config(config: object, where: str) -> None:
     if not layers:
         raise QCError(f"{where}: $.layers: a checkpoint adapts at least one layer")
     for name, rec in layers.items():
-        _check_record(name, rec, f"$.layers[{json.dumps(name)}]", where)
+        _check_record(name, rec, f"$.layers[{_key(name)}]", where)
     _check_agreement(layers, options["init"], where)
     tensors = _dict(root["tensors"], "$.tensors", where)
     for name, entry in tensors.items():
-        _check_tensor_entry(entry, f"$.tensors[{json.dumps(name)}]", where)
+        _check_tensor_entry(entry, f"$.tensors[{_key(name)}]", where)
     _check_tensor_set(layers, tensors, where)
 
 
@@ -119,8 +120,8 @@ def _check_model(value: object, where: str) -> None:
 
 
 def _check_record(name: str, value: object, path: str, where: str) -> None:
-    if not name or len(name) > MAX_TEXT:
-        raise QCError(f"{where}: {path}: a module name must be a non-empty string")
+    if not name or len(name) > MAX_MODULE_NAME:
+        raise QCError(f"{where}: {path}: a module name has 1 to {MAX_MODULE_NAME} characters")
     rec = _dict(value, path, where)
     _exact_keys(rec, RECORD_KEYS, path, where)
     if rec["kind"] not in KINDS:
@@ -169,7 +170,7 @@ def _check_agreement(layers: dict, init: str, where: str) -> None:
     layer with a frozen copy can have it folded into the base weight."""
     frozen = init == "freeze_one"
     for name, rec in layers.items():
-        path = f"$.layers[{json.dumps(name)}]"
+        path = f"$.layers[{_key(name)}]"
         if rec["frozen"] != frozen:
             raise QCError(f"{where}: {path}.frozen is {json.dumps(rec['frozen'])} but "
                           f"$.options.init is {json.dumps(init)}")
@@ -189,7 +190,7 @@ def _check_tensor_set(layers: dict, tensors: dict, where: str) -> None:
                       f"for {len(want)} tensors)")
     for name, shape in want.items():
         if tuple(tensors[name]["shape"]) != shape:
-            raise QCError(f"{where}: $.tensors[{json.dumps(name)}].shape is "
+            raise QCError(f"{where}: $.tensors[{_key(name)}].shape is "
                           f"{tensors[name]['shape']} but the layer record says {list(shape)}")
 
 
@@ -202,6 +203,12 @@ def _show(value: object) -> str:
         return f"{kind} of {len(value)} entries"
     text = json.dumps(value)
     return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _key(name: str) -> str:
+    """A dict key as it appears in a JSON path (quoted, at most 200 characters)."""
+    text = json.dumps(name)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _bad(where: str, path: str, expected: str, value: object):
