@@ -16,13 +16,14 @@ init, in any precision); ``zero_last`` is exact at init either way.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import qcircuit
-from qcircuit import Circuit, Program, QCError, parse, parse_file
+from qcircuit import Circuit, Program, QCError, parse_file
 from qcircuit.compiler import compile as compile_circuit
 
 from . import checkpoint
@@ -174,8 +175,9 @@ class Adapted:
         return f"<Adapted {type(self.model).__name__}: {len(self.layers)} layers>"
 
     # --- checkpoints ---------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
+    def save(self, path: str | Path, *, overwrite: bool = True) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, all or nothing
+        (``overwrite=False`` refuses an existing checkpoint; see ``checkpoint.write``).
 
         Under ``torch.distributed`` every rank must call it (sharded gates are gathered);
         rank 0 writes and the others wait for it."""
@@ -191,28 +193,7 @@ class Adapted:
                                                     layers[t.module_name].state.value)
              for t in self.targets},
             version=qcircuit.__version__)
-        _write_once(path, config, tensors)
-
-
-def _write_once(path: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the checkpoint; under ``torch.distributed`` rank 0 writes, and every rank
-    learns whether it succeeded (a broadcast: no rank races, none waits forever)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        checkpoint.write(path, config, tensors)
-        return
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            checkpoint.write(path, config, tensors)
-        except Exception as e:  # re-raised below, after the other ranks heard of it
-            error = e
-    ok = [error is None]
-    dist.broadcast_object_list(ok, src=0)  # a bool of our own; works on gloo and nccl
-    if error is not None:
-        raise error
-    if not ok[0]:
-        raise QCError(f"rank 0 could not write the adapter to {path} (see its error)")
+        checkpoint.write(path, config, tensors, overwrite=overwrite)
 
 
 def _check_fresh(model: nn.Module) -> None:
@@ -307,21 +288,19 @@ def attach(model: nn.Module, program_or_path: Program | str | Path, *,
 def load(model: nn.Module, path: str | Path, *, fold: bool = True) -> Adapted:
     """Restore a saved adapter onto a fresh base model (the one it was trained on); like
     ``attach``, fold ``freeze_one`` layers unless ``fold=False``."""
-    config, tensors = checkpoint.read(path)
+    config, tensors = checkpoint.read(path)   # schema, hashes, dtypes, finite values
     _check_fresh(model)
-    try:
-        program = parse(config["program"])
-        if any(program.option(k) != v for k, v in config["options"].items()):
-            program = Program(program.circuits, program.rules, config["options"])
-    except (QCError, AttributeError, KeyError, TypeError) as e:
-        raise QCError(f"checkpoint {path} holds a bad program or options: {e}") from None
+    program = checkpoint.program_of(config, str(path))   # includes disabled
     try:
         targets = bind(model, program)
     except QCError as e:
         raise QCError(f"checkpoint {path} does not fit this model: {e.one_line()}") from None
     frozen = program.option("init") == "freeze_one"
     current = {t.module_name: checkpoint.layer_record(t, frozen) for t in targets}
-    checkpoint.check_layers(str(path), config, current, tensors)
+    checkpoint.check_layers(str(path), config, current)
+    warning = checkpoint.dtype_warning(config, model)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     adapted = _wrap(model, program, targets, generator=None)
     with torch.no_grad():
         for name, layer in adapted.layers.items():

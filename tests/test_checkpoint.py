@@ -1,17 +1,24 @@
 """Adapter checkpoints: round trips, what the files hold, refusals, atomic writes."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qcircuit
 from qcircuit import QCError, parse
-from qcircuit.runtime import checkpoint
+from qcircuit.runtime import atomic_dir, checkpoint
 from qcircuit.runtime.adapter import attach, load
 from test_adapter import gpt2_program, llama_program, perturb, rel_err
 
@@ -57,11 +64,14 @@ def test_checkpoint_contents(tiny_llama, tmp_path):
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())
     assert config["qcircuit_version"] == qcircuit.__version__
+    assert config["format_version"] == checkpoint.FORMAT_VERSION
     assert parse(config["program"]) == adapted.program
     assert config["options"] == {"init": "freeze_one", "scale": 1.0, "dropout": 0.1}
     assert config["model"]["model_type"] == "llama" and config["model"]["hidden_size"] == 64
+    assert config["model"]["dtype"] == "float32"
     up = config["layers"]["model.layers.0.mlp.up_proj"]
     assert (up["in"], up["out"], up["circuit"], up["kind"]) == (64, 172, "up", "linear")
+    assert (up["frozen"], up["state"]) == (True, "unfolded")
     assert up["gates"] == [[4, 4, 4, 4], [1, 43, 4, 4]]
     tensors = load_file(str(tmp_path / "ckpt" / "adapter_model.safetensors"))
     assert tensors.keys() == checkpoint.expected_tensors(config["layers"]).keys()
@@ -69,6 +79,11 @@ def test_checkpoint_contents(tiny_llama, tmp_path):
     assert torch.equal(tensors["model.layers.0.mlp.up_proj.gates.1"], layer.adapter.gates[1])
     assert torch.equal(tensors["model.layers.0.mlp.up_proj.init_gates.0"], layer.frozen.gates[0])
     assert len(tensors) == 2 * sum(len(t.circuit.gates) for t in adapted.targets)
+    assert config["tensors"] == checkpoint.tensor_records(tensors)
+    entry = config["tensors"]["model.layers.0.mlp.up_proj.gates.1"]
+    assert (entry["dtype"], entry["shape"]) == ("float32", [1, 43, 4, 4])
+    assert entry["sha256"] == hashlib.sha256(tensors["model.layers.0.mlp.up_proj.gates.1"]
+                                             .numpy().tobytes()).hexdigest()
 
 
 def test_zero_last_checkpoint_has_no_frozen_gates(tiny_gpt2, tmp_path):
@@ -116,44 +131,74 @@ def test_load_refuses_a_model_where_the_program_does_not_bind(tmp_path, tiny_lla
         load(tiny_gpt2, tmp_path / "c")
 
 
-def test_load_refuses_a_different_circuit_and_bad_tensors(tmp_path, tiny_llama):
+def test_load_refuses_a_different_circuit(tmp_path, tiny_llama):
     base = _fresh(tiny_llama)
     attach(tiny_llama, llama_program(), seed=0).save(tmp_path / "c")
     config_path = tmp_path / "c" / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["layers"]["model.layers.0.mlp.up_proj"]["gates"][0] = [16, 16]
+    up = config["layers"]["model.layers.0.mlp.up_proj"]
+    up["qc"] = up["qc"].replace("gate (0, 1)", "gate (1, 0)")
     config_path.write_text(json.dumps(config))
-    with pytest.raises(QCError, match=r"up_proj: different circuit.*\[16, 16\]"):
+    with pytest.raises(QCError, match=r"up_proj: different circuit: checkpoint has 'up'"):
         load(base, tmp_path / "c")
 
-    attach(_fresh(base), llama_program(), seed=0).save(tmp_path / "d")
-    weights = tmp_path / "d" / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
+
+def test_check_layers_names_every_bad_tensor(tmp_path, tiny_llama):
+    attach(tiny_llama, llama_program(), seed=0).save(tmp_path / "c")
+    config, tensors = checkpoint.read(tmp_path / "c")
     tensors["model.layers.1.self_attn.v_proj.gates.2"] = torch.zeros(4, 4, 4, 3)
     del tensors["model.layers.0.self_attn.q_proj.init_gates.1"]
     tensors["stray"] = torch.zeros(1)
-    save_file(tensors, str(weights))
     with pytest.raises(QCError) as info:
-        load(base, tmp_path / "d")
+        checkpoint.check_layers("c", config, config["layers"], tensors)
     text = str(info.value)
     assert "v_proj.gates.2 has shape (4, 4, 4, 3), expected (4, 4, 4, 4)" in text
     assert "q_proj.init_gates.1 is missing" in text and "unexpected tensor stray" in text
+    checkpoint.check_layers("c", config, config["layers"], checkpoint.read(tmp_path / "c")[1])
 
 
 def test_load_refuses_what_is_not_a_checkpoint(tmp_path, tiny_llama):
     with pytest.raises(QCError, match="adapter_config.json is missing"):
         load(tiny_llama, tmp_path)
+    with pytest.raises(QCError, match="not an adapter checkpoint directory"):
+        load(tiny_llama, tmp_path / "nowhere")
     (tmp_path / "adapter_config.json").write_text("{not json")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"junk")
-    with pytest.raises(QCError, match="cannot read .*adapter_config.json"):
+    with pytest.raises(QCError, match="adapter_config.json: not valid JSON"):
         load(tiny_llama, tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"format": "other"}')
     with pytest.raises(QCError, match="not a qcircuit adapter config"):
         load(tiny_llama, tmp_path)
     (tmp_path / "adapter_config.json").write_text(
         '{"format": "qcircuit-adapter", "program": "", "options": {}, "layers": {}}')
-    with pytest.raises(QCError, match="cannot read .*adapter_model.safetensors"):
+    with pytest.raises(QCError, match="no format_version: it was saved by qcircuit 0.1"):
         load(tiny_llama, tmp_path)
+
+
+def test_symlinked_checkpoint_files_load(tmp_path, tiny_llama):
+    """A cache that links a checkpoint's files to blobs elsewhere (as the HF hub does)."""
+    base = _fresh(tiny_llama)
+    adapted = attach(tiny_llama, llama_program(), seed=0)
+    perturb(adapted)
+    adapted.save(tmp_path / "c")
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "linked").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.move(tmp_path / "c" / name, tmp_path / "blobs" / name)
+        (tmp_path / "linked" / name).symlink_to(tmp_path / "blobs" / name)
+    restored = load(base, tmp_path / "linked")
+    for a, b in zip(adapted.trainable_parameters(), restored.trainable_parameters()):
+        assert torch.equal(a, b)
+
+
+def test_dtype_warning_for_a_model_of_another_dtype(tmp_path, tiny_llama):
+    base = _fresh(tiny_llama)
+    attach(tiny_llama, llama_program()).save(tmp_path / "c")
+    config, _ = checkpoint.read(tmp_path / "c")
+    assert checkpoint.dtype_warning(config, base) is None
+    text = checkpoint.dtype_warning(config, base.to(torch.bfloat16))
+    assert "saved from a float32 model and is loaded into a bfloat16 model" in text
+    assert "gates stay float32" in text
 
 
 def test_load_onto_an_adapted_model_is_refused(tmp_path, tiny_llama):
@@ -163,32 +208,249 @@ def test_load_onto_an_adapted_model_is_refused(tmp_path, tiny_llama):
         load(tiny_llama, tmp_path / "c")
 
 
-def test_save_is_atomic(tmp_path, tiny_llama, monkeypatch):
-    adapted = attach(tiny_llama, llama_program(), seed=0)
+# --- writing: all or nothing --------------------------------------------------------------
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
-        adapted.save(tmp_path / "new")
-    assert list(tmp_path.iterdir()) == []          # no partial dir, no temp dir left
-
-    monkeypatch.undo()
+def _saved(tmp_path: Path, model) -> tuple:
+    """An adapter saved at tmp_path/old, a changed copy of its gates, and the old bytes."""
+    adapted = attach(model, llama_program(), seed=0)
     adapted.save(tmp_path / "old")
-    (tmp_path / "old" / "notes.txt").write_text("mine")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
     perturb(adapted)
-    monkeypatch.setattr(checkpoint, "save_file", broken)
-    with pytest.raises(OSError):
+    return adapted, _files(tmp_path / "old")
+
+
+def _broken(error: BaseException):
+    def broken_save_file(*args, **kwargs):
+        raise error
+    return broken_save_file
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()],
+                         ids=["oserror", "ctrl-c"])
+def test_a_failed_write_leaves_nothing_and_the_old_checkpoint_intact(tmp_path, tiny_llama,
+                                                                     monkeypatch, error):
+    adapted, before = _saved(tmp_path, tiny_llama)
+    monkeypatch.setattr(checkpoint, "save_file", _broken(error))
+    with pytest.raises(type(error)):
+        adapted.save(tmp_path / "new")
+    with pytest.raises(type(error)):
         adapted.save(tmp_path / "old")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]   # no temp dir left
+    assert _files(tmp_path / "old") == before
+
+
+def test_a_failed_swap_puts_the_old_checkpoint_back(tmp_path, tiny_llama, monkeypatch):
+    """Where the one-step exchange is missing, the swap is two renames; the second fails."""
+    adapted, before = _saved(tmp_path, tiny_llama)
+    monkeypatch.setattr(atomic_dir, "_exchange", lambda a, b: False)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:   # the old one is aside, the new one is not yet in place
+            raise OSError("crash between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="crash between"):
+        adapted.save(tmp_path / "old")
+    assert calls[0][0] == "old" and calls[1][1] == "old" and calls[2][1] == "old"
+    monkeypatch.setattr(os, "replace", real_replace)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
-    monkeypatch.undo()
-    adapted.save(tmp_path / "old")                 # overwrite keeps the user's other files
-    assert (tmp_path / "old" / "notes.txt").read_text() == "mine"
-    assert (tmp_path / "old" / "adapter_model.safetensors").read_bytes() != \
+    assert _files(tmp_path / "old") == before
+    adapted.save(tmp_path / "old")   # the two-rename swap itself works
+    assert _files(tmp_path / "old")["adapter_model.safetensors"] != \
         before["adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_a_failed_exchange_leaves_the_old_checkpoint(tmp_path, tiny_llama, monkeypatch):
+    adapted, before = _saved(tmp_path, tiny_llama)
+
+    def exchange(a, b):
+        raise OSError("exchange failed")
+
+    monkeypatch.setattr(atomic_dir, "_exchange", exchange)
+    with pytest.raises(OSError, match="exchange failed"):
+        adapted.save(tmp_path / "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert _files(tmp_path / "old") == before
+
+
+def test_overwrite_replaces_the_whole_checkpoint(tmp_path, tiny_llama):
+    adapted, before = _saved(tmp_path, tiny_llama)
+    adapted.save(tmp_path / "old")
+    after = _files(tmp_path / "old")
+    assert after.keys() == before.keys() and after != before
+    config, tensors = checkpoint.read(tmp_path / "old")   # new config with new weights
+    assert torch.equal(tensors["model.layers.0.self_attn.q_proj.gates.0"],
+                       adapted.trainable_parameters()[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_write_without_overwrite_refuses_an_existing_checkpoint(tmp_path, tiny_llama):
+    adapted, before = _saved(tmp_path, tiny_llama)
+    config, tensors = checkpoint.read(tmp_path / "old")
+    with pytest.raises(QCError, match=r"already holds an adapter checkpoint: pass "
+                                      r"overwrite=True \(qcompile --force\)"):
+        checkpoint.write(tmp_path / "old", config, tensors, overwrite=False)
+    assert _files(tmp_path / "old") == before
+    checkpoint.write(tmp_path / "new", config, tensors, overwrite=False)
+    (tmp_path / "empty").mkdir()
+    checkpoint.write(tmp_path / "empty", config, tensors, overwrite=False)
+    assert _files(tmp_path / "new") == _files(tmp_path / "empty") == before
+
+
+def test_save_refuses_a_directory_with_other_files(tmp_path, tiny_llama):
+    adapted, before = _saved(tmp_path, tiny_llama)
+    (tmp_path / "old" / "notes.txt").write_text("mine")
+    with pytest.raises(QCError, match=r"holds other files \(notes\.txt\).*never deletes"):
+        adapted.save(tmp_path / "old")
+    assert _files(tmp_path / "old") == {**before, "notes.txt": b"mine"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.bin").write_bytes(b"x")
+    with pytest.raises(QCError, match=r"holds other files \(model\.bin\)"):
+        adapted.save(tmp_path / "run")
+    assert _files(tmp_path / "run") == {"model.bin": b"x"}
+
+
+def test_write_refuses_what_read_would_refuse(tmp_path, tiny_llama):
+    adapted, _ = _saved(tmp_path, tiny_llama)
+    config, tensors = checkpoint.read(tmp_path / "old")
+    name = "model.layers.0.self_attn.q_proj.gates.0"
+    for bad, match in ((float("nan"), "non-finite entry"), (1e7, "beyond the bound")):
+        broken = dict(tensors)
+        broken[name] = tensors[name].clone()
+        broken[name][0, 0, 0, 0] = bad
+        with pytest.raises(QCError, match=match):
+            checkpoint.write(tmp_path / "bad", config, broken)
+    with pytest.raises(QCError, match=r'\.dtype: expected "float32" or "float64"'):
+        checkpoint.write(tmp_path / "bad", config, {**tensors, name: tensors[name].half()})
+    with pytest.raises(QCError, match=r"\$\.options\.scale is 3\.0 but the stored program"):
+        checkpoint.write(tmp_path / "bad", {**config, "options": {**config["options"],
+                                                                  "scale": 3.0}}, tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_build_config_and_a_folded_state_round_trip(tmp_path, tiny_llama):
+    """The API Adapted.save calls: records with a state, the tensor section, write, read."""
+    adapted = attach(tiny_llama, llama_program(), seed=0)
+    adapted.fold()
+    tensors = {}
+    for name, layer in adapted.layers.items():
+        tensors.update(layer.tensors(name))
+    records = {t.module_name: checkpoint.layer_record(t, True, "folded") for t in adapted.targets}
+    config = checkpoint.build_config(adapted.program, adapted.model, records, tensors,
+                                     version=qcircuit.__version__)
+    assert config["tensors"] == checkpoint.tensor_records(tensors)
+    checkpoint.write(tmp_path / "c", config, tensors)
+    got_config, got = checkpoint.read(tmp_path / "c")
+    assert got_config == config
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in got)
+    assert checkpoint.program_of(got_config, str(tmp_path / "c")) == adapted.program
+    assert {r["state"] for r in got_config["layers"].values()} == {"folded"}
+
+
+def test_sigterm_while_writing_cleans_up_and_reaches_the_old_handler(tmp_path, tiny_llama,
+                                                                     monkeypatch):
+    adapted, before = _saved(tmp_path, tiny_llama)
+    real_save_file, received = checkpoint.save_file, []
+
+    def save_then_sigterm(*args, **kwargs):
+        real_save_file(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)   # the handler runs at the next bytecode
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(checkpoint, "save_file", save_then_sigterm)
+        with pytest.raises(QCError, match="interrupted by SIGTERM; the target is unchanged"):
+            adapted.save(tmp_path / "old")
+        assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert _files(tmp_path / "old") == before
+
+
+def _run_script(tmp_path: Path, body: str, *args: str, launcher=()) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *launcher, str(script), *args], env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_sigterm_while_writing_ends_the_process_and_leaves_no_temp_dir(tmp_path, tiny_llama):
+    _, before = _saved(tmp_path, tiny_llama)
+    result = _run_script(tmp_path, """
+        import os, signal, sys, time
+        from qcircuit.runtime import atomic_dir, checkpoint
+        config, tensors = checkpoint.read(sys.argv[1])
+        real_save_file = checkpoint.save_file
+        def save_then_sigterm(*args, **kwargs):
+            real_save_file(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        checkpoint.save_file = save_then_sigterm
+        tensors = {k: v + 0.5 for k, v in tensors.items()}
+        checkpoint.write(sys.argv[1], config, tensors)
+        print("not reached")
+        """, str(tmp_path / "old"))
+    assert result.returncode == -signal.SIGTERM, result.stderr[-2000:]
+    assert "not reached" not in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "script.py"]
+    assert _files(tmp_path / "old") == before
+
+
+def test_every_rank_saving_to_one_path_does_not_race(tmp_path, tiny_llama):
+    """Two gloo processes each save 20 times to one path: rank 0 writes, rank 1 waits;
+    a failure on rank 0 is an error on every rank."""
+    _saved(tmp_path, tiny_llama)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "results").mkdir()
+    result = _run_script(tmp_path, """
+        import sys
+        import torch.distributed as dist
+        from qcircuit import QCError
+        from qcircuit.runtime import atomic_dir, checkpoint
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        config, tensors = checkpoint.read(sys.argv[1])
+        real_save_file, writes = checkpoint.save_file, []
+        def counting_save_file(*args, **kwargs):
+            writes.append(1)
+            real_save_file(*args, **kwargs)
+        checkpoint.save_file = counting_save_file
+        for i in range(20):
+            step = {k: v + 0.01 * i for k, v in tensors.items()}
+            checkpoint.write(sys.argv[2], config, step)
+        got_config, got = checkpoint.read(sys.argv[2])
+        last = all((got[k] == tensors[k] + 0.19).all() for k in tensors)
+        try:
+            checkpoint.write(sys.argv[3], config, tensors)
+            outcome = "no error"
+        except QCError as e:
+            outcome = str(e).splitlines()[0]
+        with open(f"{sys.argv[4]}/rank{rank}.txt", "w") as f:
+            f.write(f"writes {len(writes)} last {last} error: {outcome}")
+        dist.destroy_process_group()
+        """, str(tmp_path / "old"), str(tmp_path / "shared"), str(tmp_path / "a_file"),
+        str(tmp_path / "results"),
+        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = ((tmp_path / "results" / f"rank{r}.txt").read_text() for r in (0, 1))
+    assert rank0.startswith("writes 20 last True error: cannot save an adapter checkpoint to")
+    assert "is a file" in rank0
+    assert rank1 == (f"writes 0 last True error: rank 0 could not save the adapter to "
+                     f"{tmp_path / 'a_file'} (its error says why)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "old", "results",
+                                                          "script.py", "shared"]
 
 
 def test_save_refuses_a_file_and_a_merged_adapter(tmp_path, tiny_llama):
@@ -229,5 +491,41 @@ def test_load_refuses_a_bad_program_in_the_config(tmp_path, tiny_llama):
     config = json.loads(path.read_text())
     config["options"]["init"] = "random"
     path.write_text(json.dumps(config))
-    with pytest.raises(QCError, match="bad program or options.*random"):
+    with pytest.raises(QCError, match=r"\$\.options\.init: unknown init mode 'random'"):
         load(base, tmp_path / "c")
+
+
+def test_program_of_parses_with_includes_off_where_parse_can(tmp_path, tiny_llama, monkeypatch):
+    attach(tiny_llama, llama_program()).save(tmp_path / "c")
+    config, _ = checkpoint.read(tmp_path / "c")
+    seen = []
+
+    def parse_with_switch(text, file=None, base_dir=None, includes=True):
+        seen.append((file, includes))
+        return parse(text, file=file)
+
+    monkeypatch.setattr(checkpoint, "parse", parse_with_switch)
+    assert checkpoint.program_of(config, "here") == parse(config["program"])
+    assert seen == [("here/adapter_config.json (program)", False)]
+
+
+def test_save_from_another_thread(tmp_path, tiny_llama):
+    """Signal handlers belong to the main thread: a save elsewhere leaves them alone."""
+    import threading
+
+    adapted, before = _saved(tmp_path, tiny_llama)
+    handler = signal.getsignal(signal.SIGTERM)
+    errors = []
+
+    def save():
+        try:
+            adapted.save(tmp_path / "old")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=save)
+    thread.start()
+    thread.join()
+    assert errors == [] and signal.getsignal(signal.SIGTERM) is handler
+    assert _files(tmp_path / "old") != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]

@@ -1,0 +1,251 @@
+"""The shape of ``adapter_config.json``: every field, its type and range, checked by one walk.
+
+``check_config(config, where)`` takes the parsed JSON (any value at all) and either
+returns or raises one ``QCError`` naming the file and the JSON path of the first bad
+field (``$.layers["model.layers.0.mlp.up_proj"].gates[1][0]``). Nothing is trusted: a
+list where a dict belongs, a missing key, a bool where an int belongs, an unknown key or
+an unknown future ``format_version`` are all refused the same way, never as a raw
+``KeyError``/``TypeError``. Besides types it checks what the fields must agree on: the
+tensor set is exactly the one the layer records call for, with their shapes, and the
+``frozen`` flags and layer states agree with ``options.init``.
+
+Format version 2 (this one) added ``format_version``, per-tensor dtype, shape and
+sha256 (``tensors``), the model's dtype and per-layer ``state``. Checkpoints without a
+``format_version`` are version 1 and are refused: they cannot be verified.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Mapping
+
+from qcircuit import QCError
+from qcircuit.ir import MAX_DIM, MAX_QUDITS, OPTION_DEFAULTS, check_option
+
+FORMAT = "qcircuit-adapter"
+FORMAT_VERSION = 2
+TOP_KEYS = ("format", "format_version", "qcircuit_version", "program", "options", "model",
+            "layers", "tensors")
+RECORD_KEYS = ("kind", "in", "out", "circuit", "qc", "gates", "frozen", "state")
+TENSOR_KEYS = ("dtype", "shape", "sha256")
+MODEL_KEYS = ("class", "config_class", "dtype")       # always there (values may be null)
+#: config fields stored where the model has them
+IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "vocab_size", "n_embd", "n_layer")
+KINDS = ("linear", "conv1d")
+STATES = ("unfolded", "folded")
+TENSOR_DTYPES = ("float32", "float64")  # gates train in float32 (float64 on float64 layers)
+MAX_FEATURES = 2**31
+MAX_TEXT = 1 << 20                      # a circuit's name or a version string, not a program
+MAX_MODULE_NAME = 1000
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def expected_tensors(layers: Mapping[str, dict]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that a checkpoint with these (checked) layer records holds."""
+    out = {}
+    for name, rec in layers.items():
+        for i, shape in enumerate(rec["gates"]):
+            out[f"{name}.gates.{i}"] = tuple(shape)
+            if rec["frozen"]:
+                out[f"{name}.init_gates.{i}"] = tuple(shape)
+    return out
+
+
+def check_config(config: object, where: str) -> None:
+    """Refuse (``QCError``) any ``config`` that is not a well-formed version-2 config."""
+    root = _dict(config, "$", where)
+    fmt = root.get("format")
+    if fmt != FORMAT:
+        raise QCError(f"{where} is not a qcircuit adapter config "
+                      f"(expected \"format\": \"{FORMAT}\", got {_show(fmt)})")
+    version = root.get("format_version")
+    if version is None:
+        raise QCError(f"{where} has no format_version: it was saved by qcircuit 0.1 without "
+                      f"tensor hashes and cannot be verified; save the adapter again")
+    if _is_int(version) and version > FORMAT_VERSION:
+        raise QCError(f"{where} has format_version {version}, newer than this qcircuit reads "
+                      f"({FORMAT_VERSION}): upgrade qcircuit to load it")
+    if version != FORMAT_VERSION or not _is_int(version):
+        _bad(where, "$.format_version", f"{FORMAT_VERSION}", version)
+    _exact_keys(root, TOP_KEYS, "$", where)
+    _text(root["qcircuit_version"], "$.qcircuit_version", where)
+    if not isinstance(root["program"], str):
+        _bad(where, "$.program", "a string (.qc text)", root["program"])
+    options = _check_options(root["options"], where)
+    _check_model(root["model"], where)
+    layers = _dict(root["layers"], "$.layers", where)
+    if not layers:
+        raise QCError(f"{where}: $.layers: a checkpoint adapts at least one layer")
+    for name, rec in layers.items():
+        _check_record(name, rec, f"$.layers[{_key(name)}]", where)
+    _check_agreement(layers, options["init"], where)
+    tensors = _dict(root["tensors"], "$.tensors", where)
+    for name, entry in tensors.items():
+        _check_tensor_entry(entry, f"$.tensors[{_key(name)}]", where)
+    _check_tensor_set(layers, tensors, where)
+
+
+# --- fields ------------------------------------------------------------------------------
+def _check_options(value: object, where: str) -> dict:
+    options = _dict(value, "$.options", where)
+    _exact_keys(options, tuple(OPTION_DEFAULTS), "$.options", where)
+    for key, v in options.items():
+        if isinstance(v, (dict, list)):
+            _bad(where, f"$.options.{key}", "a string or a number", v)
+        try:
+            check_option(key, v)
+        except QCError as e:
+            raise QCError(f"{where}: $.options.{key}: {e.one_line()}") from None
+    return options
+
+
+def _check_model(value: object, where: str) -> None:
+    model = _dict(value, "$.model", where)
+    for key in MODEL_KEYS:
+        if key not in model:
+            raise QCError(f"{where}: $.model: key {json.dumps(key)} is missing")
+    _text(model["class"], "$.model.class", where)
+    for key, v in model.items():
+        path = f"$.model.{key}"
+        if key in ("config_class", "dtype"):
+            if v is not None:
+                _text(v, path, where)
+        elif key in IDENTITY_KEYS:
+            if not (_is_int(v) or isinstance(v, str) and len(v) <= MAX_TEXT):
+                _bad(where, path, "an integer or a string", v)
+        elif key != "class":
+            raise QCError(f"{where}: $.model: unknown key {json.dumps(key)[:60]} (expected "
+                          f"only {', '.join(MODEL_KEYS + IDENTITY_KEYS)})")
+
+
+def _check_record(name: str, value: object, path: str, where: str) -> None:
+    if not name or len(name) > MAX_MODULE_NAME:
+        raise QCError(f"{where}: {path}: a module name has 1 to {MAX_MODULE_NAME} characters")
+    rec = _dict(value, path, where)
+    _exact_keys(rec, RECORD_KEYS, path, where)
+    if rec["kind"] not in KINDS:
+        _bad(where, f"{path}.kind", " or ".join(map(json.dumps, KINDS)), rec["kind"])
+    for key in ("in", "out"):
+        _positive(rec[key], f"{path}.{key}", MAX_FEATURES, where)
+    _text(rec["circuit"], f"{path}.circuit", where)
+    if not isinstance(rec["qc"], str):
+        _bad(where, f"{path}.qc", "a string (.qc text)", rec["qc"])
+    _shapes(rec["gates"], f"{path}.gates", where)
+    if not isinstance(rec["frozen"], bool):
+        _bad(where, f"{path}.frozen", "true or false", rec["frozen"])
+    if rec["state"] not in STATES:
+        _bad(where, f"{path}.state", " or ".join(map(json.dumps, STATES)), rec["state"])
+
+
+def _shapes(value: object, path: str, where: str) -> None:
+    gates = _list(value, path, where)
+    if not gates:
+        raise QCError(f"{where}: {path}: a circuit has at least one gate")
+    for i, shape in enumerate(gates):
+        _shape(shape, f"{path}[{i}]", where)
+
+
+def _shape(value: object, path: str, where: str) -> None:
+    dims = _list(value, path, where)
+    if not 1 <= len(dims) <= 2 * MAX_QUDITS:
+        _bad(where, path, f"a gate shape of 1 to {2 * MAX_QUDITS} dims", value)
+    for j, d in enumerate(dims):
+        _positive(d, f"{path}[{j}]", MAX_DIM, where)
+
+
+def _check_tensor_entry(value: object, path: str, where: str) -> None:
+    entry = _dict(value, path, where)
+    _exact_keys(entry, TENSOR_KEYS, path, where)
+    if entry["dtype"] not in TENSOR_DTYPES:
+        _bad(where, f"{path}.dtype", " or ".join(map(json.dumps, TENSOR_DTYPES)), entry["dtype"])
+    _shape(entry["shape"], f"{path}.shape", where)
+    if not (isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])):
+        _bad(where, f"{path}.sha256", "64 lowercase hex digits", entry["sha256"])
+
+
+# --- agreement between fields ------------------------------------------------------------
+def _check_agreement(layers: dict, init: str, where: str) -> None:
+    """``freeze_one`` keeps a frozen copy in every layer, ``zero_last`` in none; only a
+    layer with a frozen copy can have it folded into the base weight."""
+    frozen = init == "freeze_one"
+    for name, rec in layers.items():
+        path = f"$.layers[{_key(name)}]"
+        if rec["frozen"] != frozen:
+            raise QCError(f"{where}: {path}.frozen is {json.dumps(rec['frozen'])} but "
+                          f"$.options.init is {json.dumps(init)}")
+        if rec["state"] == "folded" and not frozen:
+            raise QCError(f"{where}: {path}.state is \"folded\" but the layer has no "
+                          f"frozen initial gates to fold")
+
+
+def _check_tensor_set(layers: dict, tensors: dict, where: str) -> None:
+    want = expected_tensors(layers)
+    missing = sorted(want.keys() - tensors.keys())
+    extra = sorted(tensors.keys() - want.keys())
+    if missing or extra:
+        parts = ([f"lacks {', '.join(missing[:5])}"] if missing else []) + \
+                ([f"has unexpected {', '.join(extra[:5])}"] if extra else [])
+        raise QCError(f"{where}: $.tensors {' and '.join(parts)} (the layer records call "
+                      f"for {len(want)} tensors)")
+    for name, shape in want.items():
+        if tuple(tensors[name]["shape"]) != shape:
+            raise QCError(f"{where}: $.tensors[{_key(name)}].shape is "
+                          f"{tensors[name]['shape']} but the layer record says {list(shape)}")
+
+
+# --- primitives --------------------------------------------------------------------------
+def _show(value: object) -> str:
+    """A short, safe rendering of a JSON value for an error message."""
+    kind = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(type(value), "?")
+    if isinstance(value, (dict, list)):
+        return f"{kind} of {len(value)} entries"
+    text = json.dumps(value)
+    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _key(name: str) -> str:
+    """A dict key as it appears in a JSON path (quoted, at most 200 characters)."""
+    text = json.dumps(name)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _bad(where: str, path: str, expected: str, value: object):
+    raise QCError(f"{where}: {path}: expected {expected}, got {_show(value)}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dict(value: object, path: str, where: str) -> dict:
+    if not isinstance(value, dict):
+        _bad(where, path, "an object", value)
+    return value
+
+
+def _list(value: object, path: str, where: str) -> list:
+    if not isinstance(value, list):
+        _bad(where, path, "an array", value)
+    return value
+
+
+def _text(value: object, path: str, where: str) -> None:
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
+        _bad(where, path, "a non-empty string", value)
+
+
+def _positive(value: object, path: str, high: int, where: str) -> None:
+    if not (_is_int(value) and 1 <= value <= high):
+        _bad(where, path, f"an integer from 1 to {high}", value)
+
+
+def _exact_keys(obj: dict, keys: tuple[str, ...], path: str, where: str) -> None:
+    for key in keys:
+        if key not in obj:
+            raise QCError(f"{where}: {path}: key {json.dumps(key)} is missing")
+    for key in obj:
+        if key not in keys:
+            raise QCError(f"{where}: {path}: unknown key {json.dumps(key)[:60]} "
+                          f"(expected only {', '.join(keys)})")
