@@ -61,8 +61,16 @@ class Adapted:
         self.layers = layers
         self._requires_grad = requires_grad
         self._unloaded = False
+        self._warned = False
 
     def __call__(self, *args, **kwargs):
+        if not self._warned and self.model.training and torch.is_grad_enabled() \
+                and _unwrapped_under_distributed(self.model):
+            self._warned = True
+            warnings.warn("training through the Adapted handle while torch.distributed runs "
+                          "with several ranks: this calls the unwrapped model, so gradients "
+                          "are not synchronised; call the DDP/FSDP wrapper instead",
+                          stacklevel=2)
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -90,6 +98,7 @@ class Adapted:
         """``layer.<move>()`` on every layer, or on none: the gates of all layers are checked
         first, and a layer that still fails has the layers before it undone."""
         layers = list(self._live().values())
+        _check_not_flat_sharded(self.model)
         for layer in layers:
             layer.check_gates()
         done = []
@@ -184,6 +193,7 @@ class Adapted:
         layers = self._live()
         if self.merged:
             raise QCError("unmerge before saving: the checkpoint stores the unmerged adapter")
+        _check_not_flat_sharded(self.model)
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in layers.items():
             tensors.update(layer.tensors(name))
@@ -194,6 +204,31 @@ class Adapted:
              for t in self.targets},
             version=qcircuit.__version__)
         checkpoint.write(path, config, tensors, overwrite=overwrite)
+
+
+def _unwrapped_under_distributed(model: nn.Module) -> bool:
+    """Several ranks run, and ``model`` is not sharded in place (FSDP2 ``fully_shard``):
+    then a direct call bypasses the wrapper (DDP, FSDP1) that synchronises gradients."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return not isinstance(model, FSDPModule)
+
+
+def _check_not_flat_sharded(model: nn.Module) -> None:
+    """Refuse to read or write weights while FSDP1 units in ``model`` hold flat shards: on
+    some ranks a parameter can look whole while on others it is not there at all."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp._common_utils import TrainingState
+    except ImportError:  # pragma: no cover - FSDP1 is part of every supported torch
+        return
+    units = FullyShardedDataParallel.fsdp_modules(model)
+    if any(u.training_state is not TrainingState.SUMMON_FULL_PARAMS for u in units):
+        raise QCError("the model's FSDP1 units hold flat shards: call merge/unmerge/fold/save "
+                      "on every rank inside `FullyShardedDataParallel.summon_full_params("
+                      "wrapped_model, writeback=True)`")
 
 
 def _check_fresh(model: nn.Module) -> None:

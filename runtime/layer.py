@@ -254,7 +254,7 @@ class AdaptedLayer(nn.Module):
         return y + (self.scale * d).to(y.dtype)
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Gates (and frozen initial gates) under stable names, whole, on the CPU (a
+        """Copies of the gates (and frozen initial gates) under stable names, whole, on the CPU (a
         collective for DTensor gates: every rank must call)."""
         out = {}
         for kind, module in (("gates", self.adapter), ("init_gates", self.frozen)):
@@ -262,7 +262,7 @@ class AdaptedLayer(nn.Module):
                 continue
             for i, g in enumerate(module.gates):
                 key = f"{name}.{kind}.{i}"
-                out[key] = full_tensor(g, self.circuit.gates[i].shape, key).to("cpu").contiguous()
+                out[key] = full_tensor(g, self.circuit.gates[i].shape, key).to("cpu", copy=True)
         return out
 
     def extra_repr(self) -> str:

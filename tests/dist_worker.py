@@ -19,7 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qcircuit import parse
+from qcircuit import QCError, parse
 from qcircuit.runtime import attach, load
 
 PROGRAM = """
@@ -111,6 +111,12 @@ def run(mode: str, init: str, dtype: torch.dtype, out: Path | None = None) -> di
         wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
         backward = accelerator.backward
     ids = batch().chunk(world)[rank]
+    if mode in ("ddp", "accelerate"):   # the handle is not the wrapper: a warning says so
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adapted(input_ids=ids[:, :2])
+        assert any("call the DDP/FSDP wrapper" in str(w.message) for w in caught), caught
     losses, grads = [], {}
     for step in range(STEPS):
         loss = next_token_loss(wrapped(input_ids=ids).logits, ids)
@@ -133,6 +139,13 @@ def run(mode: str, init: str, dtype: torch.dtype, out: Path | None = None) -> di
         wrapped.eval()
         with torch.no_grad():
             logits = wrapped(input_ids=batch()).logits
+            if mode == "fsdp1":   # flat shards outside summon_full_params: refused, untouched
+                try:
+                    adapted.merge()
+                except QCError as e:
+                    assert "summon_full_params" in str(e) and not adapted.merged, e
+                else:
+                    raise AssertionError("merge() on FSDP1 shards was not refused")
             with _gathered(mode, wrapped, writeback=True):
                 adapted.merge()   # every rank; the new weights go back into the shards
             merged = wrapped(input_ids=batch()).logits
