@@ -25,6 +25,7 @@ import sys
 import threading
 from typing import Sequence
 
+import torch
 from safetensors import SafetensorError
 
 from qcircuit.errors import QCError
@@ -43,6 +44,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 DEFAULT_MAX_BYTES = 1 << 30  #: --out refuses a checkpoint larger than this by default
 MAX_SEED = 2**64 - 1  #: torch.Generator.manual_seed takes 0 … 2**64 − 1
 GATE_BYTES = 4  #: qcompile builds models in float32, so the gates are float32
+
+_TorchOutOfMemory = getattr(torch, "OutOfMemoryError", MemoryError)  # an accelerator's
 
 
 class Terminated(BaseException):
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse an --out checkpoint over N bytes (gates and frozen copies; "
                    f"default {DEFAULT_MAX_BYTES:,})")
     p.add_argument("--seed", type=_seed, default=0, help="seed for the initial gates of --out "
-                   f"(0 to 2**64-1, default 0)")
+                   "(0 to 2**64-1, default 0)")
     p.add_argument("--list-models", action="store_true", help="list the embedded models and exit")
     return p
 
@@ -195,11 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    _quiet_transformers()
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:  # signal handlers can only be set there
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        _quiet_transformers()
         return run(args)
     except BrokenPipeError:  # e.g. `qcompile … | head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -210,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         _say(f"error: {where}{e.strerror or e}")
-    except MemoryError:
+    except (MemoryError, _TorchOutOfMemory):
         _say("error: out of memory (try a smaller adapter or model)")
     except KeyboardInterrupt:
         _say("interrupted")

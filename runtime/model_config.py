@@ -105,7 +105,8 @@ def estimated_params(fields: Mapping[str, Any]) -> int:
 
     h = size("hidden_size", "n_embd", "d_model", default=0)
     i = size("intermediate_size", "n_inner", "ffn_dim", default=4 * h)
-    layers = size(*sorted(_LAYER_KEYS), default=0)
+    layers = max((v for k, v in fields.items() if k in _LAYER_KEYS and isinstance(v, int)),
+                 default=0)
     vocab = size("vocab_size", default=0)
     return layers * (4 * h * h + 3 * h * i) + 2 * vocab * h
 
