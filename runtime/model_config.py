@@ -115,9 +115,11 @@ def _check_size(key: str, value: Any, where: str) -> None:
     cap = SIZE_CAPS.get(key)
     if cap is None or value is None:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= cap:
-        raise QCError(f"{where}: {key} = {value!r:.40} is not a size",
-                      expected=f"an integer from 1 to {cap:,}")
+    expected = f"an integer from 1 to {cap:,}"
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise QCError(f"{where}: {key} = {value!r:.40} is not an integer", expected=expected)
+    if not 1 <= value <= cap:
+        raise QCError(f"{where}: {key} = {value} is out of range", expected=expected)
 
 
 def _walk(fields: dict, where: str):

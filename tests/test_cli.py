@@ -282,9 +282,9 @@ BAD_MODEL_CONFIGS = {
     "not UTF-8": (b'{"model_type": "llama", "x": "\xff"}', "not UTF-8"),
     "100,000 levels deep": (b'{"model_type": "llama", "x": ' + b"[" * 100_000 + b"]" * 100_000
                             + b"}", "nested too deeply"),
-    "hidden_size -4096": ({"hidden_size": -4096}, "hidden_size = -4096 is not a size"),
-    "hidden_size 0": ({"hidden_size": 0}, "hidden_size = 0 is not a size"),
-    "num_attention_heads 0": ({"num_attention_heads": 0}, "num_attention_heads = 0 is not"),
+    "hidden_size -4096": ({"hidden_size": -4096}, "hidden_size = -4096 is out of range"),
+    "hidden_size 0": ({"hidden_size": 0}, "hidden_size = 0 is out of range"),
+    "num_attention_heads 0": ({"num_attention_heads": 0}, "num_attention_heads = 0 is out of range"),
     "architectures [5]": ({"architectures": [5]}, "architectures must be a list"),
     "unknown model_type": ({"model_type": "llama-9"}, "unknown model_type 'llama-9'"),
     "100,000 layers": ({"num_hidden_layers": 100_000}, "num_hidden_layers = 100000"),

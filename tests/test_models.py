@@ -129,15 +129,15 @@ BAD_CONFIGS = {
     "unknown model_type": ('{"model_type": "no-such-arch"}', "unknown model_type 'no-such-arch'"),
     "no model_type": ('{"hidden_size": 64}', "unknown model_type None"),
     "model_type a list": ('{"model_type": ["llama"]}', "unknown model_type"),
-    "hidden_size -4096": (_json(hidden_size=-4096), "hidden_size = -4096 is not a size"),
-    "hidden_size 0": (_json(hidden_size=0), "hidden_size = 0 is not a size"),
-    "hidden_size a string": (_json(hidden_size="wide"), "hidden_size = 'wide' is not a size"),
-    "hidden_size a float": (_json(hidden_size=4096.0), "hidden_size = 4096.0 is not a size"),
-    "hidden_size true": (_json(hidden_size=True), "hidden_size = True is not a size"),
+    "hidden_size -4096": (_json(hidden_size=-4096), "hidden_size = -4096 is out of range"),
+    "hidden_size 0": (_json(hidden_size=0), "hidden_size = 0 is out of range"),
+    "hidden_size a string": (_json(hidden_size="wide"), "hidden_size = 'wide' is not an integer"),
+    "hidden_size a float": (_json(hidden_size=4096.0), "hidden_size = 4096.0 is not an integer"),
+    "hidden_size true": (_json(hidden_size=True), "hidden_size = True is not an integer"),
     "num_attention_heads 0": (_json(num_attention_heads=0), "num_attention_heads = 0"),
     "architectures [5]": (_json(architectures=[5]), "architectures must be a list"),
     "architectures a string": (_json(architectures="LlamaForCausalLM"), "architectures must"),
-    "100,000 layers": (_json(num_hidden_layers=100_000), "num_hidden_layers = 100000"),
+    "100,000 layers": (_json(num_hidden_layers=100_000), "num_hidden_layers = 100000 is out of range (expected an integer from 1 to 512)"),
     "vocabulary 2**40": (_json(vocab_size=2**40), "vocab_size"),
     "a sub-config's layers": (_json(text_config={"num_hidden_layers": 10**6}),
                               "num_hidden_layers = 1000000"),
@@ -178,8 +178,11 @@ def test_each_size_field_is_checked_up_to_its_cap(key):
     for good in (1, cap, None):
         fields = {"model_type": "llama", key: good}
         assert check_config(fields, "x") is fields
-    for bad in (0, -1, cap + 1, 2.0, "2", True, [2]):
-        with pytest.raises(QCError, match=f"x: {key} = .* is not a size"):
+    for bad in (0, -1, cap + 1):
+        with pytest.raises(QCError, match=f"x: {key} = {bad} is out of range .*1 to {cap:,}"):
+            check_config({"model_type": "llama", key: bad}, "x")
+    for bad in (2.0, "2", True, [2]):
+        with pytest.raises(QCError, match=f"x: {key} = .* is not an integer"):
             check_config({"model_type": "llama", key: bad}, "x")
 
 
