@@ -496,7 +496,9 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
-def signalled_child(argv: list[str], signum: int) -> subprocess.CompletedProcess:
+def signalled_child(argv: list[str], signum: int,
+                    when_ready=lambda: None) -> subprocess.CompletedProcess:
+    """Run CHILD with ``argv``; once it waits, call ``when_ready`` and send ``signum``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -504,6 +506,7 @@ def signalled_child(argv: list[str], signum: int) -> subprocess.CompletedProcess
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         line = proc.stdout.readline() if ready else ""
         assert line == "ready\n", f"the child never got there: {proc.poll()}"
+        when_ready()
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -524,12 +527,14 @@ def test_sigterm_while_writing_leaves_the_old_checkpoint_and_no_temp_files(tmp_p
     qc = write(tmp_path, "circuit c {\n qudits 16 8 8 4\n all_pairs\n}\napply c to q_proj\n")
     ckpt = tmp_path / "ckpt"
     assert run(capsys, qc, "-m", "llama-2-7b", "--out", str(ckpt), "--seed", "1")[0] == 0
-    before = checkpoint_files(ckpt)
+    before, paths = checkpoint_files(ckpt), sorted(tmp_path.rglob("*"))
+    mid_write = []
     done = signalled_child(["write", qc, "-m", "llama-2-7b", "--out", str(ckpt), "--seed", "2",
-                            "--force"], signal.SIGTERM)
+                            "--force"], signal.SIGTERM,
+                           when_ready=lambda: mid_write.extend(sorted(tmp_path.rglob("*"))))
     assert (done.returncode, done.stdout, done.stderr) == (143, "", "qcompile: terminated\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.qc", "ckpt"]
-    assert checkpoint_files(ckpt) == before
+    assert set(mid_write) > set(paths)  # stopped mid-write: new files existed somewhere
+    assert sorted(tmp_path.rglob("*")) == paths and checkpoint_files(ckpt) == before
 
 
 def test_a_bad_model_config_as_a_process(tmp_path):
