@@ -4,8 +4,9 @@ A local directory's ``config.json`` is user input: it is read only if it is a re
 file of at most ``MAX_CONFIG_BYTES``, must be UTF-8 JSON nested at most ``MAX_DEPTH``
 levels, and passes a small schema — ``model_type`` a known transformers type,
 ``architectures`` a list of names, every size field (``hidden_size``, ``n_layer``, …,
-at any depth, so sub-configs too) a positive integer under its cap — and an upper
-estimate of the parameter count stays under ``MAX_PARAMS``. Everything here raises
+at any depth, so sub-configs too) a whole number from 1 (0 for two that allow it) to
+its cap, or a list or object of such numbers — and an upper estimate of the parameter
+count stays under ``MAX_PARAMS``. Everything here raises
 ``QCError`` naming the file, so a bad config is refused in milliseconds instead of
 failing (or running for minutes) inside transformers.
 """
@@ -27,14 +28,16 @@ MAX_POSITIONS = 1 << 24  #: max_position_embeddings and the like
 MAX_PARAMS = 1 << 42  #: ~4.4e12, ten times the largest published dense model
 
 _LAYER_KEYS = frozenset({"num_hidden_layers", "n_layer", "n_layers", "num_layers",
-                         "encoder_layers", "decoder_layers"})
+                         "encoder_layers", "decoder_layers", "num_encoder_layers",
+                         "num_decoder_layers"})
 _POSITION_KEYS = frozenset({"max_position_embeddings", "n_positions", "n_ctx"})
 _WIDTH_KEYS = frozenset({
     "hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
     "num_key_value_heads", "head_dim", "type_vocab_size", "n_embd", "n_head", "n_inner",
     "d_model", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "encoder_attention_heads",
     "decoder_attention_heads", "num_local_experts", "num_experts_per_tok",
-    "moe_intermediate_size"})
+    "moe_intermediate_size", "num_heads", "d_ff", "d_kv"})
+_MAY_BE_ZERO = {"type_vocab_size": 0, "head_dim": 0}  # DeBERTa: none; 0: derive it
 #: every size field the schema knows -> its cap (None is allowed: transformers' default)
 SIZE_CAPS: dict[str, int] = {**{k: MAX_LAYERS for k in _LAYER_KEYS},
                              **{k: MAX_POSITIONS for k in _POSITION_KEYS},
@@ -112,14 +115,26 @@ def estimated_params(fields: Mapping[str, Any]) -> int:
 
 
 def _check_size(key: str, value: Any, where: str) -> None:
+    """A size is a whole number from its minimum to its cap; a few model families give a
+    list (one per stage) or an object (one per tower) of them."""
     cap = SIZE_CAPS.get(key)
     if cap is None or value is None:
         return
-    expected = f"an integer from 1 to {cap:,}"
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise QCError(f"{where}: {key} = {value!r:.40} is not an integer", expected=expected)
-    if not 1 <= value <= cap:
-        raise QCError(f"{where}: {key} = {value} is out of range", expected=expected)
+    low = _MAY_BE_ZERO.get(key, 1)
+    for v in _members(value):
+        whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+        if isinstance(v, bool) or not whole:
+            raise QCError(f"{where}: {key} = {value!r:.40} is not a whole number",
+                          expected=f"an integer from {low} to {cap:,}")
+        if not low <= v <= cap:
+            raise QCError(f"{where}: {key} = {value!r:.40} is out of range",
+                          expected=f"an integer from {low} to {cap:,}")
+
+
+def _members(value: Any) -> list:
+    if isinstance(value, dict):
+        return list(value.values())
+    return value if isinstance(value, list) else [value]
 
 
 def _walk(fields: dict, where: str):
