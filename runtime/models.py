@@ -10,12 +10,14 @@ safetensors files. The transformers Auto class is chosen from the config's
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from qcircuit.errors import QCError
 
@@ -134,9 +136,9 @@ def _build(fields: dict[str, Any], where: str, dtype: torch.dtype, weights_from:
     only MemoryError (and KeyboardInterrupt) pass through."""
     try:
         config = _config_from_dict(fields)
-        if weights_from is None:
-            model = _build_meta(config, dtype)
-        else:
+        model = _build_meta(config, dtype)
+        if weights_from is not None:
+            _check_weights_cover(model, weights_from)
             model = auto_class(config).from_pretrained(
                 str(weights_from), config=config, local_files_only=True, dtype=dtype,
                 use_safetensors=True).eval()
@@ -149,6 +151,20 @@ def _build(fields: dict[str, Any], where: str, dtype: torch.dtype, weights_from:
     if total > MAX_PARAMS:
         raise QCError(f"{where}: {total:,} parameters, over the cap of {MAX_PARAMS:,}")
     return config, model
+
+
+def _check_weights_cover(meta_model: torch.nn.Module, folder: Path) -> None:
+    """Refuse a directory whose safetensors files (headers only) hold fewer values than
+    the model has parameters: transformers would fill the rest with random values, and a
+    small file beside a huge config would make it allocate the whole model."""
+    stored = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            stored += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    needed = count_params(meta_model)
+    if stored < needed:
+        raise QCError(f"{folder}: config.json describes {needed:,} parameters but the "
+                      f"safetensors files hold {stored:,} values: weights are missing")
 
 
 def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:

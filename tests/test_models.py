@@ -247,3 +247,20 @@ def test_weights_transformers_rejects(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(QCError, match="cannot build a model from"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("changes", [{"num_hidden_layers": 200}, {"vocab_size": 2**20},
+                                     {"architectures": ["LlamaForCausalLM"],
+                                      "tie_word_embeddings": False, "intermediate_size": 4096}])
+def test_weights_that_do_not_cover_the_config_are_refused(tiny_llama, tmp_path, changes):
+    """A small weights file beside a large config: refused from the headers, before
+    transformers allocates (and randomly fills) the missing parameters."""
+    tiny_llama.save_pretrained(tmp_path)
+    fields = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**fields, **changes}))
+    start = time.perf_counter()
+    with pytest.raises(QCError, match="weights are missing") as info:
+        load_model(tmp_path)
+    assert time.perf_counter() - start < 5.0 and str(tmp_path) in str(info.value)
+    stored = sum(p.numel() for p in tiny_llama.parameters())
+    assert f"hold {stored:,} values" in str(info.value)
