@@ -1,23 +1,32 @@
 """``qcompile``: what a ``.qc`` adapter costs on a model, offline, in seconds.
 
-    qcompile adapter.qc --model llama-2-7b [--json] [--draw] [--out DIR] [--seed N]
+    qcompile adapter.qc --model llama-2-7b [--json] [--draw] [--seed N]
+                        [--out DIR [--force] [--max-bytes N]]
     qcompile --list-models
 
 The model is an embedded name (built on the meta device: shapes only) or a local
-directory with ``config.json``. User errors (missing or bad files, unknown models,
-circuits that do not fit, unwritable output) print one line
-``qcompile: error: …`` on stderr and exit with status 2; warnings (a circuit that is
-not universal) go to stderr too, so stdout holds only the report. Nothing touches the
-network: embedded models are built from their stored configs with ``from_config``, and
-directories are read with ``local_files_only=True``.
+directory with ``config.json``. User errors (missing or bad files, unknown models, bad
+configs, circuits that do not fit, an adapter over ``--max-bytes``, unwritable output, a
+full disk, running out of memory) print one line ``qcompile: error: …`` on stderr and
+exit with status 2; Ctrl-C prints ``qcompile: interrupted`` and exits 130, SIGTERM
+``qcompile: terminated`` and 143, both after the checkpoint writer has cleaned up.
+Any other exception is a bug in qcircuit and keeps its traceback. Warnings (a circuit
+that is not universal) go to stderr too, so stdout holds only the report. Nothing
+touches the network: embedded models are built from their stored configs with
+``from_config``, and directories are read with ``local_files_only=True``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
+
+import torch
+from safetensors import SafetensorError
 
 from qcircuit.errors import QCError
 from qcircuit.ir import OPTION_DEFAULTS
@@ -25,10 +34,22 @@ from qcircuit.parser import parse_file
 
 from .adapter import attach
 from .bind import bind
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .models import EMBEDDED_MODELS, embedded_config_dict, load_model
-from .report import build_report, format_table, not_universal, to_json
+from .report import build_report, checkpoint_bytes, format_table, not_universal, to_json
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+DEFAULT_MAX_BYTES = 1 << 30  #: --out refuses a checkpoint larger than this by default
+MAX_SEED = 2**64 - 1  #: torch.Generator.manual_seed takes 0 … 2**64 − 1
+GATE_BYTES = 4  #: qcompile builds models in float32, so the gates are float32
+
+_TorchOutOfMemory = getattr(torch, "OutOfMemoryError", MemoryError)  # an accelerator's
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks (temp files) run."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,10 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--draw", action="store_true", help="add each circuit's diagram")
     p.add_argument("--out", metavar="DIR", help="write an initialised adapter checkpoint to DIR")
-    p.add_argument("--seed", type=int, default=0, help="seed for the initial gates of --out "
-                   "(default 0)")
+    p.add_argument("--force", action="store_true", help="let --out replace the adapter "
+                   "checkpoint already in DIR")
+    p.add_argument("--max-bytes", type=_count, default=DEFAULT_MAX_BYTES, metavar="N",
+                   help="refuse an --out checkpoint over N bytes (gates and frozen copies; "
+                   f"default {DEFAULT_MAX_BYTES:,})")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for the initial gates of --out "
+                   "(0 to 2**64-1, default 0)")
     p.add_argument("--list-models", action="store_true", help="list the embedded models and exit")
     return p
+
+
+def _seed(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (0 to 2**64-1)")
+    return value
+
+
+def _count(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
 def list_models() -> str:
@@ -78,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         raise QCError("no .qc file given", expected="qcompile FILE.qc --model NAME")
     if not args.model:
         raise QCError("no model given", expected="--model NAME (see --list-models) or a directory")
+    if args.out is not None:
+        check_out(args.out, args.force)
     program = parse_file(args.file)
     loaded = load_model(args.model)
     targets = bind(loaded.model, program)
@@ -85,8 +134,13 @@ def run(args: argparse.Namespace) -> int:
                           targets, {k: program.option(k) for k in OPTION_DEFAULTS})
     for warning in not_universal(report):
         print(f"qcompile: warning: {warning}", file=sys.stderr)
-    if args.out:
-        _write_checkpoint(loaded.model, program, args.out, args.seed)
+    if args.out is not None:
+        size = checkpoint_bytes(report, GATE_BYTES)
+        if size > args.max_bytes:
+            raise QCError(f"--out: the checkpoint would hold {size:,} bytes of gates, over the "
+                          f"cap of {args.max_bytes:,}", expected="a smaller adapter, or "
+                          "--max-bytes N to raise the cap")
+        write_checkpoint(loaded.model, program, args.out, args.seed)
     pictures = diagrams(report) if args.draw else {}
     if args.json:
         obj = to_json(report)
@@ -106,31 +160,79 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_checkpoint(model, program, out: str, seed: int) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
+def check_out(out: str, force: bool) -> None:
+    """Refuse an ``--out`` that would lose something: an empty name, a file, a directory
+    with other things in it, or another adapter's checkpoint (unless ``force``)."""
+    if not out.strip():
+        raise QCError("--out needs a directory", expected="--out DIR")
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out):
         raise QCError(f"--out {out!r} exists and is not a directory")
-    attach(model, program, seed=seed).save(out)
+    entries = set(os.listdir(out))
+    if entries & {CONFIG_NAME, WEIGHTS_NAME}:
+        if not force:
+            raise QCError(f"--out {out!r} already holds an adapter checkpoint",
+                          expected="another directory, or --force to replace it")
+    elif entries:
+        raise QCError(f"--out {out!r} is not empty and holds no adapter checkpoint "
+                      f"({len(entries)} other entries): refusing to write into it",
+                      expected="a new or empty directory")
+
+
+def write_checkpoint(model, program, out: str, seed: int) -> None:
+    """Attach the program to ``model`` with ``seed`` and save the adapter to ``out``."""
+    adapted = attach(model, program, seed=seed)
+    try:
+        adapted.save(out)
+    except OSError as e:
+        raise QCError(f"cannot write the checkpoint to {out}: {e.strerror or e}") from None
+    except SafetensorError as e:  # safetensors reports I/O errors (a full disk) as its own
+        raise QCError(f"cannot write the checkpoint to {out}: {e}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``qcompile``; returns the exit status (0, or 2 on a user error)."""
+    """Entry point of ``qcompile``; returns the exit status: 0; 2 on a user error (one
+    line on stderr); 130 on Ctrl-C; 143 on SIGTERM."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    _quiet_transformers()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # signal handlers can only be set there
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        _quiet_transformers()
         return run(args)
     except BrokenPipeError:  # e.g. `qcompile … | head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except QCError as e:
-        print(f"qcompile: error: {e.one_line()}", file=sys.stderr)
+        _say(f"error: {e.one_line()}")
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"qcompile: error: {where}{e.strerror or e}", file=sys.stderr)
+        _say(f"error: {where}{e.strerror or e}")
+    except (MemoryError, _TorchOutOfMemory):
+        _say("error: out of memory (try a smaller adapter or model)")
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+    except Terminated:
+        _say("terminated")
+        return EXIT_TERMINATED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return EXIT_USAGE
+
+
+def _say(text: str) -> None:
+    print(f"qcompile: {text}", file=sys.stderr)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
 
 
 def _quiet_transformers() -> None:

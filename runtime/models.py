@@ -10,22 +10,18 @@ safetensors files. The transformers Auto class is chosen from the config's
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from qcircuit.errors import QCError
 
-try:
-    from huggingface_hub.errors import StrictDataclassError
-except ImportError:  # older huggingface_hub: configs are not strict dataclasses
-    StrictDataclassError = TypeError
-from safetensors import SafetensorError
-
-_BAD_MODEL_FILES = (TypeError, ValueError, KeyError, StrictDataclassError, SafetensorError)
+from .model_config import MAX_PARAMS, check_config, read_config_file
 
 #: embedded model name -> file under runtime/configs/
 EMBEDDED_MODELS: tuple[str, ...] = (
@@ -101,12 +97,16 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     """Build an embedded model on the meta device, or load a local directory.
 
     A directory without safetensors weights is built on the meta device, like an
-    embedded model. An existing directory wins over an embedded name it shadows. Unknown names raise ``QCError`` listing the embedded ones.
+    embedded model. An existing directory wins over an embedded name it shadows. Unknown
+    names raise ``QCError`` listing the embedded ones; a bad ``config.json`` (see
+    ``model_config``) or one transformers cannot build raises ``QCError`` naming the file.
     """
     text = str(name_or_path)
     if text.lower() in EMBEDDED_MODELS and not Path(text).is_dir():
-        config = _config_from_dict(embedded_config_dict(text))
-        return LoadedModel(_build_meta(config, dtype), config, text.lower(), "embedded", False)
+        name = text.lower()
+        where = f"embedded config {name}"
+        config, model = _build(check_config(embedded_config_dict(name), where), where, dtype, None)
+        return LoadedModel(model, config, name, "embedded", False)
     path = Path(text)
     if not path.is_dir():
         raise _unknown(text)
@@ -121,10 +121,7 @@ def _unknown(name: str) -> QCError:
 def _config_from_dict(fields: dict[str, Any]):
     from transformers import CONFIG_MAPPING
 
-    model_type = fields.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise QCError(f"config.json has unknown model_type {model_type!r}")
-    return CONFIG_MAPPING[model_type].from_dict(dict(fields))
+    return CONFIG_MAPPING[fields["model_type"]].from_dict(dict(fields))
 
 
 def _build_meta(config: Any, dtype: torch.dtype) -> torch.nn.Module:
@@ -133,25 +130,47 @@ def _build_meta(config: Any, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
-def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise QCError(f"model directory {str(path)!r} has no config.json")
-    try:
-        fields = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise QCError(f"{config_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(fields, dict):
-        raise QCError(f"{config_file}: expected a JSON object")
+def _build(fields: dict[str, Any], where: str, dtype: torch.dtype, weights_from: Path | None):
+    """``(config, model)`` from checked ``fields``: on the meta device, or with the weights
+    of ``weights_from``. Whatever transformers raises becomes a QCError naming ``where``;
+    only MemoryError (and KeyboardInterrupt) pass through."""
     try:
         config = _config_from_dict(fields)
-        if not any(path.glob("*.safetensors")):
-            return LoadedModel(_build_meta(config, dtype), config, str(path), "local", False)
-        model = auto_class(config).from_pretrained(
-            str(path), config=config, local_files_only=True, dtype=dtype, use_safetensors=True)
-    except QCError:
+        model = _build_meta(config, dtype)
+        if weights_from is not None:
+            _check_weights_cover(model, weights_from)
+            model = auto_class(config).from_pretrained(
+                str(weights_from), config=config, local_files_only=True, dtype=dtype,
+                use_safetensors=True).eval()
+    except (QCError, MemoryError):
         raise
-    except _BAD_MODEL_FILES as e:  # a config or weights file transformers rejects
-        detail = " ".join(str(e).split())
-        raise QCError(f"cannot build a model from {path}: {detail}") from None
-    return LoadedModel(model.eval(), config, str(path), "local", True)
+    except Exception as e:  # noqa: BLE001 - transformers raises anything on a bad config
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise QCError(f"cannot build a model from {where}: {detail}") from None
+    total = count_params(model)
+    if total > MAX_PARAMS:
+        raise QCError(f"{where}: {total:,} parameters, over the cap of {MAX_PARAMS:,}")
+    return config, model
+
+
+def _check_weights_cover(meta_model: torch.nn.Module, folder: Path) -> None:
+    """Refuse a directory whose safetensors files (headers only) hold fewer values than
+    the model has parameters: transformers would fill the rest with random values, and a
+    small file beside a huge config would make it allocate the whole model."""
+    stored = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            stored += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    needed = count_params(meta_model)
+    if stored < needed:
+        raise QCError(f"{folder}: config.json describes {needed:,} parameters but the "
+                      f"safetensors files hold {stored:,} values: weights are missing")
+
+
+def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
+    config_file = path / "config.json"
+    fields = read_config_file(config_file)
+    weights = path if any(path.glob("*.safetensors")) else None
+    config, model = _build(fields, str(config_file) if weights is None else str(path), dtype,
+                           weights)
+    return LoadedModel(model, config, str(path), "local", weights is not None)

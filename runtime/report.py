@@ -80,6 +80,13 @@ class Report:
         return sum(r.flops_per_token_total for r in self.rows)
 
 
+def checkpoint_bytes(report: Report, gate_bytes: int) -> int:
+    """Bytes of the tensors an initialised checkpoint of ``report``'s adapter holds: every
+    gate (``gate_bytes`` per entry), twice unless ``init = zero_last`` (the frozen copy)."""
+    copies = 1 if report.options.get("init") == "zero_last" else 2
+    return copies * gate_bytes * report.trainable_params
+
+
 def circuit_stats(circuit: Circuit) -> CircuitStats:
     """Compile ``circuit`` and read its figures (per module, one token)."""
     plan = compile_circuit(circuit)

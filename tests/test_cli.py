@@ -1,11 +1,15 @@
 """qcompile: the paper's figure, JSON, diagrams, checkpoints, and every user error (exit 2)."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -270,3 +274,274 @@ def test_percent_text():
     assert percent_text(12.3456) == "12.346"
     assert percent_text(0.000123) == "0.00012"
     assert percent_text(0.0) == "0.000"
+
+
+# --- a local model's config.json: refused in one line, before transformers sees it ----------
+LLAMA_7B = json.loads((ROOT / "runtime" / "configs" / "llama-2-7b.json").read_text())
+BAD_MODEL_CONFIGS = {
+    "not UTF-8": (b'{"model_type": "llama", "x": "\xff"}', "not UTF-8"),
+    "100,000 levels deep": (b'{"model_type": "llama", "x": ' + b"[" * 100_000 + b"]" * 100_000
+                            + b"}", "nested too deeply"),
+    "hidden_size -4096": ({"hidden_size": -4096}, "hidden_size = -4096 is out of range"),
+    "hidden_size 0": ({"hidden_size": 0}, "hidden_size = 0 is out of range"),
+    "num_attention_heads 0": ({"num_attention_heads": 0}, "num_attention_heads = 0 is out of range"),
+    "architectures [5]": ({"architectures": [5]}, "architectures must be a list"),
+    "unknown model_type": ({"model_type": "llama-9"}, "unknown model_type 'llama-9'"),
+    "100,000 layers": ({"num_hidden_layers": 100_000}, "num_hidden_layers = 100000"),
+    "transformers refuses it": ({"hidden_act": "no-such-activation"}, "cannot build a model"),
+}
+
+
+def model_dir(tmp_path, content) -> str:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    data = content if isinstance(content, bytes) else json.dumps({**LLAMA_7B, **content}).encode()
+    (folder / "config.json").write_bytes(data)
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODEL_CONFIGS))
+def test_bad_model_config_exits_2(tmp_path, capsys, case):
+    content, needle = BAD_MODEL_CONFIGS[case]
+    folder = model_dir(tmp_path, content)
+    code, out, err = run(capsys, PAPER, "-m", folder)
+    assert code == 2 and out == ""
+    assert err.startswith("qcompile: error: ") and err.count("\n") == 1
+    assert needle in err and os.path.join(folder, "config.json") in err
+
+
+# --- --seed and --out are checked before any work ---------------------------------------------
+@pytest.mark.parametrize("seed, needle", [(str(2**70), "out of range"), ("-1", "out of range"),
+                                          (str(2**64), "out of range"), ("one", "not an integer")])
+def test_seed_out_of_range(tmp_path, capsys, seed, needle):
+    code, out, err = run(capsys, PAPER, "-m", "llama-2-7b", "--out", str(tmp_path / "c"),
+                         "--seed", seed)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("qcompile: error: argument --seed") and needle in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_largest_seed_is_accepted(tmp_path, capsys):
+    qc = write(tmp_path, "circuit c {\n qudits 16 8 8 4\n all_pairs\n}\napply c to q_proj\n")
+    code, _, err = run(capsys, qc, "-m", "llama-2-7b", "--out", str(tmp_path / "c"),
+                       "--seed", str(2**64 - 1))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("out", ["", "  "])
+def test_empty_out_is_refused(tmp_path, capsys, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run(capsys, PAPER, "-m", "llama-2-7b", "--out", out)
+    assert code == 2 and stdout == ""
+    assert err == "qcompile: error: --out needs a directory (expected --out DIR)\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def checkpoint_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_out_never_silently_replaces_another_adapter(tmp_path, capsys):
+    qc = write(tmp_path, "circuit c {\n qudits 16 8 8 4\n all_pairs\n}\napply c to q_proj\n")
+    ckpt = tmp_path / "ckpt"
+    assert run(capsys, qc, "-m", "llama-2-7b", "--out", str(ckpt), "--seed", "1")[0] == 0
+    before = checkpoint_files(ckpt)
+    code, out, err = run(capsys, qc, "-m", "llama-2-7b", "--out", str(ckpt), "--seed", "2")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "already holds an adapter checkpoint" in err and "--force" in err
+    assert checkpoint_files(ckpt) == before
+    code, _, err = run(capsys, qc, "-m", "llama-2-7b", "--out", str(ckpt), "--seed", "2",
+                       "--force")
+    assert code == 0, err
+    after = checkpoint_files(ckpt)
+    assert after.keys() == before.keys() and after != before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_out_refuses_a_non_empty_directory_without_a_checkpoint(tmp_path, capsys, force):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    code, out, err = run(capsys, PAPER, "-m", "llama-2-7b", "--out", str(tmp_path / "home"),
+                         *(["--force"] if force else []))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "is not empty and holds no adapter checkpoint" in err
+    assert checkpoint_files(tmp_path / "home") == {"notes.txt": b"mine"}
+
+
+def test_out_into_an_empty_directory(tmp_path, capsys):
+    qc = write(tmp_path, "circuit c {\n qudits 16 8 8 4\n all_pairs\n}\napply c to q_proj\n")
+    (tmp_path / "empty").mkdir()
+    assert run(capsys, qc, "-m", "llama-2-7b", "--out", str(tmp_path / "empty"))[0] == 0
+    assert {p.name for p in (tmp_path / "empty").iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors"}
+
+
+# --- --out is bounded before any tensor is made ------------------------------------------------
+DENSE_EVERYWHERE = ("circuit one {\n qudits auto 1\n gate (0)\n}\napply one to q_proj, k_proj, "
+                    "v_proj, o_proj, gate_proj, up_proj, down_proj\n")
+
+
+def test_out_over_the_byte_cap_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    import qcircuit.runtime.cli as cli
+
+    qc = write(tmp_path, DENSE_EVERYWHERE)
+    code, out, _ = run(capsys, qc, "-m", "llama-2-7b", "--json")  # warm: imports, first build
+    params = json.loads(out)["trainable_params"]
+    assert code == 0 and params == 32 * (4 * 4096**2 + 3 * 4096 * 11008)  # every weight, dense
+
+    def no_attach(*args, **kwargs):
+        raise AssertionError("attach() must not run over the cap")
+
+    monkeypatch.setattr(cli, "attach", no_attach)
+    start = time.perf_counter()
+    code, out, err = run(capsys, qc, "-m", "llama-2-7b", "--out", str(tmp_path / "c"))
+    elapsed = time.perf_counter() - start
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"over the cap of {2**30:,}" in err and "--max-bytes" in err
+    assert not (tmp_path / "c").exists()
+    assert elapsed < 5.0  # was 85 s and 7.4 GiB before failing
+    assert f"would hold {2 * 4 * params:,} bytes" in err  # float32 gates and their frozen copy
+
+
+@pytest.mark.parametrize("init, copies", [("freeze_one", 2), ("zero_last", 1)])
+def test_byte_cap_counts_exactly_what_is_written(tmp_path, capsys, tiny_llama, init, copies):
+    from safetensors import safe_open
+
+    tiny_llama.save_pretrained(tmp_path / "model")
+    qc = write(tmp_path, "circuit c {\n qudits 8 8\n all_pairs\n}\napply c to q_proj, v_proj\n"
+                         f"option init = {init}\n")
+    size = copies * 4 * 4 * 64 * 64  # 4 layers, one (8, 8, 8, 8) gate each, float32
+    argv = [qc, "-m", str(tmp_path / "model"), "--out", str(tmp_path / "c")]
+    code, _, err = run(capsys, *argv, "--max-bytes", str(size - 1))
+    assert code == 2 and f"would hold {size:,} bytes" in err and f"cap of {size - 1:,}" in err
+    assert run(capsys, *argv, "--max-bytes", str(size))[0] == 0
+    with safe_open(str(tmp_path / "c" / "adapter_model.safetensors"), "pt") as f:
+        assert sum(f.get_tensor(k).nbytes for k in f.keys()) == size
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "lots"])
+def test_max_bytes_must_be_positive(capsys, value):
+    code, _, err = run(capsys, PAPER, "-m", "llama-2-7b", "--max-bytes", value)
+    assert code == 2 and err.startswith("qcompile: error: argument --max-bytes")
+
+
+# --- the machine says no: a full disk, no memory, Ctrl-C ---------------------------------------
+def write_error_cases():
+    from safetensors import SafetensorError
+
+    return {
+        "ENOSPC": (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "x"), os.strerror(errno.ENOSPC)),
+        "EACCES": (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "x"),
+                   os.strerror(errno.EACCES)),
+        "safetensors": (SafetensorError("Error while serializing: I/O error: No space left on "
+                                        "device (os error 28)"), "No space left on device"),
+    }
+
+
+@pytest.mark.parametrize("case", ["ENOSPC", "EACCES", "safetensors"])
+def test_write_errors_exit_2(tmp_path, capsys, monkeypatch, case):
+    from qcircuit.runtime.adapter import Adapted
+
+    error, needle = write_error_cases()[case]
+
+    def fail(self, path):
+        raise error
+
+    monkeypatch.setattr(Adapted, "save", fail)
+    code, out, err = run(capsys, PAPER, "-m", "llama-2-7b", "--out", str(tmp_path / "c"))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"qcompile: error: cannot write the checkpoint to {tmp_path / 'c'}: ")
+    assert needle in err
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (MemoryError(), 2, "qcompile: error: out of memory (try a smaller adapter or model)\n"),
+    (torch.OutOfMemoryError("out of memory on the device"), 2,
+     "qcompile: error: out of memory (try a smaller adapter or model)\n"),
+    (KeyboardInterrupt(), 130, "qcompile: interrupted\n"),
+])
+def test_memory_error_and_ctrl_c(capsys, monkeypatch, error, code, message):
+    import qcircuit.runtime.cli as cli
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "load_model", fail)
+    assert run(capsys, PAPER, "-m", "llama-2-7b") == (code, "", message)
+
+
+def test_an_internal_bug_keeps_its_traceback(capsys, monkeypatch):
+    import qcircuit.runtime.cli as cli
+
+    def bug(*args, **kwargs):
+        raise AttributeError("a bug in qcircuit")
+
+    monkeypatch.setattr(cli, "load_model", bug)
+    with pytest.raises(AttributeError, match="a bug in qcircuit"):
+        main([PAPER, "-m", "llama-2-7b"])
+
+
+# --- the same as whole processes: exit status, one line, no traceback, nothing left behind -----
+CHILD = """
+import os, sys, time
+import qcircuit.runtime.cli as cli
+def wait(*args, **kwargs):
+    print("ready", flush=True)
+    time.sleep(120)
+if sys.argv[1] == "run":
+    cli.run = wait
+else:  # stop inside the checkpoint writer, at its first rename
+    os.replace = os.rename = wait
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def signalled_child(argv: list[str], signum: int,
+                    when_ready=lambda: None) -> subprocess.CompletedProcess:
+    """Run CHILD with ``argv``; once it waits, call ``when_ready`` and send ``signum``."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        assert line == "ready\n", f"the child never got there: {proc.poll()}"
+        when_ready()
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("signum, code, message", [
+    (signal.SIGINT, 130, "qcompile: interrupted\n"), (signal.SIGTERM, 143, "qcompile: terminated\n")])
+def test_signals_end_the_process_cleanly(signum, code, message):
+    done = signalled_child(["run", PAPER, "-m", "llama-2-7b"], signum)
+    assert (done.returncode, done.stdout, done.stderr) == (code, "", message)
+
+
+def test_sigterm_while_writing_leaves_the_old_checkpoint_and_no_temp_files(tmp_path, capsys):
+    qc = write(tmp_path, "circuit c {\n qudits 16 8 8 4\n all_pairs\n}\napply c to q_proj\n")
+    ckpt = tmp_path / "ckpt"
+    assert run(capsys, qc, "-m", "llama-2-7b", "--out", str(ckpt), "--seed", "1")[0] == 0
+    before, paths = checkpoint_files(ckpt), sorted(tmp_path.rglob("*"))
+    mid_write = []
+    done = signalled_child(["write", qc, "-m", "llama-2-7b", "--out", str(ckpt), "--seed", "2",
+                            "--force"], signal.SIGTERM,
+                           when_ready=lambda: mid_write.extend(sorted(tmp_path.rglob("*"))))
+    assert (done.returncode, done.stdout, done.stderr) == (143, "", "qcompile: terminated\n")
+    assert set(mid_write) > set(paths)  # stopped mid-write: new files existed somewhere
+    assert sorted(tmp_path.rglob("*")) == paths and checkpoint_files(ckpt) == before
+
+
+def test_a_bad_model_config_as_a_process(tmp_path):
+    argv = [PAPER, "-m", model_dir(tmp_path, b'{"model_type": "\xff"}')]  # was a traceback
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "qcircuit.runtime.cli", *argv],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("qcompile: error: ") and proc.stderr.count("\n") == 1
+    assert "not UTF-8" in proc.stderr
