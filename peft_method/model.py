@@ -70,6 +70,11 @@ class QuanTAModel(BaseTuner):
     """Creates QuanTA adapters on a model from a :class:`QuanTAConfig` (a qcircuit program)."""
 
     prefix: str = "quanta_"
+    # Checkpoints use qcircuit's tensor names, which only this class's hooks translate;
+    # loaders that bypass them (transformers' ``model.load_adapter``) would leave the gates
+    # at their random init without a word. The flag makes PEFT refuse
+    # ``inject_adapter_in_model``, the door such loaders use.
+    uses_shared_state: bool = True
     tuner_layer_cls = QuanTALayer
     target_module_mapping: dict = {}
 
