@@ -19,9 +19,22 @@ from .model import QuanTAModel
 __all__ = ["QuanTAConfig", "QuanTAModel", "QuanTALayer", "QUANTA", "register"]
 
 
+#: PEFT internals this module relies on besides the three maps: the tuner hooks that map
+#: checkpoint keys, and the flag that closes ``inject_adapter_in_model``.
+_TUNER_HOOKS = ("_get_adapter_state_dict", "_remap_adapter_state_dict_for_load",
+                "_remove_adapter_name_from_key", "uses_shared_state")
+
+
 def register() -> None:
     """Add QuanTA to PEFT's config, tuner and prefix maps (idempotent)."""
+    import peft
     from peft import mapping
+    from peft.tuners.tuners_utils import BaseTuner
+
+    missing = [h for h in _TUNER_HOOKS if not hasattr(BaseTuner, h)]
+    if missing:
+        raise ImportError(f"qcircuit.peft needs peft>=0.21,<0.22 (found {peft.__version__}, "
+                          f"whose BaseTuner lacks {', '.join(missing)})")
 
     entries = ((mapping.PEFT_TYPE_TO_CONFIG_MAPPING, QuanTAConfig),
                (mapping.PEFT_TYPE_TO_TUNER_MAPPING, QuanTAModel),

@@ -20,6 +20,7 @@ from qcircuit import QCError
 from qcircuit.compiler import compile as compile_circuit
 from qcircuit.runtime import AdaptedLayer, Target, bind
 from qcircuit.runtime import checkpoint
+from qcircuit.runtime.adapter import _check_not_shared  # the native refusal of tied weights
 
 from .config import QuanTAConfig
 from .layer import QuanTALayer
@@ -44,6 +45,10 @@ class _BaseView:
                 inside.append(name)
                 module = module.base_layer
             yield name, module
+
+    def get_submodule(self, name: str) -> nn.Module:
+        module = self._model.get_submodule(name)
+        return module.base_layer if isinstance(module, QuanTALayer) else module
 
 
 def adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, AdaptedLayer]]:
@@ -87,11 +92,13 @@ class QuanTAModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if not isinstance(config, QuanTAConfig):
             raise QCError(f"QuanTA adapters take a QuanTAConfig, got {type(config).__name__}")
-        if low_cpu_mem_usage:
-            raise QCError("QuanTA adapters do not support low_cpu_mem_usage=True")
+        if low_cpu_mem_usage or _new_parameters_are_meta():
+            raise QCError("QuanTA adapters do not support low_cpu_mem_usage=True (gates are "
+                          "drawn and checked on real tensors)")
         program = config.to_program()
         view = _BaseView(model)
         targets = bind(view, program)
+        _check_not_shared(view, targets)
         records = {t.module_name: checkpoint.layer_record(t, program.option("init") == "freeze_one")
                    for t in targets}
         if config.layers is not None:  # a loaded config: it must describe these very layers
@@ -176,6 +183,13 @@ class QuanTAModel(BaseTuner):
                 if layer.frozen is not None:
                     out[f"{here}.frozen.gates.{i}"] = state_dict[f"{module_name}.init_gates.{i}"]
         return out
+
+
+def _new_parameters_are_meta() -> bool:
+    """True inside ``init_empty_weights`` (how PEFT's ``low_cpu_mem_usage`` builds layers)."""
+    probe = nn.Module()
+    probe.register_parameter("p", nn.Parameter(torch.zeros(1)))
+    return probe.p.is_meta
 
 
 def _native(config: QuanTAConfig) -> dict:

@@ -101,6 +101,14 @@ def test_import_registers_the_method_under_a_string_key():
     assert PEFT_TYPE_TO_TUNER_MAPPING["QUANTA"] is QuanTAModel
 
 
+def test_register_checks_the_peft_hooks_it_relies_on(monkeypatch):
+    from peft.tuners.tuners_utils import BaseTuner
+
+    monkeypatch.delattr(BaseTuner, "_remap_adapter_state_dict_for_load")
+    with pytest.raises(ImportError, match="lacks _remap_adapter_state_dict_for_load"):
+        qcircuit.peft.register()
+
+
 def test_register_refuses_a_taken_name(monkeypatch):
     monkeypatch.setitem(PEFT_TYPE_TO_TUNER_MAPPING, "QUANTA", object)
     with pytest.raises(RuntimeError, match="already has a method called 'QUANTA'"):
@@ -204,6 +212,29 @@ def test_trainer_trains_only_the_gates(make_llama, token_ids, tmp_path):
     Trainer(model=model, args=args, train_dataset=data).train()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != p.requires_grad, n  # gates moved, nothing else
+
+
+def test_bfloat16_base_keeps_its_dtype_and_float32_gates(make_llama, token_ids):
+    def make():
+        return make_llama().to(torch.bfloat16)
+    model = get_peft_model(make(), QuanTAConfig(program=PROGRAM, seed=5))
+    layers = qcircuit.peft.model.adapted_layers(model, "default")
+    for _, layer in layers.values():
+        assert layer.base_layer.weight.dtype == torch.bfloat16
+        assert all(g.dtype == torch.float32 for g in layer.adapter.gates)
+    perturb(model)
+    twin = native_twin(make(), PROGRAM, 5, model)
+    assert torch.equal(logits(model, token_ids), logits(twin, token_ids))  # the same ops
+
+
+def test_refuses_tied_weights_and_low_cpu_mem_usage(tiny_gpt2, make_llama, tmp_path):
+    tied = "circuit c {\n qudits auto 2\n all_pairs\n}\napply c to lm_head\n"
+    with pytest.raises(QCError, match="shares its weight"):
+        get_peft_model(tiny_gpt2, QuanTAConfig(program=tied))
+    assert not any(isinstance(m, QuanTALayer) for m in tiny_gpt2.modules())
+    get_peft_model(make_llama(), QuanTAConfig(program=PROGRAM)).save_pretrained(tmp_path)
+    with pytest.raises(QCError, match="low_cpu_mem_usage"):
+        PeftModel.from_pretrained(make_llama(), tmp_path, low_cpu_mem_usage=True)
 
 
 # --- checkpoints -----------------------------------------------------------------------------
