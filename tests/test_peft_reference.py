@@ -186,3 +186,32 @@ def test_refuses_files_without_gates_and_pickled_code(make_llama, tmp_path):
         import_reference(make_llama(), tmp_path / "b.bin")
     with pytest.raises(QCError, match="no such checkpoint"):
         import_reference(make_llama(), tmp_path / "missing.bin")
+
+
+def test_embedded_llama2_7b_on_the_meta_device(tmp_path):
+    """The paper's layout (16·8·8·4 on q_proj/v_proj of LLaMA-2-7B) from the embedded config,
+    with no base weights: the inferred circuit is qcircuit's all_pairs, the gates go through."""
+    from safetensors.torch import load_file
+
+    from qcircuit import Circuit
+    from qcircuit.runtime import load_model
+
+    model = load_model("llama-2-7b").model
+    dims, modules = (16, 8, 8, 4), ("model.layers.0.self_attn.q_proj",
+                                    "model.layers.31.self_attn.v_proj")
+    g = torch.Generator().manual_seed(4)
+    state = {}
+    for m in modules:
+        for i, j in pairs(4):
+            shape = (dims[4 + j], dims[4 + i]) * 2
+            state[_key(m, i, j)] = torch.randn(shape, generator=g)
+            state[_key(m, i, j, "2")] = torch.randn(shape, generator=g)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    adapted = import_reference(model, tmp_path)
+    assert all(layer.circuit == Circuit(*dims).all_pairs() for layer in adapted.layers.values())
+    adapted.save(tmp_path / "out")
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    for m in modules:
+        for k, (i, j) in enumerate(pairs(4)):
+            assert torch.equal(saved[f"{m}.gates.{k}"], state[_key(m, i, j)])
+            assert torch.equal(saved[f"{m}.init_gates.{k}"], state[_key(m, i, j, "2")])
