@@ -37,12 +37,12 @@ class _BaseView:
 
     def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True
                       ) -> Iterator[tuple[str, nn.Module]]:
-        inside: list[str] = []
+        inside = None  # the QuanTALayer being skipped: named_modules lists its children next
         for name, module in self._model.named_modules(remove_duplicate=remove_duplicate):
-            if any(name.startswith(w + ".") for w in inside):
+            if inside is not None and name.startswith(inside):
                 continue
             if isinstance(module, QuanTALayer):
-                inside.append(name)
+                inside = name + "."
                 module = module.base_layer
             yield name, module
 
