@@ -17,8 +17,11 @@ Each module's qudit dims come from its gate shapes and its targets from the keys
 config is needed, and the base model may sit on the meta device. The result is a
 ``freeze_one`` adapter with scale 1 (the fork has no scale), ``W0 + T(θ) − T(θ0)``.
 
-A ``.bin`` is a pickle: it is the one place qcircuit calls ``torch.load``, always with
-``weights_only=True`` (tensors and plain containers only, no code) and ``mmap=True``.
+A ``.bin`` is a pickle. It is read by transformers' ``load_state_dict`` (the loader of
+Trainer checkpoints), which unpickles with torch's ``weights_only=True`` (tensors and
+plain containers only, never code) and memory-maps the file, so only the gates are read
+into memory. This is the one place qcircuit unpickles anything; convert once, then keep
+the safetensors adapter.
 """
 from __future__ import annotations
 
@@ -53,8 +56,10 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
 
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in _quanta_keys(f.keys())}
+    from transformers.modeling_utils import load_state_dict
+
     try:  # a pickle: weights_only refuses anything but tensors and plain containers
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = load_state_dict(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
         raise QCError(f"cannot read {path} as a weights-only torch checkpoint: {e}") from None
     if not isinstance(state, dict):
