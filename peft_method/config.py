@@ -32,6 +32,9 @@ class QuanTAType(str):
     def value(self) -> str:
         return str.__str__(self)
 
+    def __str__(self) -> str:  # like a PeftType member's str(), which PEFT's status reads
+        return f"{type(self).__name__}.{self.value}"
+
 
 QUANTA = QuanTAType(PEFT_TYPE_NAME)
 

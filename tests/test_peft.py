@@ -150,6 +150,8 @@ def test_get_peft_model_matches_attach(make_llama, token_ids, capsys):
     assert all(".adapter.gates." in n for n in trainable)
     model.print_trainable_parameters()
     assert f"trainable params: {native.num_trainable:,}" in capsys.readouterr().out
+    status = model.get_model_status()
+    assert status.peft_types == {"default": "QUANTA"} and status.num_adapter_layers == 4
     perturb(model)
     twin = native_twin(make_llama(), PROGRAM, 5, model)
     assert rel(logits(model, token_ids), logits(twin, token_ids)) <= F32
