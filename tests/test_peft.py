@@ -334,6 +334,21 @@ def test_second_adapter_set_adapter_and_delete(peft_llama, make_llama, token_ids
     assert torch.equal(logits(peft_llama, token_ids), first)
 
 
+def test_merge_and_unload_with_adapters_on_different_layers(peft_llama, make_llama, token_ids):
+    """OTHER adapts o_proj, which the active adapter does not: merging skips it there."""
+    expected = logits(peft_llama, token_ids)
+    peft_llama.add_adapter("other", QuanTAConfig(program=OTHER, seed=9))
+    perturb(peft_llama, seed=11)  # moves only the active adapter's gates
+    assert rel(logits(peft_llama, token_ids), expected) > 1e-2
+    expected = logits(peft_llama, token_ids)
+    peft_llama.merge_adapter()
+    assert rel(logits(peft_llama, token_ids), expected) <= F32
+    peft_llama.unmerge_adapter()
+    merged = peft_llama.merge_and_unload()
+    assert not any(isinstance(m, QuanTALayer) for m in merged.modules())
+    assert rel(logits(merged, token_ids), expected) <= F32
+
+
 def test_disable_adapter_is_the_base_model(peft_llama, make_llama, token_ids):
     base = logits(make_llama(), token_ids)
     with peft_llama.disable_adapter():
