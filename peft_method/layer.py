@@ -117,4 +117,8 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         return self.base_layer(x, *args, **kwargs) if layer is None else layer(x)
 
     def __repr__(self) -> str:
-        return "quanta." + super().__repr__()
+        """The base layer and one line per adapter (the containers hold aliases)."""
+        rows = [f"(base_layer): {self.base_layer!r}"]
+        rows += [f"({name}): AdaptedLayer({layer.extra_repr()})"
+                 for name, layer in self.qc_adapters.items()]
+        return "quanta.QuanTALayer(\n  " + "\n  ".join(rows) + "\n)"

@@ -318,6 +318,8 @@ def test_second_adapter_set_adapter_and_delete(peft_llama, make_llama, token_ids
     first = logits(peft_llama, token_ids)
     peft_llama.add_adapter("other", QuanTAConfig(program=OTHER, seed=9))
     assert torch.equal(logits(peft_llama, token_ids), first)  # added, not active
+    q_proj = peft_llama.base_model.model.model.layers[0].self_attn.q_proj
+    assert "(default): AdaptedLayer(" in repr(q_proj) and "(other): AdaptedLayer(" in repr(q_proj)
     peft_llama.set_adapter("other")
     perturb(peft_llama, seed=11)
     twin = native_twin(make_llama(), OTHER, 9, peft_llama, adapter="other")
