@@ -1,0 +1,124 @@
+"""``QuanTALayer``: PEFT's per-module adapter container over qcircuit's ``AdaptedLayer``.
+
+Each named adapter on a module is one ``AdaptedLayer`` (``runtime/layer.py``: the math,
+the states, merge and the dtype rules) around the module's one base layer. This class
+only keeps PEFT's bookkeeping: which adapter is active, which are merged, whether adapters
+are disabled. Its forward picks the active ``AdaptedLayer`` and calls it.
+
+Rule for several adapters on one weight: the layers here stay *unfolded* (``W`` holds
+``W0``, or ``W0`` plus the merged adapters' deltas). Every state move of an
+``AdaptedLayer`` adds its own offset to ``W``, and unfolded offsets are zero, so adapters
+never see each other's folds, merges add up, and switching adapters touches no weight.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from qcircuit import QCError
+from qcircuit.runtime import AdaptedLayer
+
+
+class QuanTALayer(nn.Module, BaseTunerLayer):
+    """A base ``nn.Linear``/``Conv1D`` with one ``AdaptedLayer`` per named adapter."""
+
+    # PEFT toggles requires_grad on everything under adapter_layer_names: only the
+    # trainable gate modules go there (an AdaptedLayer also holds the base layer and the
+    # frozen initial gates); qc_adapters holds the AdaptedLayers. Neither name contains
+    # the PEFT prefix ("quanta_") on purpose: PEFT reports every model key with the prefix
+    # that a checkpoint leaves unfilled as missing, and these containers hold aliases (the
+    # base layer, each gate module twice) that a checkpoint never stores. Completeness is
+    # checked by qcircuit's own check_layers when the checkpoint is read.
+    adapter_layer_names = ("qc_gates",)
+    other_param_names = ("qc_adapters",)
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.qc_adapters = nn.ModuleDict()
+        self.qc_gates = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter: list[str] = []
+
+    def add(self, adapter_name: str, layer: AdaptedLayer) -> None:
+        """Install ``layer`` (built on this module's base layer) as ``adapter_name``."""
+        if layer.base_layer is not self.base_layer:
+            raise QCError(f"{layer.name}: the adapter was built on another base layer")
+        if adapter_name in self.qc_adapters:
+            raise QCError(f"{layer.name}: adapter {adapter_name!r} already exists")
+        self.qc_adapters[adapter_name] = layer
+        self.qc_gates[adapter_name] = layer.adapter
+
+    # --- PEFT's named state changes ----------------------------------------------------------
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if len(names) > 1:
+            raise QCError(f"QuanTA layers run one adapter at a time, got {names}: activate one "
+                          "with set_adapter(name), or merge several with "
+                          "merge_adapter(adapter_names=[...])")
+        super().set_adapter(names, inference_mode=inference_mode)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Disabling unmerges first, so the forward is the base layer's own."""
+        if not enabled and self.merged:
+            warnings.warn("disabling merged QuanTA adapters: unmerging them first")
+            self.unmerge()
+        super().enable_adapters(enabled)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge each named adapter (default: the active ones) this layer has into its weight.
+
+        ``AdaptedLayer.merge`` always checks the gates and the new weight before writing
+        (what ``safe_merge`` asks for); on a failure the adapters merged here are undone."""
+        # an adapter need not cover every layer: layers without it have nothing to merge
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.qc_adapters]
+        done = []
+        try:
+            for name in names:
+                self.qc_adapters[name].merge()
+                done.append(name)
+        except BaseException:
+            for name in reversed(done):
+                self.qc_adapters[name].unmerge()
+            raise
+        self.merged_adapters.extend(done)
+
+    def unmerge(self) -> None:
+        """Unmerge every merged adapter, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            self.qc_adapters[self.merged_adapters[-1]].unmerge()
+            self.merged_adapters.pop()
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str,
+                                              device: Optional[torch.device] = None) -> None:
+        """Device only: the gates keep the dtype ``AdaptedLayer`` chose (float32/64)."""
+        weight = self.base_layer.weight
+        target = device if device is not None else weight.device
+        if adapter_name in self.qc_adapters and not weight.is_meta:
+            self.qc_adapters[adapter_name].to(target)
+
+    # --- compute ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or self.merged or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if len(self.active_adapters) > 1:
+            raise QCError(f"QuanTA layers run one adapter at a time, {self.active_adapters} "
+                          "are active")
+        layer = self.qc_adapters[self.active_adapters[0]] \
+            if self.active_adapters[0] in self.qc_adapters else None
+        return self.base_layer(x, *args, **kwargs) if layer is None else layer(x)
+
+    def __repr__(self) -> str:
+        """The base layer and one line per adapter (the containers hold aliases)."""
+        rows = [f"(base_layer): {self.base_layer!r}"]
+        rows += [f"({name}): AdaptedLayer({layer.extra_repr()})"
+                 for name, layer in self.qc_adapters.items()]
+        return "quanta.QuanTALayer(\n  " + "\n  ".join(rows) + "\n)"

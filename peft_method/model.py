@@ -1,0 +1,217 @@
+"""``QuanTAModel``: PEFT's tuner for QuanTA adapters, on top of qcircuit's runtime.
+
+Matching is qcircuit's ``bind`` (the program's ``apply`` rules, ``qudits auto``), run on
+the model as it was before any adapter; the layers are ``AdaptedLayer``s built in target
+order from one generator, exactly as ``attach`` builds them, and installed into
+``QuanTALayer`` containers. Checkpoint tensors use qcircuit's names
+(``AdaptedLayer.tensors``: ``<module>.gates.<i>``, ``<module>.init_gates.<i>``), so one
+directory serves both front doors.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from qcircuit import QCError
+from qcircuit.compiler import compile as compile_circuit
+from qcircuit.runtime import AdaptedLayer, Target, bind
+from qcircuit.runtime import checkpoint
+from qcircuit.runtime.adapter import _check_not_shared  # the native refusal of tied weights
+
+from .config import QuanTAConfig
+from .layer import QuanTALayer
+
+_PEFT_PREFIX = "base_model.model."
+
+
+class _BaseView:
+    """The model as ``bind`` sees it: each ``QuanTALayer`` stands for its base layer, and
+    nothing inside one is visible (a second adapter binds to the same plain layers)."""
+
+    def __init__(self, model: nn.Module):
+        self._model = model
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True
+                      ) -> Iterator[tuple[str, nn.Module]]:
+        inside = None  # the QuanTALayer being skipped: named_modules lists its children next
+        for name, module in self._model.named_modules(remove_duplicate=remove_duplicate):
+            if inside is not None and name.startswith(inside):
+                continue
+            if isinstance(module, QuanTALayer):
+                inside = name + "."
+                module = module.base_layer
+            yield name, module
+
+    def get_submodule(self, name: str) -> nn.Module:
+        module = self._model.get_submodule(name)
+        return module.base_layer if isinstance(module, QuanTALayer) else module
+
+
+def adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, AdaptedLayer]]:
+    """qcircuit module name -> (name in ``model``, the adapter's ``AdaptedLayer``), for a
+    ``PeftModel`` (names under ``base_model.model.``) or a model with injected layers."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuanTALayer) and adapter_name in module.qc_adapters:
+            out[name.removeprefix(_PEFT_PREFIX)] = (name, module.qc_adapters[adapter_name])
+    return out
+
+
+def checkpoint_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under qcircuit's checkpoint names (``AdaptedLayer.tensors``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module_name, (_, layer) in adapted_layers(model, adapter_name).items():
+        if layer.merged:
+            raise QCError("unmerge before saving: the checkpoint stores the unmerged adapter")
+        tensors.update(layer.tensors(module_name))
+    return tensors
+
+
+class QuanTAModel(BaseTuner):
+    """Creates QuanTA adapters on a model from a :class:`QuanTAConfig` (a qcircuit program)."""
+
+    prefix: str = "quanta_"
+    # Checkpoints use qcircuit's tensor names, which only this class's hooks translate;
+    # loaders that bypass them (transformers' ``model.load_adapter``) would leave the gates
+    # at their random init without a word. The flag makes PEFT refuse
+    # ``inject_adapter_in_model``, the door such loaders use.
+    uses_shared_state: bool = True
+    tuner_layer_cls = QuanTALayer
+    target_module_mapping: dict = {}
+
+    # --- injection -------------------------------------------------------------------------
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False,
+                       state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Bind the program, build every layer (target order, one generator), then let
+        PEFT install them through ``_create_and_replace``."""
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, QuanTAConfig):
+            raise QCError(f"QuanTA adapters take a QuanTAConfig, got {type(config).__name__}")
+        if low_cpu_mem_usage or _new_parameters_are_meta():
+            raise QCError("QuanTA adapters do not support low_cpu_mem_usage=True (gates are "
+                          "drawn and checked on real tensors)")
+        program = config.to_program()
+        view = _BaseView(model)
+        targets = bind(view, program)
+        _check_not_shared(view, targets)
+        records = {t.module_name: checkpoint.layer_record(t, program.option("init") == "freeze_one")
+                   for t in targets}
+        if config.layers is not None:  # a loaded config: it must describe these very layers
+            shapes = checkpoint.expected_tensors(config.layers)  # tensors come later: shapes only
+            checkpoint.check_layers("adapter config", _native(config), records,
+                                    {k: torch.empty(s, device="meta") for k, s in shapes.items()})
+        self._pending = _build_layers(model, program, targets, config.seed)
+        config.layers = records
+        config.model = checkpoint.model_identity(model)
+        config.target_modules = [t.module_name for t in targets]
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=False, state_dict=None)
+        finally:
+            self._pending = {}
+
+    @staticmethod
+    def _prepare_adapter_config(peft_config: QuanTAConfig, model_config: dict) -> QuanTAConfig:
+        return peft_config
+
+    def _check_target_module_exists(self, peft_config: QuanTAConfig, key: str) -> bool:
+        return key in self._pending
+
+    def _check_tied_module_exists(self, peft_config: QuanTAConfig, key: str) -> bool:
+        return False
+
+    def _create_and_replace(self, peft_config: QuanTAConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str,
+                            parameter_name: Optional[str] = None) -> None:
+        layer = self._pending[current_key]
+        if isinstance(target, QuanTALayer):
+            target.add(adapter_name, layer)
+            return
+        new = QuanTALayer(target)
+        new.add(adapter_name, layer)
+        new.set_adapter(self.active_adapters[:1] if self.active_adapters else [adapter_name])
+        self._replace_module(parent, target_name, new, target)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Nothing to do: ``AdaptedLayer`` already keeps gates in float32 (float64 on float64
+        layers); PEFT's generic cast would also reach the base layer inside it."""
+
+    # --- named state changes ---------------------------------------------------------------
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise QCError(f"QuanTA runs one adapter at a time, got {names}: activate one with "
+                          "set_adapter(name)")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise QCError("QuanTA does not support mixed adapter batches (adapter_names=...); "
+                          "run one batch per adapter with set_adapter(name)")
+        yield
+
+    # --- checkpoints: qcircuit's tensor names ----------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: QuanTAConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor],
+                                unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        return checkpoint_tensors(model, adapter_name)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # checkpoint names never carry the adapter name
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: QuanTAConfig,
+                                           adapter_name: str, state_dict: dict[str, torch.Tensor]
+                                           ) -> dict[str, torch.Tensor]:
+        """qcircuit names -> this model's parameter names, after checking that the
+        tensors are exactly the ones the adapter's layers need."""
+        layers = adapted_layers(model, adapter_name)
+        checkpoint.check_layers("adapter", _native(config), config.layers, state_dict)
+        out = {}
+        for module_name, (full_name, layer) in layers.items():
+            here = f"{full_name}.qc_adapters.{adapter_name}"
+            for i in range(len(layer.adapter.gates)):
+                out[f"{here}.adapter.gates.{i}"] = state_dict[f"{module_name}.gates.{i}"]
+                if layer.frozen is not None:
+                    out[f"{here}.frozen.gates.{i}"] = state_dict[f"{module_name}.init_gates.{i}"]
+        return out
+
+
+def _new_parameters_are_meta() -> bool:
+    """True inside ``init_empty_weights`` (how PEFT's ``low_cpu_mem_usage`` builds layers)."""
+    probe = nn.Module()
+    probe.register_parameter("p", nn.Parameter(torch.zeros(1)))
+    return probe.p.is_meta
+
+
+def _native(config: QuanTAConfig) -> dict:
+    """The config as the native checkpoint reader sees it."""
+    return {"format": config.format, "program": config.program, "options": config.options,
+            "model": config.model or {}, "layers": config.layers}
+
+
+def _build_layers(model: nn.Module, program, targets: tuple[Target, ...],
+                  seed: int | None) -> dict[str, AdaptedLayer]:
+    """One unfolded ``AdaptedLayer`` per target, gates drawn in target order (``attach``'s order)."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    init, scale, dropout = (program.option(k) for k in ("init", "scale", "dropout"))
+    plans: dict = {}
+    layers = {}
+    for t in targets:
+        if t.circuit not in plans:
+            plans[t.circuit] = compile_circuit(t.circuit)
+        base = model.get_submodule(t.module_name)
+        if isinstance(base, QuanTALayer):
+            base = base.base_layer
+        layers[t.module_name] = AdaptedLayer(base, t.circuit, init=init, scale=scale,
+                                             dropout=dropout, generator=generator,
+                                             plan=plans[t.circuit], name=t.module_name)
+    return layers

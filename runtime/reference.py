@@ -1,0 +1,191 @@
+"""Import adapters trained with the QuanTA reference implementation (the paper's PEFT fork).
+
+The fork saves through ``transformers.Trainer`` as a whole-model state dict
+(``checkpoint-*/pytorch_model.bin``, sharded or not, or ``model.safetensors``). For each
+adapted module ``M`` it holds
+
+* ``base_model.model.M.quanta_weights.{i} {j}``: the trained gates, one per pair ``(i, j)``
+  of ``itertools.combinations(range(-1, -d-1, -1), 2)`` in that order, shaped
+  ``(d_j, d_i, d_j, d_i)`` (``d_k``: the dim of qudit ``d+k``). Gate ``k`` acts on qudits
+  ``(d+j, d+i)``, outputs first: qcircuit's gate convention, and the pairs' order is
+  qcircuit's ``all_pairs``;
+* ``base_model.model.M.quanta_weights2.{i} {j}``: the frozen initial gates;
+* ``base_model.model.M.weight``: ``W0 − T(θ0)`` rounded to the training dtype (not needed:
+  the imported adapter attaches to the original ``W0``).
+
+Each module's qudit dims come from its gate shapes and its targets from the keys, so no
+config is needed, and the base model may sit on the meta device. The result is a
+``freeze_one`` adapter with scale 1 (the fork has no scale), ``W0 + T(θ) − T(θ0)``.
+
+A ``.bin`` is a pickle. It is read by transformers' ``load_state_dict`` (the loader of
+Trainer checkpoints), which unpickles with torch's ``weights_only=True`` (tensors and
+plain containers only, never code) and memory-maps the file, so only the gates are read
+into memory. This is the one place qcircuit unpickles anything; convert once, then keep
+the safetensors adapter.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qcircuit import Circuit, Program, QCError, parse
+
+from .adapter import Adapted, attach
+from .bind import layer_shape
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.quanta_weights(?P<frozen>2?)"
+                  r"\.(?P<i>-\d+) (?P<j>-\d+)$")
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _quanta_keys(keys) -> list[str]:
+    return [k for k in keys if _KEY.match(k)]
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    """The QuanTA tensors of one ``.safetensors`` or ``.bin`` file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in _quanta_keys(f.keys())}
+    from transformers.modeling_utils import load_state_dict
+
+    try:  # a pickle: weights_only refuses anything but tensors and plain containers
+        state = load_state_dict(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        raise QCError(f"cannot read {path} as a weights-only torch checkpoint: {e}") from None
+    if not isinstance(state, dict):
+        raise QCError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {k: v.clone() for k, v in state.items() if _KEY.match(k)}
+
+
+def read_reference(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The QuanTA tensors of a reference checkpoint: a ``.bin``/``.safetensors`` file, or a
+    ``checkpoint-*`` directory (single file or sharded with an index)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        for name in _INDEX_FILES:
+            if (path / name).is_file():
+                index = json.loads((path / name).read_text(encoding="utf-8"))
+                shards = sorted({f for k, f in index.get("weight_map", {}).items() if _KEY.match(k)})
+                state: dict[str, torch.Tensor] = {}
+                for shard in shards:
+                    state.update(_read_file(path / shard))
+                return _nonempty(state, path)
+        for name in _SINGLE_FILES:
+            if (path / name).is_file():
+                return _nonempty(_read_file(path / name), path)
+        raise QCError(f"{path} holds none of {', '.join(_SINGLE_FILES + _INDEX_FILES)}")
+    if not path.is_file():
+        raise QCError(f"no such checkpoint: {path}")
+    return _nonempty(_read_file(path), path)
+
+
+def _nonempty(state: dict, path: Path) -> dict:
+    if not state:
+        raise QCError(f"{path} holds no QuanTA gates (no '...quanta_weights.<i> <j>' keys)")
+    return state
+
+
+def _module_gates(module: str, gates: dict, frozen: dict
+                  ) -> tuple[tuple[int, ...], list, list, list[tuple[int, int]]]:
+    """Qudit dims, the trained and frozen gates and the gates' qudits, in circuit order,
+    of one module, after every check."""
+    pairs = list(gates)
+    d = max(-min(p) for p in pairs)
+    want = list(itertools.combinations(range(-1, -d - 1, -1), 2))
+    if set(pairs) != set(want):
+        missing = sorted(set(want) - set(pairs), reverse=True)
+        raise QCError(f"{module}: gates {sorted(pairs, reverse=True)} are not every pair of "
+                      f"{d} qudits (missing {missing})")
+    if set(frozen) != set(want):
+        raise QCError(f"{module}: the frozen initial gates (quanta_weights2) are missing or "
+                      f"incomplete ({len(frozen)} of {len(want)}); only the fork's "
+                      "sum_opposite_freeze_one checkpoints can be imported")
+    dims: list[int | None] = [None] * d
+    for i, j in want:
+        shape = tuple(gates[(i, j)].shape)
+        if len(shape) != 4 or shape[:2] != shape[2:]:
+            raise QCError(f"{module}: gate '{i} {j}' has shape {shape}; only square gates "
+                          "(d_j, d_i, d_j, d_i) can be imported (the fork's per_dim_features2 "
+                          "is not supported)")
+        if tuple(frozen[(i, j)].shape) != shape:
+            raise QCError(f"{module}: frozen gate '{i} {j}' has shape "
+                          f"{tuple(frozen[(i, j)].shape)}, the trained one {shape}")
+        for qudit, dim in ((d + j, shape[0]), (d + i, shape[1])):
+            if dims[qudit] not in (None, dim):
+                raise QCError(f"{module}: inconsistent gate shapes: qudit {qudit} has dim "
+                              f"{dims[qudit]} in one gate and {dim} in gate '{i} {j}'")
+            dims[qudit] = dim
+    order = [(d + j, d + i) for i, j in want]
+    return tuple(dims), [gates[p] for p in want], [frozen[p] for p in want], order
+
+
+def reference_program(model: nn.Module, state: dict[str, torch.Tensor]
+                      ) -> tuple[Program, dict[str, tuple[list, list]]]:
+    """The ``.qc`` program a reference state dict describes for ``model``, and each
+    module's (gates, frozen gates) in circuit order."""
+    found: dict[str, tuple[dict, dict]] = {}
+    for key, tensor in state.items():
+        m = _KEY.match(key)
+        if m is None:
+            continue
+        gates, frozen = found.setdefault(m["module"], ({}, {}))
+        (frozen if m["frozen"] else gates)[(int(m["i"]), int(m["j"]))] = tensor
+    modules = dict(model.named_modules())
+    circuits: dict[Circuit, list[str]] = {}
+    tensors = {}
+    for name in sorted(found):
+        gates, frozen = found[name]
+        if not gates:
+            raise QCError(f"{name}: frozen gates (quanta_weights2) without trained gates")
+        if name not in modules or layer_shape(modules[name]) is None:
+            raise QCError(f"the checkpoint adapts {name!r}, which is not a linear layer of "
+                          f"{type(model).__name__}")
+        _, n_in, n_out = layer_shape(modules[name])
+        if n_in != n_out:
+            raise QCError(f"{name}: {n_in} -> {n_out} features; only square layers can be "
+                          "imported")
+        dims, trained, initial, order = _module_gates(name, gates, frozen)
+        if math.prod(dims) != n_in:
+            raise QCError(f"{name}: qudits {'·'.join(map(str, dims))} = {math.prod(dims)} "
+                          f"features but the layer has {n_in}: padded checkpoints cannot be "
+                          "imported")
+        circuit = Circuit(*dims)
+        for qudits in order:
+            circuit = circuit.gate(qudits)
+        circuits.setdefault(circuit, []).append(name)
+        tensors[name] = (trained, initial)
+    blocks, rules = [], []
+    for k, (circuit, names) in enumerate(circuits.items()):
+        cname = f"reference{k}"
+        blocks.append(circuit.to_qc(name=cname))
+        rules.append(f"apply {cname} to " + ", ".join(names))  # whole names: exact matches
+    text = "\n".join(blocks + rules + ["option init = freeze_one", "option scale = 1.0"]) + "\n"
+    return parse(text), tensors
+
+
+def import_reference(model: nn.Module, checkpoint: str | Path) -> Adapted:
+    """Attach the adapter of a reference checkpoint to ``model`` (the original base model,
+    real or on the meta device): ``W0 + T(θ) − T(θ0)`` in every adapted layer. Call
+    ``.save(dir)`` on the result to write a qcircuit/PEFT adapter."""
+    program, tensors = reference_program(model, read_reference(checkpoint))
+    adapted = attach(model, program, fold=False)
+    with torch.no_grad():
+        for name, layer in adapted.layers.items():
+            trained, initial = tensors[name]
+            for dst, src in zip(layer.adapter.gates, trained):
+                dst.copy_(src)
+            for dst, src in zip(layer.frozen.gates, initial):
+                dst.copy_(src)
+    if not any(layer.is_meta for layer in adapted.layers.values()):
+        adapted.fold()  # like attach and load: one circuit per forward
+    return adapted
