@@ -490,8 +490,9 @@ def wait(*args, **kwargs):
     time.sleep(120)
 if sys.argv[1] == "run":
     cli.run = wait
-else:  # stop inside the checkpoint writer, at its first rename
-    os.replace = os.rename = wait
+else:  # stop inside the checkpoint writer, at its first rename or directory exchange
+    import qcircuit.runtime.atomic_dir as atomic_dir
+    os.replace = os.rename = atomic_dir._exchange = wait
 sys.exit(cli.main(sys.argv[2:]))
 """
 
