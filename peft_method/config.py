@@ -16,11 +16,11 @@ from peft import PeftConfig
 
 import qcircuit
 from qcircuit import Program, QCError, parse, parse_file
+from qcircuit.runtime.checkpoint import FORMAT, FORMAT_VERSION  # one format, both doors
 
 #: The ``peft_type`` string. PEFT's maps are keyed by ``PeftType`` members, which are
 #: ``str`` subclasses equal to their value, so this string is a key among theirs.
 PEFT_TYPE_NAME = "QUANTA"
-FORMAT = "qcircuit-adapter"  # the native config's "format" (runtime/checkpoint.py)
 
 
 class QuanTAType(str):
@@ -76,6 +76,9 @@ class QuanTAConfig(PeftConfig):
     options: Optional[dict] = field(default=None, metadata={"help": "init, scale, dropout"})
     seed: Optional[int] = field(default=None, metadata={"help": "gate initialisation seed"})
     format: str = field(default=FORMAT, metadata={"help": "qcircuit checkpoint format"})
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "of the format"})
+    tensors: Optional[dict] = field(default=None, metadata={
+        "help": "dtype, shape and sha256 of each saved tensor (filled in at save)"})
     qcircuit_version: Optional[str] = field(default=None)
     model: Optional[dict] = field(default=None, metadata={"help": "base model identity"})
     layers: Optional[dict] = field(default=None, metadata={"help": "adapted modules"})

@@ -161,7 +161,11 @@ class QuanTAModel(BaseTuner):
     def _get_adapter_state_dict(cls, model: nn.Module, config: QuanTAConfig, adapter_name: str,
                                 state_dict: dict[str, torch.Tensor],
                                 unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
-        return checkpoint_tensors(model, adapter_name)
+        tensors = checkpoint_tensors(model, adapter_name)
+        # PEFT writes the config after this hook: it then carries the tensors' hashes, so
+        # qcircuit's own reader verifies a save_pretrained directory like a native one
+        config.tensors = checkpoint.tensor_records(tensors)
+        return tensors
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -194,7 +198,8 @@ def _new_parameters_are_meta() -> bool:
 
 def _native(config: QuanTAConfig) -> dict:
     """The config as the native checkpoint reader sees it."""
-    return {"format": config.format, "program": config.program, "options": config.options,
+    return {"format": config.format, "format_version": config.format_version,
+            "program": config.program, "options": config.options,
             "model": config.model or {}, "layers": config.layers}
 
 

@@ -38,7 +38,7 @@ from qcircuit import Program, QCError, parse
 from qcircuit.ir import check_option
 
 from .atomic_dir import fsync, replace_dir
-from .checkpoint_schema import (FORMAT, FORMAT_VERSION, IDENTITY_KEYS, check_config,
+from .checkpoint_schema import (FORMAT, FORMAT_VERSION, IDENTITY_KEYS, PEFT_TYPE, check_config,
                                 expected_tensors)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "FORMAT_VERSION", "MAX_CONFIG_BYTES",
@@ -104,6 +104,7 @@ def build_config(program: Program, model, layers: Mapping[str, dict],
     """The config of a checkpoint; ``layers`` from ``layer_record``. Without ``tensors``
     the ``tensors`` section is left to ``write``, which always fills it from what it writes."""
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "qcircuit_version": version,
+              "peft_type": PEFT_TYPE,   # so that PEFT's from_pretrained loads it too
               "program": program.to_qc(),
               "options": {k: program.option(k) for k in ("init", "scale", "dropout")},
               "model": model_identity(model), "layers": dict(layers)}

@@ -26,6 +26,11 @@ FORMAT = "qcircuit-adapter"
 FORMAT_VERSION = 2
 TOP_KEYS = ("format", "format_version", "qcircuit_version", "program", "options", "model",
             "layers", "tensors")
+#: what PEFT's ``save_pretrained`` adds to a QuanTA config: bookkeeping that qcircuit's own
+#: reader ignores (``peft_type`` must name QuanTA)
+PEFT_KEYS = ("peft_type", "task_type", "peft_version", "auto_mapping", "base_model_name_or_path",
+             "revision", "inference_mode", "seed", "target_modules")
+PEFT_TYPE = "QUANTA"
 RECORD_KEYS = ("kind", "in", "out", "circuit", "qc", "gates", "frozen", "state")
 TENSOR_KEYS = ("dtype", "shape", "sha256")
 MODEL_KEYS = ("class", "config_class", "dtype")       # always there (values may be null)
@@ -68,7 +73,9 @@ def check_config(config: object, where: str) -> None:
                       f"({FORMAT_VERSION}): upgrade qcircuit to load it")
     if version != FORMAT_VERSION or not _is_int(version):
         _bad(where, "$.format_version", f"{FORMAT_VERSION}", version)
-    _exact_keys(root, TOP_KEYS, "$", where)
+    _exact_keys(root, TOP_KEYS, "$", where, optional=PEFT_KEYS)
+    if root.get("peft_type", PEFT_TYPE) != PEFT_TYPE:
+        _bad(where, "$.peft_type", json.dumps(PEFT_TYPE), root["peft_type"])
     _text(root["qcircuit_version"], "$.qcircuit_version", where)
     if not isinstance(root["program"], str):
         _bad(where, "$.program", "a string (.qc text)", root["program"])
@@ -241,11 +248,12 @@ def _positive(value: object, path: str, high: int, where: str) -> None:
         _bad(where, path, f"an integer from 1 to {high}", value)
 
 
-def _exact_keys(obj: dict, keys: tuple[str, ...], path: str, where: str) -> None:
+def _exact_keys(obj: dict, keys: tuple[str, ...], path: str, where: str,
+                optional: tuple[str, ...] = ()) -> None:
     for key in keys:
         if key not in obj:
             raise QCError(f"{where}: {path}: key {json.dumps(key)} is missing")
     for key in obj:
-        if key not in keys:
+        if key not in keys and key not in optional:
             raise QCError(f"{where}: {path}: unknown key {json.dumps(key)[:60]} "
                           f"(expected only {', '.join(keys)})")

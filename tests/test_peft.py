@@ -282,8 +282,6 @@ def test_native_load_reads_save_pretrained(peft_llama, make_llama, token_ids, tm
     assert rel(logits(native, token_ids), logits(peft_llama, token_ids)) <= F32
 
 
-@pytest.mark.xfail(strict=True, reason="runtime/checkpoint.py's build_config does not write "
-                   "peft_type yet (patch in the peft branch's report)")
 def test_peft_loads_a_native_save(make_llama, token_ids, tmp_path):
     native = attach(make_llama(), parse(PROGRAM), seed=5)
     perturb(native.model)
