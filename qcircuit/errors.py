@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Characters of the offending line shown around the caret (long lines are cut).
+SHOWN_CHARS = 100
+
 
 @dataclass(frozen=True)
 class Span:
@@ -39,9 +42,9 @@ class QCError(ValueError):
             return f"{text} (expected {self.expected})" if self.expected else text
         lines = [f"{self.span.at()}: error: {self.message}"]
         if self.span.source_line:
-            source = self.span.source_line.rstrip("\n").expandtabs(1)
+            source, caret = _window(self.span.source_line.rstrip("\r\n"), self.span.column)
             lines.append(f"    {source}")
-            lines.append("    " + " " * max(self.span.column - 1, 0) + "^")
+            lines.append("    " + " " * caret + "^")
         if self.expected:
             lines.append(f"expected {self.expected}")
         return "\n".join(lines)
@@ -51,3 +54,17 @@ class QCError(ValueError):
         where = f"{self.span.at()}: " if self.span else ""
         tail = f" (expected {self.expected})" if self.expected else ""
         return f"{where}{self.message}{tail}"
+
+
+def _window(line: str, column: int) -> tuple[str, int]:
+    """The part of ``line`` shown around ``column`` (1-based), and the caret's offset in it.
+    Tabs show as one space so the caret stays under its character."""
+    at = max(column - 1, 0)
+    start = max(0, min(at - SHOWN_CHARS // 2, len(line) - SHOWN_CHARS))
+    end = start + SHOWN_CHARS
+    shown = line[start:end].expandtabs(1)
+    if start > 0:
+        shown, at = "…" + shown, at + 1
+    if end < len(line):
+        shown += "…"
+    return shown, at - start

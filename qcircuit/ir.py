@@ -14,21 +14,16 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from .errors import QCError, Span
+from .limits import MAX_DIM, MAX_FEATURES, MAX_GATES, MAX_PARAMS, MAX_QUDITS
 from .program import (INIT_MODES, OPTION_DEFAULTS, ApplyRule, Pattern, Program,  # noqa: F401
                       check_option)
 
 __all__ = ["Gate", "GateSpec", "Circuit", "build_gates", "parse_dims", "all_pairs_qudits",
            "balanced_factors", "Pattern", "ApplyRule", "Program", "OPTION_DEFAULTS",
-           "INIT_MODES", "check_option", "MAX_DIM", "MAX_QUDITS", "MAX_GATES", "Dims"]
+           "INIT_MODES", "check_option", "MAX_DIM", "MAX_QUDITS", "MAX_GATES", "MAX_PARAMS",
+           "Dims"]
 
 Dims = tuple[int, ...]
-
-#: Limits shared by the builder and the parser (each exceeded one is a clear QCError).
-MAX_DIM = 1 << 20
-MAX_QUDITS = 64
-MAX_GATES = 100_000
-
-
 
 def _as_int(value: object) -> int | None:
     """``value`` as an int (numpy ints too), or None; bools are not ints here."""
@@ -222,6 +217,22 @@ def balanced_factors(n: int, parts: int) -> Dims:
     return tuple(sorted(factors, reverse=True))
 
 
+def _auto_dims(features: int, n: int, span: Span | None) -> Dims:
+    """``features`` split into ``n`` balanced qudits, each of dim at least 2: a dim-1 qudit
+    carries nothing and only multiplies the gates (``auto 64`` on 4096 features would be
+    12 qudits of dim 2 and 52 of dim 1)."""
+    if _as_int(features) is None or not 0 < features <= MAX_FEATURES:
+        raise QCError(f"a layer size must be a positive integer up to {MAX_FEATURES}, "
+                      f"got {features!r}", span)
+    dims = balanced_factors(features, n)
+    if n > 1 and dims[-1] == 1:
+        most = sum(1 for d in balanced_factors(features, MAX_QUDITS) if d > 1)
+        raise QCError(f"cannot split {features} features into {n} qudits of dim 2 or more "
+                      f"({features} has {most} prime factors)", span,
+                      expected=f"qudits auto {max(most, 1)} or fewer")
+    return dims
+
+
 def _check_gates(dims: tuple, gates: tuple, auto: int | None,
                  span: Span | None) -> tuple[int | None, ...]:
     """Gates given to ``Circuit(...)`` directly must fit its wires; return the final wires."""
@@ -241,6 +252,22 @@ def _check_gates(dims: tuple, gates: tuple, auto: int | None,
                               f"which carries {current[q]}", g.span or span)
             current[q] = o
     return tuple(current)
+
+
+def _check_size(gates: tuple[Gate, ...], span: Span | None) -> None:
+    """At most ``MAX_GATES`` gates and ``MAX_PARAMS`` parameters; the error points at the
+    gate that crosses the limit."""
+    if len(gates) > MAX_GATES:
+        raise QCError(f"too many gates: {len(gates)} (at most {MAX_GATES} per circuit)",
+                      gates[MAX_GATES].span or span)
+    total = 0
+    for g in gates:
+        total += g.num_params
+        if total > MAX_PARAMS:
+            raise QCError(f"too many parameters: gate on {g.qudits} ({'x'.join(map(str, g.out_dims))}"
+                          f" <- {'x'.join(map(str, g.in_dims))}) brings the circuit to {total}, "
+                          f"over the limit of {MAX_PARAMS} (2**{MAX_PARAMS.bit_length() - 1})",
+                          g.span or span)
 
 
 def _one_dim(d: object, span: Span | None) -> int:
@@ -284,6 +311,7 @@ class Circuit:
         gates = tuple(gates)
         if _wires is None:  # builder methods pass the wires they already checked
             _wires = _check_gates(checked, gates, auto, span)
+        _check_size(gates, span)
         object.__setattr__(self, "_wires", _wires)
         object.__setattr__(self, "dims", checked)
         object.__setattr__(self, "gates", gates)
@@ -413,8 +441,8 @@ class Circuit:
                     f"{self.out_features} features) does not fit a {in_features} -> "
                     f"{out_features} layer", self.span)
             return self
-        ins = balanced_factors(in_features, self.auto)
-        outs = balanced_factors(out_features, self.auto)
+        ins = _auto_dims(in_features, self.auto, self.span)
+        outs = _auto_dims(out_features, self.auto, self.span)
         specs = [GateSpec(g.qudits, None, None, g.span) for g in self.gates]
         dims, gates = build_gates(list(ins), specs, outs if outs != ins else None)
         return Circuit(*dims, gates=gates, span=self.span)

@@ -100,7 +100,7 @@ class _Builder(Transformer_NonRecursive):
 
     def span(self, line: int, column: int) -> Span:
         source = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
-        return Span(self.file, line, column, source.rstrip("\r"))
+        return Span(self.file, line, column, source)  # shared with every token on the line
 
     def tok(self, t: Token, strip: int = 0) -> Tok:
         return Tok(t.value[strip:len(t.value) - strip], self.span(t.line, t.column))
@@ -204,9 +204,15 @@ def _end_position(text: str) -> tuple[int, int]:
     return text.count("\n", 0, pos) + 1, pos - start + 1
 
 
+def source_lines(text: str) -> list[str]:
+    """The text's lines without their ``\n`` or ``\r\n``: one copy of each line, made once,
+    which every span on that line shares (a copy per token is quadratic on a long line)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def syntax_error(err: UnexpectedInput, text: str, file: str | None) -> QCError:
     """lark's error -> ``QCError`` saying, in words, what was expected where."""
-    lines = text.split("\n")
+    lines = source_lines(text)
     if isinstance(err, UnexpectedCharacters):
         line, column = err.line, err.column
         char = text[err.pos_in_stream] if 0 <= err.pos_in_stream < len(text) else ""
@@ -220,7 +226,7 @@ def syntax_error(err: UnexpectedInput, text: str, file: str | None) -> QCError:
         message, expected = "unexpected end of file", _human(names)
     if not isinstance(line, int) or line < 1:
         line, column = _end_position(text)
-    source = lines[line - 1].rstrip("\r") if line <= len(lines) else ""
+    source = lines[line - 1] if line <= len(lines) else ""
     return QCError(message, Span(file, line, max(int(column or 1), 1), source), expected=expected)
 
 
@@ -231,4 +237,4 @@ def parse_ast(text: str, file: str | None = None) -> tuple:
         tree = grammar().parse(text)
     except UnexpectedInput as err:
         raise syntax_error(err, text, file) from None
-    return _Builder(text.split("\n"), file).transform(tree)
+    return _Builder(source_lines(text), file).transform(tree)
