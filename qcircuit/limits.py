@@ -33,10 +33,12 @@ MAX_REPEAT_DEPTH = 32
 
 #: Characters of one ``/regex/`` (see ``regex_safety.py`` for the subset accepted).
 MAX_REGEX_CHARS = 256
+#: Repeating quantifiers (``*``, ``+``, ``{m,n}``) in one ``/regex/``.
+MAX_REGEX_REPEATS = 3
 
 #: ``option scale``: its magnitude must lie in this range (negative scales are allowed).
 SCALE_RANGE = (1e-6, 1e4)
 
 __all__ = ["MAX_TEXT_BYTES", "MAX_TOTAL_BYTES", "MAX_INCLUDES", "MAX_INCLUDE_DEPTH", "MAX_DIM",
            "MAX_QUDITS", "MAX_FEATURES", "MAX_GATES", "MAX_PARAMS", "MAX_REPEAT", "MAX_REPEAT_DEPTH",
-           "MAX_REGEX_CHARS", "SCALE_RANGE"]
+           "MAX_REGEX_CHARS", "MAX_REGEX_REPEATS", "SCALE_RANGE"]

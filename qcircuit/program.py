@@ -8,6 +8,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
 from .errors import QCError, Span
+from .limits import SCALE_RANGE
+from .regex_safety import regex_problem
 
 if TYPE_CHECKING:
     from .ir import Circuit
@@ -34,7 +36,13 @@ class Pattern:
     def __post_init__(self):
         if not isinstance(self.text, str) or not self.text:
             raise QCError(f"a pattern must be a non-empty string, got {self.text!r}", self.span)
-        if self.regex:  # '\/' and '/' mean the same: keep the plain '/' (canonical form)
+        if self.regex:
+            problem = regex_problem(self.text)
+            if problem:
+                why, offset = problem
+                raise QCError(why, _shifted(self.span, 1 + offset),
+                              expected="a regular expression without nested repetition")
+            # '\/' and '/' mean the same: keep the plain '/' (canonical form)
             object.__setattr__(self, "text", re.sub(r"\\(.)", _unescape_slash, self.text,
                                                     flags=re.DOTALL))
 
@@ -45,6 +53,12 @@ class Pattern:
 
     def __str__(self) -> str:
         return f"/{self.text}/" if self.regex else self.text
+
+
+def _shifted(span: Span | None, by: int) -> Span | None:
+    """``span`` moved ``by`` columns right (to point inside a token)."""
+    return None if span is None else Span(span.file, span.line, span.column + by,
+                                          span.source_line)
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,10 @@ def check_option(key: str, value: object, span: Span | None = None) -> object:
         raise QCError(f"option {key} takes a number, got {value!r}", span)
     if key == "dropout" and not 0.0 <= value < 1.0:
         raise QCError(f"dropout must be in [0, 1), got {value}", span)
+    low, high = SCALE_RANGE
+    if key == "scale" and not low <= abs(value) <= high:
+        raise QCError(f"scale must have a magnitude in [{low:g}, {high:g}], got {value:g}", span,
+                      expected="a scale like 1.0, 2 or 0.5")
     return float(value)
 
 

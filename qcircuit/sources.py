@@ -15,6 +15,7 @@ from .limits import MAX_TEXT_BYTES
 
 #: Kernel and device trees: their "files" are not text a user wrote.
 _PSEUDO = ("/proc/", "/sys/", "/dev/")
+_ONLY_REGULAR = ".qc text is read only from regular files"
 
 __all__ = ["read_file", "decode", "check_size", "position"]
 
@@ -39,7 +40,7 @@ def read_file(path: str, span: Span | None, limit: int = MAX_TEXT_BYTES) -> str:
     where = span or Span(path, 1, 1)
     real = os.path.realpath(path)
     if real.startswith(_PSEUDO):
-        raise QCError(f"{path!r} is not a regular file ({real}): .qc text is read only from regular files", where)
+        raise QCError(f"{path!r} is not a regular file ({real}): {_ONLY_REGULAR}", where)
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as err:
@@ -47,7 +48,7 @@ def read_file(path: str, span: Span | None, limit: int = MAX_TEXT_BYTES) -> str:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise QCError(f"{path!r} is not a regular file: .qc text is read only from regular files", where)
+            raise QCError(f"{path!r} is not a regular file: {_ONLY_REGULAR}", where)
         if info.st_size > limit:
             raise QCError(f"{path!r} is {info.st_size} bytes, over the limit of {limit} bytes "
                           f"({limit // 2**20} MiB) for one file", where)

@@ -53,7 +53,7 @@ CASES = [
     ("bad dropout", "option dropout = 1.5", 1, 18, "dropout must be in [0, 1)", None),
     ("infinite scale", "option scale = 1e400", 1, 16, "takes a number", None),
     ("number for init", "option init = 3", 1, 15, "unknown init mode", None),
-    ("bad regex", "circuit c { qudits 2 gate (0) }\napply c to q, /(ab/", 2, 15, "bad regex",
+    ("bad regex", "circuit c { qudits 2 gate (0) }\napply c to q, /(ab/", 2, 16, "bad regex",
      "regular expression"),
     # syntax
     ("missing paren", "circuit c {\n  qudits 4 4\n  gate (0 1)\n}", 3, 11, "unexpected '1'",
