@@ -5,9 +5,19 @@ from dataclasses import dataclass
 
 #: Characters of the offending line shown around the caret (long lines are cut).
 SHOWN_CHARS = 100
+#: Characters of a name or token quoted in a message (``quoted``).
+QUOTED_CHARS = 40
+#: A message or an "expected …" longer than this is cut in the middle (it holds user text).
+MESSAGE_CHARS = 1000
 
 
-@dataclass(frozen=True)
+def quoted(value: object) -> str:
+    """``repr`` of a user's name, token or value for a message, cut to ``QUOTED_CHARS``."""
+    text = repr(value)
+    return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS - 2] + "…" + text[-1]
+
+
+@dataclass(frozen=True, slots=True)
 class Span:
     """Where something was written: file (None for a string), 1-based line and column."""
 
@@ -28,9 +38,9 @@ class QCError(ValueError):
     """
 
     def __init__(self, message: str, span: Span | None = None, expected: str | None = None):
-        self.message = message
+        self.message = _cut(str(message))
         self.span = span
-        self.expected = expected
+        self.expected = None if expected is None else _cut(expected)
         self.file = span.file if span else None
         self.line = span.line if span else None
         self.column = span.column if span else None
@@ -54,6 +64,13 @@ class QCError(ValueError):
         where = f"{self.span.at()}: " if self.span else ""
         tail = f" (expected {self.expected})" if self.expected else ""
         return f"{where}{self.message}{tail}"
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MESSAGE_CHARS:
+        return text
+    half = MESSAGE_CHARS // 2
+    return f"{text[:half]} … {text[-half:]}"
 
 
 def _window(line: str, column: int) -> tuple[str, int]:

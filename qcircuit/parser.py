@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import QCError, Span
+from .errors import QCError, Span, quoted
 from .ir import OPTION_DEFAULTS, Circuit, ApplyRule, Gate, GateSpec, Pattern, Program
 from .ir import all_pairs_qudits, build_gates, check_option
 from .limits import (MAX_DIM, MAX_GATES, MAX_INCLUDE_DEPTH, MAX_INCLUDES, MAX_QUDITS, MAX_REPEAT,
@@ -64,7 +64,7 @@ def _int(tok: Tok, what: str, low: int, high: int, text: str | None = None,
                                                  tok.span.source_line)
     digits = text.lstrip("-")
     if not digits.isdigit():
-        raise QCError(f"{what} must be an integer, got {text!r}", span, expected="an integer")
+        raise QCError(f"{what} must be an integer, got {quoted(text)}", span, expected="an integer")
     if len(digits) > 9:
         raise QCError(f"{what} {text[:12]}… is too large (at most {high})", span)
     value = int(text)
@@ -112,7 +112,7 @@ def _circuit(node: CircuitNode) -> Circuit:
             out_spans = [t.span for t in out_toks]
     specs = _expand(node.body, n, ins is None, 0)
     if not specs:
-        raise QCError(f"circuit {name!r} has no gates", node.name.span,
+        raise QCError(f"circuit {quoted(name)} has no gates", node.name.span,
                       expected="'gate', 'all_pairs' or 'repeat' in its body")
     if ins is None:
         gates = tuple(Gate(s.qudits, (), (), s.span) for s in specs)
@@ -204,7 +204,7 @@ class _State:
     def add_circuit(self, node: CircuitNode) -> None:
         name = node.name.text
         if name in self.circuits:
-            raise QCError(f"circuit {name!r} is already defined (at "
+            raise QCError(f"circuit {quoted(name)} is already defined (at "
                           f"{self.circuits[name][1].at()})", node.name.span,
                           expected="a new circuit name")
         self.circuits[name] = (_circuit(node), node.name.span)
@@ -212,10 +212,10 @@ class _State:
     def add_option(self, node: OptionNode) -> None:
         key = node.key.text
         if key not in OPTION_DEFAULTS:
-            raise QCError(f"unknown option {key!r}", node.key.span,
+            raise QCError(f"unknown option {quoted(key)}", node.key.span,
                           expected=" or ".join(OPTION_DEFAULTS))
         if key in self.options:
-            raise QCError(f"option {key!r} is already set (at {self.options[key][1].at()})",
+            raise QCError(f"option {quoted(key)} is already set (at {self.options[key][1].at()})",
                           node.key.span)
         value: object = float(node.value.text) if node.numeric else node.value.text
         self.options[key] = (check_option(key, value, node.value.span), node.key.span)
@@ -237,10 +237,10 @@ class _State:
             raise QCError(f"more than {MAX_INCLUDES} includes expanded in one program (each "
                           "path through the includes counts)", span)
         if not os.path.lexists(path):
-            raise QCError(f"include file {node.path.text!r} not found (looked for {path})", span)
+            raise QCError(f"include file {quoted(node.path.text)} not found (looked for {path})", span)
         if not real.endswith(".qc"):
             shown = "" if real == os.path.abspath(path) else f" (it resolves to {real})"
-            raise QCError(f"include reads only .qc files, not {node.path.text!r}{shown}", span,
+            raise QCError(f"include reads only .qc files, not {quoted(node.path.text)}{shown}", span,
                           expected='a file name ending in ".qc"')
         if real not in self.trees:
             text = read_file(path, span)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
-from .errors import QCError, Span
+from .errors import QCError, Span, quoted
 from .limits import SCALE_RANGE
 from .regex_safety import regex_problem
 
@@ -35,7 +35,7 @@ class Pattern:
 
     def __post_init__(self):
         if not isinstance(self.text, str) or not self.text:
-            raise QCError(f"a pattern must be a non-empty string, got {self.text!r}", self.span)
+            raise QCError(f"a pattern must be a non-empty string, got {quoted(self.text)}", self.span)
         if self.regex:
             problem = regex_problem(self.text)
             if problem:
@@ -73,13 +73,13 @@ class ApplyRule:
 def check_option(key: str, value: object, span: Span | None = None) -> object:
     """Validate one option; return its normalised value."""
     if key not in OPTION_DEFAULTS:
-        raise QCError(f"unknown option {key!r}", span, expected=" or ".join(OPTION_DEFAULTS))
+        raise QCError(f"unknown option {quoted(key)}", span, expected=" or ".join(OPTION_DEFAULTS))
     if key == "init":
         if value not in INIT_MODES:
-            raise QCError(f"unknown init mode {value!r}", span, expected=" or ".join(INIT_MODES))
+            raise QCError(f"unknown init mode {quoted(value)}", span, expected=" or ".join(INIT_MODES))
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise QCError(f"option {key} takes a number, got {value!r}", span)
+        raise QCError(f"option {key} takes a number, got {quoted(value)}", span)
     if key == "dropout" and not 0.0 <= value < 1.0:
         raise QCError(f"dropout must be in [0, 1), got {value}", span)
     low, high = SCALE_RANGE
@@ -100,7 +100,7 @@ class Program:
     def __post_init__(self):
         for rule in self.rules:
             if rule.circuit not in self.circuits:
-                raise QCError(f"apply names unknown circuit {rule.circuit!r}", rule.span,
+                raise QCError(f"apply names unknown circuit {quoted(rule.circuit)}", rule.span,
                               expected=" or ".join(self.circuits) or "a circuit defined in the program")
         options = {k: check_option(k, v) for k, v in self.options.items()}
         object.__setattr__(self, "circuits", MappingProxyType(dict(self.circuits)))

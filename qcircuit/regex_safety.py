@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 
+from .errors import quoted
 from .limits import MAX_REGEX_CHARS, MAX_REGEX_REPEATS
 
 __all__ = ["regex_problem"]
@@ -44,7 +45,7 @@ def regex_problem(pattern: str) -> tuple[str, int] | None:
         compiled = re.compile(pattern)
     except (re.error, RecursionError, OverflowError, ValueError) as err:
         why = "nested too deep" if isinstance(err, RecursionError) else getattr(err, "msg", err)
-        return f"bad regex: {why}", getattr(err, "pos", None) or 0
+        return f"bad regex {quoted('/' + pattern + '/')}: {why}", getattr(err, "pos", None) or 0
     if compiled.flags & re.VERBOSE:
         return "verbose regexes ((?x)) are not supported in module patterns", 0
     return None

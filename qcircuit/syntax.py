@@ -11,10 +11,10 @@ from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 from lark.lexer import PatternStr
 
-from .errors import QCError, Span
+from .errors import QCError, Span, quoted
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tok:
     """One token as written, and where."""
 
@@ -216,10 +216,10 @@ def syntax_error(err: UnexpectedInput, text: str, file: str | None) -> QCError:
     if isinstance(err, UnexpectedCharacters):
         line, column = err.line, err.column
         char = text[err.pos_in_stream] if 0 <= err.pos_in_stream < len(text) else ""
-        message, expected = f"unexpected character {char!r}", _human(err.allowed or ())
+        message, expected = f"unexpected character {quoted(char)}", _human(err.allowed or ())
     elif isinstance(err, UnexpectedToken) and err.token.type != "$END":
         line, column = err.token.line, err.token.column
-        message, expected = f"unexpected {err.token.value!r}", _human(err.accepts or err.expected)
+        message, expected = f"unexpected {quoted(err.token.value)}", _human(err.accepts or err.expected)
     else:  # UnexpectedEOF, or UnexpectedToken at $END
         line, column = _end_position(text)
         names = getattr(err, "accepts", None) or getattr(err, "expected", None) or ()
