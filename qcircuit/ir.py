@@ -18,7 +18,7 @@ from .limits import MAX_DIM, MAX_FEATURES, MAX_GATES, MAX_PARAMS, MAX_QUDITS
 from .program import (INIT_MODES, OPTION_DEFAULTS, ApplyRule, Pattern, Program,  # noqa: F401
                       check_option)
 
-__all__ = ["Gate", "GateSpec", "Circuit", "build_gates", "parse_dims", "all_pairs_qudits",
+__all__ = ["Gate", "GateSpec", "Circuit", "build_gates", "check_params", "parse_dims", "all_pairs_qudits",
            "balanced_factors", "Pattern", "ApplyRule", "Program", "OPTION_DEFAULTS",
            "INIT_MODES", "check_option", "MAX_DIM", "MAX_QUDITS", "MAX_GATES", "MAX_PARAMS",
            "Dims"]
@@ -254,20 +254,18 @@ def _check_gates(dims: tuple, gates: tuple, auto: int | None,
     return tuple(current)
 
 
-def _check_size(gates: tuple[Gate, ...], span: Span | None) -> None:
-    """At most ``MAX_GATES`` gates and ``MAX_PARAMS`` parameters; the error points at the
-    gate that crosses the limit."""
-    if len(gates) > MAX_GATES:
-        raise QCError(f"too many gates: {len(gates)} (at most {MAX_GATES} per circuit)",
-                      gates[MAX_GATES].span or span)
+def check_params(gates: Sequence[Gate], span: Span | None = None) -> None:
+    """At most ``MAX_PARAMS`` parameters in all; the error points at the gate that crosses
+    the limit. Checked where text or a layer decides the dims (parsing, ``resolve``) and
+    before anything is allocated; the builder itself draws circuits of any size."""
     total = 0
     for g in gates:
         total += g.num_params
         if total > MAX_PARAMS:
-            raise QCError(f"too many parameters: gate on {g.qudits} ({'x'.join(map(str, g.out_dims))}"
-                          f" <- {'x'.join(map(str, g.in_dims))}) brings the circuit to {total}, "
-                          f"over the limit of {MAX_PARAMS} (2**{MAX_PARAMS.bit_length() - 1})",
-                          g.span or span)
+            shape = f"{'x'.join(map(str, g.in_dims))} -> {'x'.join(map(str, g.out_dims))}"
+            raise QCError(f"too many parameters: the gate on {g.qudits} ({shape}) brings the "
+                          f"circuit to {total}, over the limit of {MAX_PARAMS} "
+                          f"(2**{MAX_PARAMS.bit_length() - 1})", g.span or span)
 
 
 def _one_dim(d: object, span: Span | None) -> int:
@@ -311,7 +309,9 @@ class Circuit:
         gates = tuple(gates)
         if _wires is None:  # builder methods pass the wires they already checked
             _wires = _check_gates(checked, gates, auto, span)
-        _check_size(gates, span)
+        if len(gates) > MAX_GATES:
+            raise QCError(f"too many gates: {len(gates)} (at most {MAX_GATES} per circuit)",
+                          gates[MAX_GATES].span or span)
         object.__setattr__(self, "_wires", _wires)
         object.__setattr__(self, "dims", checked)
         object.__setattr__(self, "gates", gates)
@@ -445,6 +445,7 @@ class Circuit:
         outs = _auto_dims(out_features, self.auto, self.span)
         specs = [GateSpec(g.qudits, None, None, g.span) for g in self.gates]
         dims, gates = build_gates(list(ins), specs, outs if outs != ins else None)
+        check_params(gates, self.span)
         return Circuit(*dims, gates=gates, span=self.span)
 
     # --- views -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import re
 
 from .errors import QCError, Span, quoted
 from .ir import OPTION_DEFAULTS, Circuit, ApplyRule, Gate, GateSpec, Pattern, Program
-from .ir import all_pairs_qudits, build_gates, check_option
+from .ir import all_pairs_qudits, build_gates, check_option, check_params
 from .limits import (MAX_DIM, MAX_GATES, MAX_INCLUDE_DEPTH, MAX_INCLUDES, MAX_QUDITS, MAX_REPEAT,
                      MAX_REPEAT_DEPTH, MAX_TOTAL_BYTES)
 from .sources import check_size, decode, read_file
@@ -118,6 +118,7 @@ def _circuit(node: CircuitNode) -> Circuit:
         gates = tuple(Gate(s.qudits, (), (), s.span) for s in specs)
         return Circuit(gates=gates, auto=n, span=node.span)
     dims, gates = build_gates(ins, specs, outs, out_spans)
+    check_params(gates, node.span)
     return Circuit(*dims, gates=gates, span=node.span)
 
 
