@@ -69,7 +69,7 @@ class Report:
 
 def error_kind(err: QCError) -> str:
     """The message with its particulars (quoted text, numbers, paths) blanked out."""
-    kind = re.sub(r"'[^']*'|\"[^\"]*\"|/\S+|-?\d[\d.e+-]*", "_", err.message)
+    kind = re.sub(r"'[^']*'|\"[^\"]*\"|/\S+|(?<![\w-])-?\d[\w.+-]*", "_", err.message)
     return kind[:70]
 
 
