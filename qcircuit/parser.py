@@ -99,7 +99,8 @@ def _circuit(node: CircuitNode) -> Circuit:
         ins = outs = out_spans = None
     else:
         if len(node.qudits.ins) > MAX_QUDITS:
-            raise QCError(f"too many qudits (at most {MAX_QUDITS})", node.qudits.ins[MAX_QUDITS].span)
+            raise QCError(f"too many qudits (at most {MAX_QUDITS})",
+                          node.qudits.ins[MAX_QUDITS].span)
         ins = [_wire(t) for t in node.qudits.ins]
         outs, out_spans, n = None, None, len(ins)
         if node.qudits.outs is not None:
@@ -226,6 +227,8 @@ class _State:
         if not self.includes:
             raise QCError("includes are disabled for this text (e.g. a program stored in a "
                           "checkpoint)", span, expected="the included file's text in its place")
+        if "\x00" in node.path.text:
+            raise QCError("a file name cannot hold a NUL character", span)
         path = os.path.normpath(os.path.join(base_dir, node.path.text))
         real = os.path.realpath(path)
         if real in self.stack:
@@ -238,11 +241,12 @@ class _State:
             raise QCError(f"more than {MAX_INCLUDES} includes expanded in one program (each "
                           "path through the includes counts)", span)
         if not os.path.lexists(path):
-            raise QCError(f"include file {quoted(node.path.text)} not found (looked for {path})", span)
+            raise QCError(f"include file {quoted(node.path.text)} not found (looked for {path})",
+                          span)
         if not real.endswith(".qc"):
             shown = "" if real == os.path.abspath(path) else f" (it resolves to {real})"
-            raise QCError(f"include reads only .qc files, not {quoted(node.path.text)}{shown}", span,
-                          expected='a file name ending in ".qc"')
+            raise QCError(f"include reads only .qc files, not {quoted(node.path.text)}{shown}",
+                          span, expected='a file name ending in ".qc"')
         if real not in self.trees:
             text = read_file(path, span)
             self.trees[real] = (parse_ast(text, path), len(text))

@@ -31,7 +31,8 @@ def check_size(text: str, file: str | None, limit: int = MAX_TEXT_BYTES) -> None
     if len(text) > limit:
         line, column = position(text, limit)
         raise QCError(f"the text is longer than the limit of {limit} characters "
-                      f"({limit // 2**20} MiB); a .qc program is a few KiB", Span(file, line, column))
+                      f"({limit // 2**20} MiB); a .qc program is a few KiB",
+                      Span(file, line, column))
 
 
 def read_file(path: str, span: Span | None, limit: int = MAX_TEXT_BYTES) -> str:

@@ -211,7 +211,8 @@ def syntax_error(err: UnexpectedInput, text: str, file: str | None) -> QCError:
         message, expected = f"unexpected character {quoted(char)}", _human(err.allowed or ())
     elif isinstance(err, UnexpectedToken) and err.token.type != "$END":
         line, column = err.token.line, err.token.column
-        message, expected = f"unexpected {quoted(err.token.value)}", _human(err.accepts or err.expected)
+        message = f"unexpected {quoted(err.token.value)}"
+        expected = _human(err.accepts or err.expected)
     else:  # UnexpectedEOF, or UnexpectedToken at $END
         line, column = _end_position(text)
         names = getattr(err, "accepts", None) or getattr(err, "expected", None) or ()

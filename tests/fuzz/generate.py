@@ -123,7 +123,7 @@ class Generator:
     def case(self) -> str | bytes:
         text = self.program()
         for _ in range(self.rng.randint(0, 3)):
-            text = self.mutate(text)
+            text = self.mutate(text)[:self.max_bytes]  # cut each time: mutations multiply
         text = text[:self.max_bytes]
         if len(text.encode("utf-8")) > self.max_bytes:
             text = text[:self.max_bytes // 4]

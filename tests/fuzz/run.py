@@ -24,6 +24,7 @@ from qcircuit import QCError, parse
 from .generate import Generator, make_include_dir
 
 CANARY = "qc-fuzz-canary-7f3a9"
+RSS_JUMP_MIB = 256  # one case raising the process's peak RSS by more than this is a finding
 SECRET = "do-not-echo"
 MAX_ERROR_CHARS = 4000
 
@@ -44,11 +45,7 @@ class Report:
 
     @property
     def max_rss_mib(self) -> float:
-        try:
-            import resource
-        except ImportError:  # not on Windows
-            return float("nan")
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mib()
 
     def lines(self, top: int = 15) -> list[str]:
         refused = sum(self.refused.values())
@@ -65,6 +62,15 @@ class Report:
         out += [f"  {n:7d}  {kind}" for kind, n in self.refused.most_common(top)]
         out += [f"  FINDING: {f}" for f in self.findings[:20]]
         return out
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far (NaN where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def error_kind(err: QCError) -> str:
@@ -127,6 +133,7 @@ def _parse(data: str | bytes, root: Path) -> QCError | None:
 def _one(data: str | bytes, root: Path, report: Report, time_limit: float, trace: bool) -> None:
     report.cases += 1
     report.largest_input = max(report.largest_input, len(data))
+    rss_before = peak_rss_mib()
     began = time.process_time()
     try:
         err = _parse(data, root)
@@ -136,6 +143,9 @@ def _one(data: str | bytes, root: Path, report: Report, time_limit: float, trace
                                f"{Path(where.filename).name}:{where.lineno} <- {_describe(data)}")
         return
     spent = time.process_time() - began
+    if peak_rss_mib() - rss_before > RSS_JUMP_MIB:
+        report.findings.append(f"peak RSS {rss_before:.0f} -> {peak_rss_mib():.0f} MiB <- "
+                               f"{_describe(data)}")
     if spent > report.slowest_s:
         report.slowest_s, report.slowest_input = spent, _describe(data)
     if spent > time_limit:
