@@ -20,19 +20,20 @@ _ONLY_REGULAR = ".qc text is read only from regular files"
 __all__ = ["read_file", "decode", "check_size", "position"]
 
 
-def position(text: str, offset: int) -> tuple[int, int]:
-    """1-based line and column of ``offset`` in ``text``."""
+def position(text: str, offset: int, file: str | None = None) -> Span:
+    """Where ``offset`` is in ``text``: 1-based line and column, and that line."""
     line_start = text.rfind("\n", 0, offset) + 1
-    return text.count("\n", 0, offset) + 1, offset - line_start + 1
+    line_end = text.find("\n", offset)
+    source = text[line_start:line_end if line_end >= 0 else len(text)].removesuffix("\r")
+    return Span(file, text.count("\n", 0, offset) + 1, offset - line_start + 1, source)
 
 
 def check_size(text: str, file: str | None, limit: int = MAX_TEXT_BYTES) -> None:
     """Refuse a text longer than ``limit`` characters, pointing at where it crosses it."""
     if len(text) > limit:
-        line, column = position(text, limit)
         raise QCError(f"the text is longer than the limit of {limit} characters "
                       f"({limit // 2**20} MiB); a .qc program is a few KiB",
-                      Span(file, line, column))
+                      position(text, limit, file))
 
 
 def read_file(path: str, span: Span | None, limit: int = MAX_TEXT_BYTES) -> str:
@@ -81,19 +82,11 @@ def decode(data: bytes, file: str | None, limit: int = MAX_TEXT_BYTES) -> str:
     if len(data) > limit:
         raise QCError(f"the text is longer than the limit of {limit} bytes "
                       f"({limit // 2**20} MiB); a .qc program is a few KiB",
-                      Span(file, *_byte_position(data, limit)))
+                      position(data[:limit + 1].decode("utf-8", "replace"), limit, file))
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line_start = data.rfind(b"\n", 0, err.start) + 1
-        line_end = data.find(b"\n", err.start)
-        source = data[line_start:line_end if line_end >= 0 else len(data)]
-        column = len(data[line_start:err.start].decode("utf-8")) + 1
-        line = data.count(b"\n", 0, err.start) + 1
-        shown = source.decode("utf-8", "replace").removesuffix("\r")
-        raise QCError("the file is not UTF-8 text", Span(file, line, column, shown),
-                      expected="UTF-8 text") from None
+        text = data.decode("utf-8", "replace")  # same offsets up to the first bad byte
+        where = position(text, len(data[:err.start].decode("utf-8")), file)
+        raise QCError("the file is not UTF-8 text", where, expected="UTF-8 text") from None
 
-
-def _byte_position(data: bytes, offset: int) -> tuple[int, int]:
-    return data.count(b"\n", 0, offset) + 1, offset - data.rfind(b"\n", 0, offset)
