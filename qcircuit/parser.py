@@ -41,6 +41,8 @@ def parse(text: str, file: str | None = None, base_dir: str | os.PathLike | None
     if not isinstance(text, str):
         raise QCError(f"parse() takes .qc text, got {type(text).__name__}")
     check_size(text, file)
+    if "\x00" in f"{file or ''}{os.fspath(base_dir or '')}":
+        raise QCError("a file name cannot hold a NUL character")
     if base_dir is None:
         base_dir = os.path.dirname(file) if file else os.getcwd()
     state = _State(includes, len(text))

@@ -40,6 +40,8 @@ def read_file(path: str, span: Span | None, limit: int = MAX_TEXT_BYTES) -> str:
     """The text of the regular file at ``path`` (at most ``limit`` bytes). Errors point at
     ``span`` (the ``include`` that named it) or, for a top-level file, at its first line."""
     where = span or Span(path, 1, 1)
+    if "\x00" in path:
+        raise QCError("a file name cannot hold a NUL character", span)
     real = os.path.realpath(path)
     if real.startswith(_PSEUDO):
         raise QCError(f"{path!r} is not a regular file ({real}): {_ONLY_REGULAR}", where)

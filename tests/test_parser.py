@@ -399,3 +399,14 @@ def test_includes_can_be_disabled(tmp_path):
               includes=False)
     assert (info.value.line, info.value.column) == (2, 11)
     assert "checkpoint" in info.value.message
+
+
+def test_nul_in_file_names_is_a_qcerror(tmp_path):
+    for attempt in (lambda: parse("option scale = 2", file="a\x00b.qc"),
+                    lambda: parse('include "a.qc"', base_dir=f"{tmp_path}\x00"),
+                    lambda: parse_file(f"{tmp_path}/a\x00.qc")):
+        with pytest.raises(QCError, match="NUL"):
+            attempt()
+    with pytest.raises(QCError, match="NUL") as info:
+        parse('option scale = 2\ninclude "a\x00.qc"', base_dir=tmp_path)
+    assert (info.value.line, info.value.column) == (2, 9)
