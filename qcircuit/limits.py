@@ -3,7 +3,7 @@
 Each is checked before the work it bounds (reading, expanding, factorising) and named in
 its error message, so a hostile or mistaken program is refused quickly instead of taking
 minutes and gigabytes. Real adapters sit far below all of them: the paper's LLaMA-2
-configuration is 4 qudits, 6 gates and 2 304 parameters per layer in a ~200-byte file.
+configuration is 4 qudits and 6 gates per layer in a file of a few hundred bytes.
 """
 from __future__ import annotations
 

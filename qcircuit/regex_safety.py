@@ -9,8 +9,8 @@ program in a checkpoint could hang ``load()`` that way. Rather than time-limit m
 - no group that can repeat more than once (``*``, ``+``, ``{m,}``, ``{m,n}`` with n > 1)
   may contain a quantifier or an alternation: ``(a+)+``, ``(a*)*``, ``(a|aa)+``,
   ``(x+x+)+y`` are refused, ``(q|v)_proj``, ``(\\.\\d+)?`` and ``[0-9]+`` are fine;
-- at most ``MAX_REGEX_REPEATS`` repeating quantifiers in all: ``.*.*.*.*Z`` is polynomial of
-  degree 5 (measured 13 s on a 120-character name), three keep it to milliseconds;
+- at most ``MAX_REGEX_REPEATS`` repeating quantifiers in all: a search for ``.*.*.*.*Z``
+  costs about n**5 steps on an n-character name, three quantifiers about n**4;
 - no backreferences (``\\1``, ``(?P=name)``), lookarounds (``(?=``, ``(?!``, ``(?<=``,
   ``(?<!``), conditionals (``(?(1)…)``) or verbose mode (``(?x)``).
 

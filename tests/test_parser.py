@@ -410,3 +410,16 @@ def test_nul_in_file_names_is_a_qcerror(tmp_path):
     with pytest.raises(QCError, match="NUL") as info:
         parse('option scale = 2\ninclude "a\x00.qc"', base_dir=tmp_path)
     assert (info.value.line, info.value.column) == (2, 9)
+
+
+def test_parsing_in_threads_keeps_each_texts_spans():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(k):
+        text = "\n" * k + f"circuit c{k} {{ qudits 2 " + "gate (0) " * 200 + "}"
+        c = parse(text, file=f"f{k}.qc").circuits[f"c{k}"]
+        return {(g.span.file, g.span.line, g.span.source_line[:9]) for g in c.gates}
+
+    with ThreadPoolExecutor(4) as pool:
+        for k, spans in enumerate(pool.map(one, range(16))):
+            assert spans == {(f"f{k}.qc", k + 1, "circuit c")}
