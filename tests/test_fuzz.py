@@ -109,7 +109,7 @@ def test_generated_cases_raise_only_located_qcerrors_quickly(tmp_path):
     # both sides of the language are reached: programs that parse, and many kinds of error
     assert report.accepted > 100 and len(report.refused) > 30
     assert report.slowest_s < 1.0
-    assert report.max_traced_mib < 64  # per case, for inputs up to 100 KB
+    assert report.max_traced_mib < 16  # per case, for inputs up to 100 KB
 
 
 def test_fuzz_checks_catch_what_they_claim():

@@ -423,3 +423,16 @@ def test_parsing_in_threads_keeps_each_texts_spans():
     with ThreadPoolExecutor(4) as pool:
         for k, spans in enumerate(pool.map(one, range(16))):
             assert spans == {(f"f{k}.qc", k + 1, "circuit c")}
+
+
+@pytest.mark.parametrize("text", [
+    "apply x to /" + "1" * 200_000,                     # an unterminated regex
+    "apply x to /" + "\\a" * 100_000 + "/",             # a regex of escapes
+    "apply x to a" + ".a" * 100_000,                    # a path of 100,000 parts
+    "circuit c { qudits 2 gate (0) 1" + "x1" * 100_000 + " }",  # dims of 100,000 parts
+])
+def test_huge_tokens_cost_linear_memory(text):
+    # token patterns repeat no group without a bound: re keeps state per turn of a group
+    err, peak, seconds = _peak_and_seconds(text)
+    assert isinstance(err, QCError) and err.line == 1 and err.column > 1
+    assert peak < 20 * len(text) and seconds < 2.0, (peak, seconds)

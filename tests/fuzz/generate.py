@@ -162,7 +162,8 @@ class Generator:
         if op == 8:
             return text.replace("\n", rng.choice(["\r\n", "\r", "\n\n"]))
         if op == 9:  # a long token
-            return text[:i] + rng.choice(["a", "q_proj.", "1", "/", "#"]) * 50_000 + text[i:]
+            unit = rng.choice(["a", "q_proj.", ".a", "1", "1x", "/", "\\a", "#"])
+            return text[:i] + unit * 50_000 + text[i:]
         return text[:i] + text[i:j][::-1] + text[j:]
 
     def flip_bytes(self, text: str) -> bytes:
