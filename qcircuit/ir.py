@@ -1,5 +1,6 @@
-"""The immutable IR: ``Gate``, ``Circuit`` (also the builder); ``Program``, ``Pattern``,
-``ApplyRule`` and the options live in ``program.py`` and are re-exported here.
+"""The immutable IR: ``Circuit`` (also the builder). ``Gate`` and dims inference live in
+``gates.py``; ``Program``, ``Pattern``, ``ApplyRule`` and the options in ``program.py``;
+all are re-exported here.
 
 Semantics (see DESIGN.md): a gate on qudits ``(a, b, …)`` maps their current dims
 ``in_dims`` to ``out_dims``; its tensor has shape ``out_dims + in_dims``. The circuit
@@ -8,200 +9,20 @@ operator is ``T = G_K ⋯ G_1`` (first gate applied first). Equality ignores sou
 from __future__ import annotations
 
 import math
-import operator
-import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from .errors import QCError, Span
+from .gates import (Dims, Gate, GateSpec, all_pairs_qudits, as_int, build_gates,  # noqa: F401
+                    check_params, parse_dims, split_gate_dims)
+from .limits import MAX_DIM, MAX_FEATURES, MAX_GATES, MAX_PARAMS, MAX_QUDITS  # noqa: F401
 from .program import (INIT_MODES, OPTION_DEFAULTS, ApplyRule, Pattern, Program,  # noqa: F401
                       check_option)
 
-__all__ = ["Gate", "GateSpec", "Circuit", "build_gates", "parse_dims", "all_pairs_qudits",
-           "balanced_factors", "Pattern", "ApplyRule", "Program", "OPTION_DEFAULTS",
-           "INIT_MODES", "check_option", "MAX_DIM", "MAX_QUDITS", "MAX_GATES", "Dims"]
-
-Dims = tuple[int, ...]
-
-#: Limits shared by the builder and the parser (each exceeded one is a clear QCError).
-MAX_DIM = 1 << 20
-MAX_QUDITS = 64
-MAX_GATES = 100_000
-
-
-
-def _as_int(value: object) -> int | None:
-    """``value`` as an int (numpy ints too), or None; bools are not ints here."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-@dataclass(frozen=True)
-class Gate:
-    """A dense gate on ``qudits``. In an auto circuit (dims unknown yet) both dims are ``()``."""
-
-    qudits: tuple[int, ...]
-    in_dims: Dims
-    out_dims: Dims
-    span: Span | None = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self):
-        qs = self.qudits
-        if (not isinstance(qs, tuple) or not qs or len(set(qs)) != len(qs)
-                or any(_as_int(q) is None or q < 0 for q in qs)):
-            raise QCError(f"a gate needs distinct non-negative qudit indices, got {qs!r}", self.span)
-        for dims in (self.in_dims, self.out_dims):
-            if (not isinstance(dims, tuple) or len(dims) not in (0, len(qs))
-                    or any(_as_int(d) is None or d <= 0 for d in dims)
-                    or len(self.in_dims) != len(self.out_dims)):
-                raise QCError(f"gate on {qs} has bad dims {self.in_dims!r} -> {self.out_dims!r}",
-                              self.span, expected=f"{len(qs)} positive dims in and out")
-
-    @property
-    def arity(self) -> int:
-        return len(self.qudits)
-
-    @property
-    def shape(self) -> Dims:
-        """Tensor shape: outputs first, then inputs, both in ``qudits`` order."""
-        return self.out_dims + self.in_dims
-
-    @property
-    def in_size(self) -> int:
-        return math.prod(self.in_dims)
-
-    @property
-    def out_size(self) -> int:
-        return math.prod(self.out_dims)
-
-    @property
-    def num_params(self) -> int:
-        return self.in_size * self.out_size
-
-    @property
-    def is_square(self) -> bool:
-        return self.in_dims == self.out_dims
-
-
-def parse_dims(text: str | Sequence[int] | int, span: Span | None = None) -> Dims:
-    """``"16x43"`` or ``(16, 43)`` or ``16`` -> ``(16, 43)``; every dim must be positive."""
-    if isinstance(text, str):
-        parts = text.strip().lower().split("x")
-        if not all(re.fullmatch(r"\s*-?\d{1,9}\s*", p) for p in parts):
-            raise QCError(f"bad dims {text!r}", span, expected="dims like 16x8")
-        values: tuple = tuple(int(p) for p in parts)
-    elif _as_int(text) is not None:
-        values = (_as_int(text),)
-    else:
-        try:
-            values = tuple(text)  # type: ignore[arg-type]
-        except TypeError:
-            raise QCError(f"bad dims {text!r}", span, expected="dims like 16x8 or (16, 8)") from None
-    dims = tuple(_as_int(d) for d in values)
-    for d, v in zip(dims, values):
-        if d is None or d <= 0:
-            raise QCError(f"dims must be positive integers, got {v!r}", span)
-        if d > MAX_DIM:
-            raise QCError(f"dim {d} is too large (at most {MAX_DIM})", span)
-    return dims  # type: ignore[return-value]
-
-
-def _split_gate_dims(dims, out) -> tuple[Dims | None, Dims | None]:
-    if isinstance(dims, str) and "->" in dims:
-        if out is not None:
-            raise QCError("give output dims either after '->' or as out=, not both")
-        left, right = dims.split("->", 1)
-        return parse_dims(left), parse_dims(right)
-    return (None if dims is None else parse_dims(dims)), (None if out is None else parse_dims(out))
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """A gate as written: qudits, and dims only where the author wrote them."""
-
-    qudits: tuple[int, ...]
-    in_dims: Dims | None = None
-    out_dims: Dims | None = None
-    span: Span | None = field(default=None, compare=False)
-    dims_span: Span | None = field(default=None, compare=False)  # where dims were written
-
-
-def build_gates(
-    wires: Sequence[int | None],
-    specs: Iterable[GateSpec],
-    out_dims: Sequence[int] | None = None,
-    out_spans: Sequence[Span] | None = None,
-) -> tuple[tuple[int | None, ...], tuple[Gate, ...]]:
-    """Infer and check every gate's dims from the wires; return ``(in_dims, gates)``.
-
-    A dim left unwritten is taken from the wire. A wire with unknown dim (``None``)
-    learns it from the first gate that names it. With declared ``out_dims``, the last
-    gate on a qudit maps it to its declared output dim unless that gate says otherwise;
-    the circuit's final dims must equal ``out_dims`` (errors point at ``out_spans``).
-    """
-    specs = list(specs)
-    in_dims = list(wires)
-    current = list(wires)
-    last_on: dict[int, int] = {}
-    for k, spec in enumerate(specs):
-        if not spec.qudits:
-            raise QCError("a gate needs at least one qudit", spec.span)
-        if len(set(spec.qudits)) != len(spec.qudits):
-            raise QCError(f"qudit repeated in gate {spec.qudits}", spec.span, expected="distinct qudits")
-        for q in spec.qudits:
-            if not isinstance(q, int) or isinstance(q, bool) or q < 0:
-                raise QCError(f"qudit index must be a non-negative integer, got {q!r}", spec.span)
-            last_on[q] = k
-    gates = []
-    for k, spec in enumerate(specs):
-        for name, written in (("input", spec.in_dims), ("output", spec.out_dims)):
-            if written is not None and len(written) != len(spec.qudits):
-                raise QCError(
-                    f"gate on {len(spec.qudits)} qudits written with {len(written)} {name} dims",
-                    spec.dims_span or spec.span, expected=f"{len(spec.qudits)} dims")
-        for q in spec.qudits:
-            if q >= len(current):
-                raise QCError(f"qudit {q} out of range: the circuit has {len(current)} qudits "
-                              f"(0..{len(current) - 1})", spec.span)
-        ins = []
-        for i, q in enumerate(spec.qudits):
-            written = spec.in_dims[i] if spec.in_dims is not None else None
-            if current[q] is None:
-                if written is None:
-                    raise QCError(f"qudit {q} has no dims yet: write them on its first gate", spec.span,
-                                  expected="dims like 16x16")
-                current[q] = in_dims[q] = written
-            elif written is not None and written != current[q]:
-                raise QCError(
-                    f"gate dims {'x'.join(map(str, spec.in_dims))} disagree with the wires: "
-                    f"qudit {q} carries dim {current[q]}", spec.dims_span or spec.span,
-                    expected="x".join(str(current[p]) for p in spec.qudits))
-            ins.append(current[q])
-        if spec.out_dims is not None:
-            outs = list(spec.out_dims)
-        elif out_dims is not None:
-            outs = [out_dims[q] if last_on[q] == k else current[q] for q in spec.qudits]
-        else:
-            outs = list(ins)
-        for q, d in zip(spec.qudits, outs):
-            current[q] = d
-        gates.append(Gate(tuple(spec.qudits), tuple(ins), tuple(outs), spec.span))
-    if out_dims is not None and tuple(current) != tuple(out_dims):
-        bad = [q for q in range(len(current)) if current[q] != out_dims[q]]
-        span = out_spans[bad[0]] if out_spans else (specs[-1].span if specs else None)
-        raise QCError(
-            f"declared output dims {' '.join(map(str, out_dims))} are not reached: the gates end "
-            f"with {' '.join(map(str, current))} (qudit {bad[0]})", span)
-    return tuple(in_dims), tuple(gates)
-
-
-def all_pairs_qudits(n: int) -> list[tuple[int, int]]:
-    """The paper's reference order: ``(i, j)``, ``i < j``, by ``j`` then ``i`` descending."""
-    return [(i, j) for j in range(n - 1, 0, -1) for i in range(j - 1, -1, -1)]
+__all__ = ["Gate", "GateSpec", "Circuit", "build_gates", "check_params", "parse_dims",
+           "all_pairs_qudits", "balanced_factors", "Pattern", "ApplyRule", "Program",
+           "OPTION_DEFAULTS", "INIT_MODES", "check_option", "MAX_DIM", "MAX_QUDITS", "MAX_GATES",
+           "MAX_PARAMS", "Dims"]
 
 
 def balanced_factors(n: int, parts: int) -> Dims:
@@ -220,6 +41,22 @@ def balanced_factors(n: int, parts: int) -> Dims:
     for prime in sorted(primes, reverse=True):
         factors[factors.index(min(factors))] *= prime
     return tuple(sorted(factors, reverse=True))
+
+
+def _auto_dims(features: int, n: int, span: Span | None) -> Dims:
+    """``features`` split into ``n`` balanced qudits, each of dim at least 2: a dim-1 qudit
+    carries nothing and only multiplies the gates (``auto 64`` on 4096 features would be
+    12 qudits of dim 2 and 52 of dim 1)."""
+    if as_int(features) is None or not 0 < features <= MAX_FEATURES:
+        raise QCError(f"a layer size must be a positive integer up to {MAX_FEATURES}, "
+                      f"got {features!r}", span)
+    dims = balanced_factors(features, n)
+    if n > 1 and dims[-1] == 1:
+        most = sum(1 for d in balanced_factors(features, MAX_QUDITS) if d > 1)
+        raise QCError(f"cannot split {features} features into {n} qudits of dim 2 or more "
+                      f"({features} has {most} prime factors)", span,
+                      expected=f"qudits auto {max(most, 1)} or fewer")
+    return dims
 
 
 def _check_gates(dims: tuple, gates: tuple, auto: int | None,
@@ -241,7 +78,6 @@ def _check_gates(dims: tuple, gates: tuple, auto: int | None,
                               f"which carries {current[q]}", g.span or span)
             current[q] = o
     return tuple(current)
-
 
 def _one_dim(d: object, span: Span | None) -> int:
     dims = parse_dims(d, span)  # type: ignore[arg-type]
@@ -279,11 +115,14 @@ class Circuit:
         if len(dims) > MAX_QUDITS:
             raise QCError(f"too many qudits: {len(dims)} (at most {MAX_QUDITS})", span)
         checked = tuple(None if d is None else _one_dim(d, span) for d in dims)
-        if auto is not None and (dims or _as_int(auto) is None or auto <= 0):
+        if auto is not None and (dims or as_int(auto) is None or auto <= 0):
             raise QCError("an auto circuit takes a positive qudit count and no dims", span)
         gates = tuple(gates)
         if _wires is None:  # builder methods pass the wires they already checked
             _wires = _check_gates(checked, gates, auto, span)
+        if len(gates) > MAX_GATES:
+            raise QCError(f"too many gates: {len(gates)} (at most {MAX_GATES} per circuit)",
+                          gates[MAX_GATES].span or span)
         object.__setattr__(self, "_wires", _wires)
         object.__setattr__(self, "dims", checked)
         object.__setattr__(self, "gates", gates)
@@ -377,12 +216,12 @@ class Circuit:
              out: str | Sequence[int] | None = None) -> "Circuit":
         """Append a gate. ``dims`` (``"16x16"``, ``"16x16 -> 16x43"`` or a tuple) are
         checked against the wires; ``out`` gives new output dims (default: unchanged)."""
-        if _as_int(qudits) is not None:
-            qudits = (_as_int(qudits),)
+        if as_int(qudits) is not None:
+            qudits = (as_int(qudits),)
         elif isinstance(qudits, (str, bytes)) or not hasattr(qudits, "__iter__"):
             raise QCError(f"a gate's qudits are a tuple of indices, got {qudits!r}")
-        qudits = tuple(q if _as_int(q) is None else _as_int(q) for q in qudits)
-        ins, outs = _split_gate_dims(dims, out)
+        qudits = tuple(q if as_int(q) is None else as_int(q) for q in qudits)
+        ins, outs = split_gate_dims(dims, out)
         return self._with([GateSpec(qudits, ins, outs)])
 
     def all_pairs(self) -> "Circuit":
@@ -395,7 +234,7 @@ class Circuit:
 
     def repeat(self, k: int) -> "Circuit":
         """The gate sequence played ``k`` times."""
-        if _as_int(k) is None or k < 1:
+        if as_int(k) is None or k < 1:
             raise QCError(f"repeat count must be a positive integer, got {k!r}")
         if len(self.gates) * k > MAX_GATES:
             raise QCError(f"too many gates: {len(self.gates)} x {k} (at most {MAX_GATES})")
@@ -413,10 +252,11 @@ class Circuit:
                     f"{self.out_features} features) does not fit a {in_features} -> "
                     f"{out_features} layer", self.span)
             return self
-        ins = balanced_factors(in_features, self.auto)
-        outs = balanced_factors(out_features, self.auto)
+        ins = _auto_dims(in_features, self.auto, self.span)
+        outs = _auto_dims(out_features, self.auto, self.span)
         specs = [GateSpec(g.qudits, None, None, g.span) for g in self.gates]
         dims, gates = build_gates(list(ins), specs, outs if outs != ins else None)
+        check_params(gates, self.span)
         return Circuit(*dims, gates=gates, span=self.span)
 
     # --- views -------------------------------------------------------------------------

@@ -7,38 +7,45 @@ Decisions worth knowing:
 - ``apply`` may name a circuit defined later in the program.
 - ``include "f.qc"`` is read relative to the including file (or ``base_dir``/cwd for a
   string); its circuits, rules and options join the program where it is written.
-- Limits, each a clear error: dims 1..2**20, at most 64 qudits, repeat counts 1..10000,
-  repeat nesting 32 deep, 100000 gates per circuit, includes 32 deep.
+- ``include "f.qc"`` reads only regular ``.qc`` files, each real path once (its syntax tree
+  is kept: an include diamond costs one read per file); cycles are refused. ``includes=False``
+  (a program stored in a checkpoint) refuses every ``include``.
+- Limits (``limits.py``), each a located error naming the limit, checked before the work it
+  bounds: text size, includes, qudits, gates after expansion, repeat counts and nesting.
 """
 from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
-from .errors import QCError, Span
+from .errors import QCError, Span, quoted
 from .ir import OPTION_DEFAULTS, Circuit, ApplyRule, Gate, GateSpec, Pattern, Program
-from .ir import MAX_DIM, MAX_GATES, MAX_QUDITS, all_pairs_qudits, build_gates, check_option
+from .ir import all_pairs_qudits, build_gates, check_option, check_params
+from .limits import (MAX_DIM, MAX_GATES, MAX_INCLUDE_DEPTH, MAX_INCLUDES, MAX_QUDITS, MAX_REPEAT,
+                     MAX_REPEAT_DEPTH, MAX_TOTAL_BYTES)
+from .sources import check_size, decode, read_file
 from .syntax import (AllPairsNode, ApplyNode, CircuitNode, GateNode, IncludeNode, OptionNode,
                      QuditsAuto, RepeatNode, Tok, parse_ast)
-
-MAX_REPEAT = 10_000
-MAX_DEPTH = 32
-MAX_INCLUDE_DEPTH = 32
 
 __all__ = ["parse", "parse_file", "MAX_DIM", "MAX_QUDITS", "MAX_REPEAT", "MAX_GATES"]
 
 
-def parse(text: str, file: str | None = None, base_dir: str | os.PathLike | None = None) -> Program:
+def parse(text: str, file: str | None = None, base_dir: str | os.PathLike | None = None, *,
+          includes: bool = True) -> Program:
     """Parse ``.qc`` text. ``file`` names it in errors; includes resolve against
-    ``base_dir``, else the directory of ``file``, else the current directory."""
+    ``base_dir``, else the directory of ``file``, else the current directory.
+    ``includes=False`` is for text nobody vouches for (a program stored in a checkpoint):
+    any ``include`` in it is an error, so it can never make the parser read a file."""
     if isinstance(text, (bytes, bytearray)):
-        text = _decode(bytes(text), file, None)
+        text = decode(bytes(text), file)
     if not isinstance(text, str):
         raise QCError(f"parse() takes .qc text, got {type(text).__name__}")
+    check_size(text, file)
+    if "\x00" in f"{file or ''}{os.fspath(base_dir or '')}":
+        raise QCError("a file name cannot hold a NUL character")
     if base_dir is None:
         base_dir = os.path.dirname(file) if file else os.getcwd()
-    state = _State()
+    state = _State(includes, len(text))
     if file:
         state.stack.append(os.path.realpath(file))
     state.add_items(parse_ast(text, file), str(base_dir))
@@ -46,28 +53,9 @@ def parse(text: str, file: str | None = None, base_dir: str | os.PathLike | None
 
 
 def parse_file(path: str | os.PathLike) -> Program:
-    """Read and parse a ``.qc`` file (UTF-8)."""
+    """Read and parse a ``.qc`` file (UTF-8, a regular file of at most ``MAX_TEXT_BYTES``)."""
     path = os.fspath(path)
-    return parse(_read(path, None), file=path)
-
-
-def _read(path: str, span: Span | None) -> str:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise QCError(f"cannot read {path!r}: {err.strerror or err}", span) from None
-    return _decode(data, path, span)
-
-
-def _decode(data: bytes, file: str | None, span: Span | None) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        before = data[:err.start].decode("utf-8")
-        line_start = before.rfind("\n") + 1
-        source = data.split(b"\n")[before.count("\n")].decode("utf-8", "replace")
-        where = Span(file, before.count("\n") + 1, len(before) - line_start + 1, source)
-        raise QCError("the file is not UTF-8 text", where, expected="UTF-8 text") from None
+    return parse(read_file(path, None), file=path)
 
 
 def _int(tok: Tok, what: str, low: int, high: int, text: str | None = None,
@@ -78,7 +66,7 @@ def _int(tok: Tok, what: str, low: int, high: int, text: str | None = None,
                                                  tok.span.source_line)
     digits = text.lstrip("-")
     if not digits.isdigit():
-        raise QCError(f"{what} must be an integer, got {text!r}", span, expected="an integer")
+        raise QCError(f"{what} must be an integer, got {quoted(text)}", span, expected="an integer")
     if len(digits) > 9:
         raise QCError(f"{what} {text[:12]}… is too large (at most {high})", span)
     value = int(text)
@@ -113,7 +101,8 @@ def _circuit(node: CircuitNode) -> Circuit:
         ins = outs = out_spans = None
     else:
         if len(node.qudits.ins) > MAX_QUDITS:
-            raise QCError(f"too many qudits (at most {MAX_QUDITS})", node.qudits.ins[MAX_QUDITS].span)
+            raise QCError(f"too many qudits (at most {MAX_QUDITS})",
+                          node.qudits.ins[MAX_QUDITS].span)
         ins = [_wire(t) for t in node.qudits.ins]
         outs, out_spans, n = None, None, len(ins)
         if node.qudits.outs is not None:
@@ -126,12 +115,13 @@ def _circuit(node: CircuitNode) -> Circuit:
             out_spans = [t.span for t in out_toks]
     specs = _expand(node.body, n, ins is None, 0)
     if not specs:
-        raise QCError(f"circuit {name!r} has no gates", node.name.span,
+        raise QCError(f"circuit {quoted(name)} has no gates", node.name.span,
                       expected="'gate', 'all_pairs' or 'repeat' in its body")
     if ins is None:
         gates = tuple(Gate(s.qudits, (), (), s.span) for s in specs)
         return Circuit(gates=gates, auto=n, span=node.span)
     dims, gates = build_gates(ins, specs, outs, out_spans)
+    check_params(gates, node.span)
     return Circuit(*dims, gates=gates, span=node.span)
 
 
@@ -144,17 +134,21 @@ def _expand(body: tuple, n: int, auto: bool, depth: int) -> list[GateSpec]:
         elif isinstance(stmt, AllPairsNode):
             if n < 2:
                 raise QCError("all_pairs needs at least 2 qudits", stmt.span)
+            if len(specs) + n * (n - 1) // 2 > MAX_GATES:
+                raise QCError(f"too many gates: all_pairs on {n} qudits after {len(specs)} gates "
+                              f"(at most {MAX_GATES} per circuit)", stmt.span)
             specs += [GateSpec(p, span=stmt.span) for p in all_pairs_qudits(n)]
         elif isinstance(stmt, RepeatNode):
             k = _int(stmt.count, "the repeat count", 1, MAX_REPEAT)
-            if depth + 1 > MAX_DEPTH:
-                raise QCError(f"repeat nested too deep (at most {MAX_DEPTH})", stmt.span)
+            if depth + 1 > MAX_REPEAT_DEPTH:
+                raise QCError(f"repeat nested too deep (at most {MAX_REPEAT_DEPTH})", stmt.span)
             inner = _expand(stmt.body, n, auto, depth + 1)
             if not inner:
                 raise QCError("repeat has no gates in its body", stmt.span,
                               expected="'gate', 'all_pairs' or 'repeat'")
             if len(specs) + k * len(inner) > MAX_GATES:
-                raise QCError(f"too many gates (at most {MAX_GATES} per circuit)", stmt.span)
+                raise QCError(f"too many gates: {len(specs)} + {k} x {len(inner)} (at most "
+                              f"{MAX_GATES} per circuit after repeat)", stmt.count.span)
             specs += inner * k
         if len(specs) > MAX_GATES:
             raise QCError(f"too many gates (at most {MAX_GATES} per circuit)", stmt.span)
@@ -189,11 +183,15 @@ def _gate(node: GateNode, n: int, auto: bool) -> GateSpec:
 class _State:
     """What the program has so far, while items (and includes) are added in order."""
 
-    def __init__(self):
+    def __init__(self, includes: bool, text_bytes: int):
         self.circuits: dict[str, tuple[Circuit, Span]] = {}
         self.rules: list[ApplyRule] = []
         self.options: dict[str, tuple[object, Span]] = {}
+        self.includes = includes
         self.stack: list[str] = []  # real paths of the files being read (include cycles)
+        self.trees: dict[str, tuple[tuple, int]] = {}  # real path -> (syntax tree, its length)
+        self.expanded = 0  # include statements expanded so far
+        self.total = text_bytes  # text read so far, each include counted every time
 
     def add_items(self, items: tuple, base_dir: str) -> None:
         for item in items:
@@ -210,7 +208,7 @@ class _State:
     def add_circuit(self, node: CircuitNode) -> None:
         name = node.name.text
         if name in self.circuits:
-            raise QCError(f"circuit {name!r} is already defined (at "
+            raise QCError(f"circuit {quoted(name)} is already defined (at "
                           f"{self.circuits[name][1].at()})", node.name.span,
                           expected="a new circuit name")
         self.circuits[name] = (_circuit(node), node.name.span)
@@ -218,28 +216,49 @@ class _State:
     def add_option(self, node: OptionNode) -> None:
         key = node.key.text
         if key not in OPTION_DEFAULTS:
-            raise QCError(f"unknown option {key!r}", node.key.span,
+            raise QCError(f"unknown option {quoted(key)}", node.key.span,
                           expected=" or ".join(OPTION_DEFAULTS))
         if key in self.options:
-            raise QCError(f"option {key!r} is already set (at {self.options[key][1].at()})",
+            raise QCError(f"option {quoted(key)} is already set (at {self.options[key][1].at()})",
                           node.key.span)
         value: object = float(node.value.text) if node.numeric else node.value.text
         self.options[key] = (check_option(key, value, node.value.span), node.key.span)
 
     def include(self, node: IncludeNode, base_dir: str) -> None:
+        span = node.path.span
+        if not self.includes:
+            raise QCError("includes are disabled for this text (e.g. a program stored in a "
+                          "checkpoint)", span, expected="the included file's text in its place")
+        if "\x00" in node.path.text:
+            raise QCError("a file name cannot hold a NUL character", span)
         path = os.path.normpath(os.path.join(base_dir, node.path.text))
         real = os.path.realpath(path)
         if real in self.stack:
             chain = " -> ".join(os.path.basename(p) for p in self.stack[self.stack.index(real):])
-            raise QCError(f"include cycle: {chain} -> {os.path.basename(real)}", node.path.span)
+            raise QCError(f"include cycle: {chain} -> {os.path.basename(real)}", span)
         if len(self.stack) >= MAX_INCLUDE_DEPTH:
-            raise QCError(f"includes nested too deep (at most {MAX_INCLUDE_DEPTH})", node.path.span)
-        if not os.path.isfile(path):
-            raise QCError(f"include file {node.path.text!r} not found (looked for {path})",
-                          node.path.span)
-        text = _read(path, node.path.span)
+            raise QCError(f"includes nested too deep (at most {MAX_INCLUDE_DEPTH})", span)
+        self.expanded += 1
+        if self.expanded > MAX_INCLUDES:
+            raise QCError(f"more than {MAX_INCLUDES} includes expanded in one program (each "
+                          "path through the includes counts)", span)
+        if not os.path.lexists(path):
+            raise QCError(f"include file {quoted(node.path.text)} not found (looked for {path})",
+                          span)
+        if not real.endswith(".qc"):
+            shown = "" if real == os.path.abspath(path) else f" (it resolves to {real})"
+            raise QCError(f"include reads only .qc files, not {quoted(node.path.text)}{shown}",
+                          span, expected='a file name ending in ".qc"')
+        if real not in self.trees:
+            text = read_file(path, span)
+            self.trees[real] = (parse_ast(text, path), len(text))
+        tree, size = self.trees[real]
+        self.total += size
+        if self.total > MAX_TOTAL_BYTES:
+            raise QCError(f"the program and its includes exceed {MAX_TOTAL_BYTES} characters "
+                          f"({MAX_TOTAL_BYTES // 2**20} MiB) in all", span)
         self.stack.append(real)
-        self.add_items(parse_ast(text, path), os.path.dirname(path))
+        self.add_items(tree, os.path.dirname(path))
         self.stack.pop()
 
     def program(self) -> Program:
@@ -248,13 +267,7 @@ class _State:
 
 
 def _pattern(tok: Tok) -> Pattern:
+    """A pattern token; a ``/regex/`` is checked (valid, in the safe subset) by ``Pattern``."""
     if not tok.text.startswith("/"):
         return Pattern(tok.text, span=tok.span)
-    pattern = Pattern(tok.text[1:-1], regex=True, span=tok.span)
-    try:
-        re.compile(pattern.text)
-    except (re.error, RecursionError, OverflowError, ValueError) as err:
-        why = "nested too deep" if isinstance(err, RecursionError) else getattr(err, "msg", err)
-        raise QCError(f"bad regex: {why}", tok.span,
-                      expected="a Python regular expression") from None
-    return pattern
+    return Pattern(tok.text[1:-1], regex=True, span=tok.span)

@@ -12,7 +12,7 @@ import re
 
 from .errors import QCError
 from .ir import Circuit, Gate, Pattern, Program, all_pairs_qudits
-from .parser import MAX_REPEAT
+from .limits import MAX_REPEAT
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")

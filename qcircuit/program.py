@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
-from .errors import QCError, Span
+from .errors import QCError, Span, quoted
+from .limits import SCALE_RANGE
+from .regex_safety import regex_problem
 
 if TYPE_CHECKING:
     from .ir import Circuit
@@ -33,8 +35,14 @@ class Pattern:
 
     def __post_init__(self):
         if not isinstance(self.text, str) or not self.text:
-            raise QCError(f"a pattern must be a non-empty string, got {self.text!r}", self.span)
-        if self.regex:  # '\/' and '/' mean the same: keep the plain '/' (canonical form)
+            raise QCError(f"a pattern must be a non-empty string, got {quoted(self.text)}", self.span)
+        if self.regex:
+            problem = regex_problem(self.text)
+            if problem:
+                why, offset = problem
+                raise QCError(why, _shifted(self.span, 1 + offset),
+                              expected="a regular expression without nested repetition")
+            # '\/' and '/' mean the same: keep the plain '/' (canonical form)
             object.__setattr__(self, "text", re.sub(r"\\(.)", _unescape_slash, self.text,
                                                     flags=re.DOTALL))
 
@@ -45,6 +53,12 @@ class Pattern:
 
     def __str__(self) -> str:
         return f"/{self.text}/" if self.regex else self.text
+
+
+def _shifted(span: Span | None, by: int) -> Span | None:
+    """``span`` moved ``by`` columns right (to point inside a token)."""
+    return None if span is None else Span(span.file, span.line, span.column + by,
+                                          span.source_line)
 
 
 @dataclass(frozen=True)
@@ -59,15 +73,19 @@ class ApplyRule:
 def check_option(key: str, value: object, span: Span | None = None) -> object:
     """Validate one option; return its normalised value."""
     if key not in OPTION_DEFAULTS:
-        raise QCError(f"unknown option {key!r}", span, expected=" or ".join(OPTION_DEFAULTS))
+        raise QCError(f"unknown option {quoted(key)}", span, expected=" or ".join(OPTION_DEFAULTS))
     if key == "init":
         if value not in INIT_MODES:
-            raise QCError(f"unknown init mode {value!r}", span, expected=" or ".join(INIT_MODES))
+            raise QCError(f"unknown init mode {quoted(value)}", span, expected=" or ".join(INIT_MODES))
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise QCError(f"option {key} takes a number, got {value!r}", span)
+        raise QCError(f"option {key} takes a number, got {quoted(value)}", span)
     if key == "dropout" and not 0.0 <= value < 1.0:
         raise QCError(f"dropout must be in [0, 1), got {value}", span)
+    low, high = SCALE_RANGE
+    if key == "scale" and not low <= abs(value) <= high:
+        raise QCError(f"scale must have a magnitude in [{low:g}, {high:g}], got {value:g}", span,
+                      expected="a scale like 1.0, 2 or 0.5")
     return float(value)
 
 
@@ -82,7 +100,7 @@ class Program:
     def __post_init__(self):
         for rule in self.rules:
             if rule.circuit not in self.circuits:
-                raise QCError(f"apply names unknown circuit {rule.circuit!r}", rule.span,
+                raise QCError(f"apply names unknown circuit {quoted(rule.circuit)}", rule.span,
                               expected=" or ".join(self.circuits) or "a circuit defined in the program")
         options = {k: check_option(k, v) for k, v in self.options.items()}
         object.__setattr__(self, "circuits", MappingProxyType(dict(self.circuits)))

@@ -3,18 +3,19 @@ and lark's syntax errors turned into ``QCError`` with a location and a readable
 "expected …". Meaning (ranges, dims, names) is checked later, in ``parser.py``."""
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
 
-from lark import Lark, Token, Transformer_NonRecursive, v_args
+from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 from lark.lexer import PatternStr
 
-from .errors import QCError, Span
+from .errors import QCError, Span, quoted
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tok:
     """One token as written, and where."""
 
@@ -84,56 +85,43 @@ class IncludeNode:
     span: Span
 
 
-@lru_cache(maxsize=1)
-def grammar() -> Lark:
-    """The LALR parser for ``qc.lark`` (built once)."""
-    text = files("qcircuit").joinpath("qc.lark").read_text(encoding="utf-8")
-    return Lark(text, parser="lalr", lexer="contextual", propagate_positions=True)
+#: The lines and file name of the text being parsed, for the builder's spans.
+_SOURCE: ContextVar[tuple[list[str], str | None]] = ContextVar("qc_source")
 
 
-class _Builder(Transformer_NonRecursive):
-    """Parse tree -> AST nodes; every node keeps the span of its first token."""
-
-    def __init__(self, lines: list[str], file: str | None):
-        super().__init__()
-        self.lines, self.file = lines, file
-
-    def span(self, line: int, column: int) -> Span:
-        source = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
-        return Span(self.file, line, column, source.rstrip("\r"))
+class _Builder(Transformer):
+    """Grammar rules -> AST nodes, run by the LALR parser as it reduces (no parse tree is
+    built). Every node keeps the span of its first token."""
 
     def tok(self, t: Token, strip: int = 0) -> Tok:
-        return Tok(t.value[strip:len(t.value) - strip], self.span(t.line, t.column))
-
-    def meta(self, meta) -> Span:
-        return self.span(meta.line, meta.column)
+        lines, file = _SOURCE.get()
+        source = lines[t.line - 1] if 0 < t.line <= len(lines) else ""
+        # ``source`` is shared by every token on its line: no copy per token
+        return Tok(t.value[strip:len(t.value) - strip], Span(file, t.line, t.column, source))
 
     def start(self, items):
         return tuple(items)
 
-    @v_args(meta=True)
-    def circuit(self, meta, children):
-        name, qudits, *body = children
-        return CircuitNode(self.tok(name), qudits, tuple(body), self.meta(meta))
+    def circuit(self, children):
+        keyword, name, qudits, *body = children
+        return CircuitNode(self.tok(name), qudits, tuple(body), self.tok(keyword).span)
 
-    @v_args(meta=True)
-    def qudits_fixed(self, meta, children):
-        return QuditsFixed(children[0], children[1] if len(children) > 1 else None,
-                           self.meta(meta))
+    def qudits_fixed(self, children):
+        keyword, ins, *outs = children
+        return QuditsFixed(ins, outs[0] if outs else None, self.tok(keyword).span)
 
     def wires(self, children):
         return tuple(self.tok(t) for t in children)
 
-    @v_args(meta=True)
-    def qudits_auto(self, meta, children):
-        return QuditsAuto(self.tok(children[1]), self.meta(meta))
+    def qudits_auto(self, children):
+        return QuditsAuto(self.tok(children[2]), self.tok(children[0]).span)
 
-    @v_args(meta=True)
-    def gate(self, meta, children):
+    def gate(self, children):
         keyword, *rest = children
         dims = rest[-1] if rest and isinstance(rest[-1], tuple) else (None, None)
         qudits = [t for t in rest if isinstance(t, Token)]
-        return GateNode(tuple(self.tok(t) for t in qudits), dims[0], dims[1], self.meta(meta))
+        return GateNode(tuple(self.tok(t) for t in qudits), dims[0], dims[1],
+                        self.tok(keyword).span)
 
     def dims_in(self, children):
         ins = self.tok(children[0])
@@ -142,31 +130,35 @@ class _Builder(Transformer_NonRecursive):
     def dims_out(self, children):
         return (None, self.tok(children[0]))
 
-    @v_args(meta=True)
-    def all_pairs(self, meta, children):
-        return AllPairsNode(self.meta(meta))
+    def all_pairs(self, children):
+        return AllPairsNode(self.tok(children[0]).span)
 
-    @v_args(meta=True)
-    def repeat(self, meta, children):
-        _, count, *body = children
-        return RepeatNode(self.tok(count), tuple(body), self.meta(meta))
+    def repeat(self, children):
+        keyword, count, *body = children
+        return RepeatNode(self.tok(count), tuple(body), self.tok(keyword).span)
 
-    @v_args(meta=True)
-    def apply(self, meta, children):
+    def apply(self, children):
         _, name, *patterns = children
-        return ApplyNode(self.tok(name), tuple(patterns), self.tok(name).span)
+        name = self.tok(name)
+        return ApplyNode(name, tuple(patterns), name.span)
 
     def pattern(self, children):
         return self.tok(children[0])
 
-    @v_args(meta=True)
-    def option(self, meta, children):
-        _, key, value = children
-        return OptionNode(self.tok(key), self.tok(value), value.type == "NUMBER", self.meta(meta))
+    def option(self, children):
+        keyword, key, value = children
+        return OptionNode(self.tok(key), self.tok(value), value.type == "NUMBER",
+                          self.tok(keyword).span)
 
-    @v_args(meta=True)
-    def include(self, meta, children):
-        return IncludeNode(self.tok(children[1], strip=1), self.meta(meta))
+    def include(self, children):
+        return IncludeNode(self.tok(children[1], strip=1), self.tok(children[0]).span)
+
+
+@lru_cache(maxsize=1)
+def grammar() -> Lark:
+    """The LALR parser for ``qc.lark`` with the AST builder inside it (built once)."""
+    text = files("qcircuit").joinpath("qc.lark").read_text(encoding="utf-8")
+    return Lark(text, parser="lalr", lexer="contextual", transformer=_Builder())
 
 
 # Human names for the grammar's terminals, in the order they are listed in messages.
@@ -204,31 +196,40 @@ def _end_position(text: str) -> tuple[int, int]:
     return text.count("\n", 0, pos) + 1, pos - start + 1
 
 
+def source_lines(text: str) -> list[str]:
+    """The text's lines without their ``\n`` or ``\r\n``: one copy of each line, made once,
+    which every span on that line shares (a copy per token is quadratic on a long line)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def syntax_error(err: UnexpectedInput, text: str, file: str | None) -> QCError:
     """lark's error -> ``QCError`` saying, in words, what was expected where."""
-    lines = text.split("\n")
+    lines = source_lines(text)
     if isinstance(err, UnexpectedCharacters):
         line, column = err.line, err.column
         char = text[err.pos_in_stream] if 0 <= err.pos_in_stream < len(text) else ""
-        message, expected = f"unexpected character {char!r}", _human(err.allowed or ())
+        message, expected = f"unexpected character {quoted(char)}", _human(err.allowed or ())
     elif isinstance(err, UnexpectedToken) and err.token.type != "$END":
         line, column = err.token.line, err.token.column
-        message, expected = f"unexpected {err.token.value!r}", _human(err.accepts or err.expected)
+        message = f"unexpected {quoted(err.token.value)}"
+        expected = _human(err.accepts or err.expected)
     else:  # UnexpectedEOF, or UnexpectedToken at $END
         line, column = _end_position(text)
         names = getattr(err, "accepts", None) or getattr(err, "expected", None) or ()
         message, expected = "unexpected end of file", _human(names)
     if not isinstance(line, int) or line < 1:
         line, column = _end_position(text)
-    source = lines[line - 1].rstrip("\r") if line <= len(lines) else ""
+    source = lines[line - 1] if line <= len(lines) else ""
     return QCError(message, Span(file, line, max(int(column or 1), 1), source), expected=expected)
 
 
 def parse_ast(text: str, file: str | None = None) -> tuple:
     """Parse ``.qc`` text into a tuple of top-level AST nodes; syntax errors -> QCError."""
     text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
+    context = _SOURCE.set((source_lines(text), file))
     try:
-        tree = grammar().parse(text)
+        return grammar().parse(text)
     except UnexpectedInput as err:
         raise syntax_error(err, text, file) from None
-    return _Builder(text.split("\n"), file).transform(tree)
+    finally:
+        _SOURCE.reset(context)

@@ -40,9 +40,9 @@ CASES = [
     ("empty repeat", "circuit c { qudits 2\n  repeat 2 { } }", 2, 3, "repeat has no gates", None),
     ("repeat zero", "circuit c { qudits 2 2 repeat 0 { all_pairs } }", 1, 31, "at least 1", None),
     ("repeat too large", "circuit c { qudits 2 2 repeat 20000 { all_pairs } }", 1, 31,
-     "at most 10000", None),
+     "at most 4096", None),
     ("too many gates", "circuit c { qudits 2 2\n repeat 1000 { repeat 1000 { all_pairs } } }",
-     2, 2, "too many gates", None),
+     2, 9, "too many gates: 0 + 1000 x 1000 (at most 4096", None),
     ("all_pairs on one qudit", "circuit c { qudits 4\n all_pairs }", 2, 2, "at least 2 qudits",
      None),
     ("dims in auto circuit", "circuit c { qudits auto 2 gate (0, 1) 4x4 }", 1, 39,
@@ -53,7 +53,7 @@ CASES = [
     ("bad dropout", "option dropout = 1.5", 1, 18, "dropout must be in [0, 1)", None),
     ("infinite scale", "option scale = 1e400", 1, 16, "takes a number", None),
     ("number for init", "option init = 3", 1, 15, "unknown init mode", None),
-    ("bad regex", "circuit c { qudits 2 gate (0) }\napply c to q, /(ab/", 2, 15, "bad regex",
+    ("bad regex", "circuit c { qudits 2 gate (0) }\napply c to q, /(ab/", 2, 16, "bad regex",
      "regular expression"),
     # syntax
     ("missing paren", "circuit c {\n  qudits 4 4\n  gate (0 1)\n}", 3, 11, "unexpected '1'",
@@ -213,3 +213,120 @@ def test_builder_misuse_raises_qcerror_without_location(misuse):
 def ApplyRuleFor(name):
     from qcircuit.ir import ApplyRule
     return ApplyRule(name, (Pattern("q_proj"),))
+
+
+# --- limits, option ranges and regex safety: each a located error naming the limit ----------
+
+LIMIT_CASES = [
+    ("repeat expands past the gate cap", "circuit c { qudits 2\n  repeat 10000 { gate (0) } }",
+     2, 10, "at most 4096"),
+    ("repeat of ten gates", "circuit c { qudits 2 2\n repeat 1000 { "
+     + "gate (0) " * 10 + "} }", 2, 9, "1000 x 10 (at most 4096"),
+    ("all_pairs past the gate cap", "circuit c { qudits " + "2 " * 64
+     + "\n repeat 2 { all_pairs }\n all_pairs all_pairs }", 3, 2, "after 4032 gates"),
+    ("too many qudits", "circuit c { qudits " + "2 " * 65 + "gate (0) }", 1, 148, "at most 64"),
+    ("auto count over the cap", "circuit c { qudits auto 65 all_pairs }", 1, 25, "at most 64"),
+    ("parameters over the cap", "circuit c {\n qudits 1048576 1048576\n gate (0, 1) }", 3, 2,
+     "over the limit of 268435456 (2**28)"),
+    ("parameters over the cap across gates", "circuit c { qudits 8192 8192\n"
+     + "gate (0)\n" * 3 + "gate (1)\n" * 2 + "}", 6, 1, "brings the circuit to 335544320"),
+    ("repeat nesting", "circuit c { qudits 2 " + "repeat 1 { " * 40 + "gate (0)" + " }" * 40
+     + " }", 1, 374, "nested too deep (at most 32)"),
+    ("scale 1e308", "option scale = 1e308", 1, 16, "magnitude in [1e-06, 10000]"),
+    ("scale zero", "option scale = 0", 1, 16, "magnitude in [1e-06, 10000]"),
+    ("scale just over", "option scale = -10000.5", 1, 16, "got -10000.5"),
+    ("scale nan", "option scale = nan", 1, 16, "takes a number"),
+    ("dropout one", "option dropout = 1", 1, 18, "in [0, 1)"),
+    ("dropout negative", "option dropout = -0.1", 1, 18, "in [0, 1)"),
+    ("init unknown", "option init = kaiming", 1, 15, "unknown init mode"),
+]
+
+
+@pytest.mark.parametrize("name,text,line,column,message", LIMIT_CASES,
+                         ids=[c[0] for c in LIMIT_CASES])
+def test_limits_and_option_ranges_are_located(name, text, line, column, message):
+    import time
+    start = time.process_time()
+    with pytest.raises(QCError) as info:
+        parse(text, file="t.qc")
+    assert time.process_time() - start < 1.0
+    err = info.value
+    assert (err.file, err.line, err.column) == ("t.qc", line, column), str(err)
+    assert message in err.message, err.message
+    assert "^" in str(err)
+
+
+@pytest.mark.parametrize("value,ok", [(1.0, True), (-2.0, True), (1e-6, True), (1e4, True),
+                                      (0.0, False), (1e308, False), (1e-7, False),
+                                      (float("inf"), False), (float("nan"), False)])
+def test_scale_range_is_the_same_for_text_and_the_api(value, ok):
+    text = f"option scale = {value!r}"
+    if ok:
+        assert check_option("scale", value) == value
+        assert parse(text).option("scale") == value
+        assert Program({}, (), {"scale": value}).option("scale") == value
+        return
+    for attempt in (lambda: check_option("scale", value), lambda: parse(text),
+                    lambda: Program({}, (), {"scale": value})):
+        with pytest.raises(QCError):
+            attempt()
+
+
+def test_auto_circuit_refuses_dim_one_qudits_at_bind_time():
+    import time
+    c = parse("circuit c { qudits auto 64 all_pairs }").circuits["c"]
+    assert len(c.gates) == 2016
+    start = time.process_time()
+    with pytest.raises(QCError, match="4096 has 12 prime factors") as info:
+        c.resolve(4096)
+    assert time.process_time() - start < 1.0
+    assert info.value.expected == "qudits auto 12 or fewer" and info.value.line == 1
+    twelve = Circuit.auto_dims(12).all_pairs().resolve(4096)
+    assert twelve.in_dims == (2,) * 12
+    assert Circuit.auto_dims(3).all_pairs().resolve(64, 172).out_dims == (43, 2, 2)
+    with pytest.raises(QCError, match="positive integer up to"):
+        Circuit.auto_dims(2).gate((0, 1)).resolve(2**61 - 1)  # no trial division to 2**30
+
+
+UNSAFE_REGEXES = ["(a+)+$", "(a|a)*b", "(x+x+)+y", "(a*)*", "(a|aa)+", "(a?){25}a{25}",
+                  "((ab)*c)+", ".*.*.*.*Z", r"(a)\1", "(?=q)proj", "(?<!x)proj", "(?P<n>a)(?P=n)",
+                  "(?x)a b", "a" * 257]
+SAFE_REGEXES = [r"layers\.[0-3]\.self_attn\.(q|v)_proj$", r"q_proj$", r".*\.v_proj",
+                r"layers\.\d+\.mlp\.(up|down)_proj", r"(\.\d+)?_proj", "[0-9]+", "(ab){2}",
+                r"(q|k|v)_proj", r"a\/b", ".*.*.*Z", "(?i)Q_PROJ"]
+
+
+@pytest.mark.parametrize("regex", UNSAFE_REGEXES)
+def test_catastrophic_regexes_are_refused_where_written(regex):
+    import time
+    text = f"circuit c {{ qudits 2 gate (0) }}\napply c to q_proj, /{regex}/"
+    start = time.process_time()
+    with pytest.raises(QCError) as info:
+        parse(text, file="r.qc")
+    assert time.process_time() - start < 0.5
+    err = info.value
+    assert err.line == 2 and 20 <= err.column <= 21 + len(regex), (err.column, str(err))
+    assert "^" in str(err)
+    with pytest.raises(QCError):  # the API refuses it the same way, without a location
+        Pattern(regex, regex=True)
+
+
+@pytest.mark.parametrize("regex", SAFE_REGEXES)
+def test_ordinary_regexes_are_accepted(regex):
+    program = parse(f"circuit c {{ qudits 2 gate (0) }}\napply c to /{regex}/")
+    pattern = program.rules[0].patterns[0]
+    assert pattern.regex and pattern == Pattern(regex, regex=True)
+
+
+def test_nested_quantifier_error_points_at_the_outer_repeat():
+    with pytest.raises(QCError) as info:
+        parse("circuit c { qudits 2 gate (0) }\napply c to /x(a+)+$/", file="r.qc")
+    assert (info.value.line, info.value.column) == (2, 18)  # the '+' after ')'
+    assert "nested" in info.value.message
+
+
+def test_non_utf8_bytes_and_text_give_located_errors():
+    with pytest.raises(QCError, match="not UTF-8") as info:
+        parse(b"circuit c {\r\n  qudits 2 \xc3\x28 }", file="b.qc")
+    assert (info.value.file, info.value.line, info.value.column) == ("b.qc", 2, 12)
+    assert info.value.span.source_line.startswith("  qudits 2 ")

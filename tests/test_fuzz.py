@@ -94,3 +94,30 @@ def test_pathological_inputs_give_qcerror(text):
     with pytest.raises(QCError) as info:
         parse(text, file="p.qc")
     assert info.value.line >= 1 and info.value.column >= 1
+
+
+# --- the grammar-aware fuzzer (tests/fuzz): a few thousand cases here, 100,000 on demand with
+# ``python -m tests.fuzz --cases 100000`` -------------------------------------------------------
+
+def test_generated_cases_raise_only_located_qcerrors_quickly(tmp_path):
+    from fuzz.run import run
+    report = run(3000, seed=17, max_bytes=100_000, time_limit=1.0, trace_every=40,
+                 include_dir=tmp_path / "inc")
+    print("\n".join(report.lines()))
+    assert report.findings == []  # other exceptions, unlocated errors, echoes, slow cases
+    assert report.cases == 3000 and report.largest_input > 50_000
+    # both sides of the language are reached: programs that parse, and many kinds of error
+    assert report.accepted > 100 and len(report.refused) > 30
+    assert report.slowest_s < 1.0
+    assert report.max_traced_mib < 16  # per case, for inputs up to 100 KB
+
+
+def test_fuzz_checks_catch_what_they_claim():
+    from fuzz.run import CANARY, check_error
+    from qcircuit import Span
+    text = "circuit c {\n  qudits 2\n}"
+    assert check_error(QCError("x", Span("fuzz.qc", 2, 3, "  qudits 2")), text) is None
+    assert "without a location" in check_error(QCError("x"), text)
+    assert "not the text's line" in check_error(QCError("x", Span("fuzz.qc", 2, 3, "qudits")), text)
+    assert "past the end" in check_error(QCError("x", Span("fuzz.qc", 9, 1)), text)
+    assert "echoes" in check_error(QCError(CANARY, Span("inc.qc", 1, 1)), text)

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from qcircuit import Circuit, Gate, Program, QCError, Span, all_pairs_qudits, balanced_factors
+from qcircuit import (Circuit, Gate, Program, QCError, Span, all_pairs_qudits, balanced_factors,
+                      parse)
 from qcircuit.ir import ApplyRule, GateSpec, Pattern, build_gates, check_option
 from qcircuit.printer import circuit_summary
 
@@ -178,3 +179,23 @@ def test_summary_elides_long_circuits():
     assert gate_lines[-1].startswith("  #89")
     assert lines[-1] == f"parameters  {90 * 16:,}"
     assert len(c.summary().splitlines()) == 3 + 50 + 1 + 1
+
+
+def test_parameter_cap_applies_where_a_layer_or_text_sets_the_dims():
+    from qcircuit.limits import MAX_PARAMS
+    big = Circuit(2**15).gate(0)  # the builder draws it: 2**30 parameters
+    assert big.num_params == 2**30 > MAX_PARAMS
+    with pytest.raises(QCError, match="over the limit of 268435456"):
+        parse(big.to_qc(name="big"))
+    with pytest.raises(QCError, match="over the limit of 268435456"):
+        Circuit.auto_dims(1).gate(0).resolve(2**15)
+    assert Circuit.auto_dims(1).gate(0).resolve(2**14).num_params == MAX_PARAMS
+
+
+def test_gate_cap_in_the_builder():
+    from qcircuit.limits import MAX_GATES
+    assert len(Circuit(2).gate(0).repeat(MAX_GATES).gates) == MAX_GATES
+    with pytest.raises(QCError, match=f"at most {MAX_GATES}"):
+        Circuit(2).gate(0).repeat(MAX_GATES).gate(0)
+    with pytest.raises(QCError, match=f"at most {MAX_GATES}"):
+        Circuit(2, gates=[Gate((0,), (2,), (2,))] * (MAX_GATES + 1))

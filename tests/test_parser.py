@@ -1,4 +1,5 @@
 """Parsing every construct of the .qc language into the IR."""
+import os
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,192 @@ def test_design_api_block():
     assert c.gates == (Gate((0, 2), (16, 16), (16, 16)),)
     with pytest.raises(QCError, match="qudit 1 has no dims"):
         c.to_qc(name="c")
+
+
+# --- untrusted text: linear line handling, safe includes, bounded sizes -------------------
+
+def _peak_and_seconds(text, **kw):
+    import time
+    import tracemalloc
+    tracemalloc.start()
+    start = time.process_time()
+    try:
+        result = parse(text, **kw)
+    except QCError as err:
+        result = err
+    seconds = time.process_time() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return result, peak, seconds
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n"])
+def test_one_long_line_parses_in_linear_memory_for_any_line_ending(end):
+    # ~200 KiB on one line: every token used to keep its own copy of a CRLF line (quadratic)
+    patterns = ", ".join(f"model.layers.{k}.self_attn.q_proj" for k in range(6000))
+    text = f"circuit c {{ qudits 4 4 all_pairs }}{end}apply c to {patterns}{end}option scale = 2{end}"
+    assert len(text) > 200 * 1024
+    program, peak, seconds = _peak_and_seconds(text)
+    assert isinstance(program, Program) and len(program.rules[0].patterns) == 6000
+    assert peak < 50 * len(text), f"{peak / len(text):.0f} bytes traced per input character"
+    assert seconds < 2.0, seconds
+
+
+def test_error_on_a_long_crlf_line_shows_a_window_with_the_caret():
+    patterns = ", ".join(f"model.layers.{k}.self_attn.q_proj" for k in range(6000))
+    text = f"circuit c {{ qudits 4 4 all_pairs }}\r\napply c to {patterns}, /(a+)+$/\r\n"
+    err, peak, seconds = _peak_and_seconds(text)
+    assert isinstance(err, QCError) and peak < 50 * len(text) and seconds < 2.0
+    assert (err.line, err.column) == (2, len(f"apply c to {patterns}, /(a+)") + 1)
+    _, shown, caret = str(err).split("\n")[:3]
+    assert len(shown) < 120 and shown.startswith("    …") and shown.endswith("$/")
+    assert shown[caret.index("^")] == "+"
+
+
+def test_text_over_the_size_cap_is_refused_before_parsing():
+    import time
+    from qcircuit.limits import MAX_TEXT_BYTES
+    text = "circuit c { qudits 2 2 all_pairs }\n" * (10 * 2**20 // 35)  # 10 MB of circuits
+    start = time.process_time()
+    with pytest.raises(QCError, match=f"limit of {MAX_TEXT_BYTES} characters") as info:
+        parse(text, file="big.qc")
+    assert time.process_time() - start < 0.5
+    assert info.value.line == MAX_TEXT_BYTES // 35 + 1 and info.value.column >= 1
+    with pytest.raises(QCError, match=f"limit of {MAX_TEXT_BYTES} bytes"):
+        parse(text.encode(), file="big.qc")
+
+
+def test_a_megabyte_of_valid_text_parses_in_linear_time():
+    import time
+
+    def program_text(circuits):
+        return "".join(f"circuit c{k} {{\n    qudits 16 8 8 4\n    all_pairs\n}}\n"
+                       f"apply c{k} to layers.{k}.q_proj\n" for k in range(circuits))
+
+    seconds = []
+    for circuits in (1250, 12500):  # ~100 KB, ~1 MB
+        text = program_text(circuits)
+        start = time.process_time()
+        assert len(parse(text).circuits) == circuits
+        seconds.append(time.process_time() - start)
+    assert len(text) > 2**20
+    assert seconds[1] < 20 * seconds[0] + 0.5, seconds  # ten times the text: ~10x the time
+
+
+def _fifo_or_skip(path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    os.mkfifo(path)
+
+
+def test_includes_read_only_regular_qc_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("QC_TEST_SECRET", "hunter2-secret")
+    (tmp_path / "notes.txt").write_text("SECRET_LINE = 1\n")
+    os.symlink("/proc/self/environ", tmp_path / "env.qc")
+    os.symlink("/dev/zero", tmp_path / "zero.qc")
+    (tmp_path / "dir.qc").mkdir()
+    _fifo_or_skip(tmp_path / "fifo.qc")
+    cases = {'include "/proc/self/environ"': "only .qc files",
+             'include "notes.txt"': "only .qc files",
+             'include "env.qc"': "only .qc files",
+             'include "/dev/zero"': "only .qc files",
+             'include "zero.qc"': "only .qc files",
+             'include "dir.qc"': "not a regular file",
+             'include "fifo.qc"': "not a regular file"}
+    for text, words in cases.items():
+        with pytest.raises(QCError, match=words) as info:
+            parse("option scale = 2\n" + text, file="main.qc", base_dir=tmp_path)
+        err = info.value
+        assert (err.file, err.line, err.column) == ("main.qc", 2, 9), text
+        assert "hunter2" not in str(err) and "SECRET_LINE" not in str(err)
+    for path in ("/proc/self/environ", "/dev/zero", tmp_path / "fifo.qc", tmp_path / "dir.qc"):
+        with pytest.raises(QCError, match="not a regular file") as info:
+            parse_file(path)
+        assert "hunter2" not in str(info.value) and info.value.line == 1
+
+
+def test_include_size_caps(tmp_path, monkeypatch):
+    from qcircuit import parser
+    from qcircuit.limits import MAX_TEXT_BYTES
+    with open(tmp_path / "huge.qc", "wb") as f:
+        f.truncate(MAX_TEXT_BYTES + 1)  # sparse: refused by its size, never read
+    with pytest.raises(QCError, match=f"over the limit of {MAX_TEXT_BYTES} bytes") as info:
+        parse('\ninclude "huge.qc"', base_dir=tmp_path)
+    assert (info.value.line, info.value.column) == (2, 9)
+    # the total over all includes, each expansion counted
+    (tmp_path / "rules.qc").write_text("apply c to x\n" * 100)
+    monkeypatch.setattr(parser, "MAX_TOTAL_BYTES", 5000)
+    text = "circuit c { qudits 2 gate (0) }\n" + 'include "rules.qc"\n' * 10
+    with pytest.raises(QCError, match="exceed 5000 characters") as info:
+        parse(text, base_dir=tmp_path)
+    assert info.value.line == 5  # 32 + 4 x 1300 > 5000
+
+
+def test_include_diamond_is_read_once_per_file_and_bounded(tmp_path, monkeypatch):
+    import time
+    from qcircuit import sources
+    from qcircuit.limits import MAX_INCLUDES
+    for k in range(20):  # 2**20 paths from d0 to d20
+        (tmp_path / f"d{k}.qc").write_text(f'include "d{k + 1}.qc"\n' * 2)
+    (tmp_path / "d20.qc").write_text("")
+    reads = []
+    real_read = sources.read_file
+    monkeypatch.setattr("qcircuit.parser.read_file",
+                        lambda path, span: reads.append(path) or real_read(path, span))
+    start = time.process_time()
+    with pytest.raises(QCError, match=f"more than {MAX_INCLUDES} includes") as info:
+        parse_file(tmp_path / "d0.qc")
+    assert time.process_time() - start < 2.0
+    assert len(reads) == len(set(reads)) == 21  # d0 … d20, each read once
+    assert info.value.line >= 1 and info.value.column == 9
+    # a small diamond is fine, and a file included twice adds its items twice
+    (tmp_path / "top.qc").write_text('include "d18.qc"\ncircuit c { qudits 2 gate (0) }\n')
+    (tmp_path / "d20.qc").write_text("apply c to x\n")
+    assert len(parse_file(tmp_path / "top.qc").rules) == 4
+
+
+def test_includes_can_be_disabled(tmp_path):
+    (tmp_path / "ok.qc").write_text("option scale = 2\n")
+    assert parse('include "ok.qc"', base_dir=tmp_path).option("scale") == 2.0
+    with pytest.raises(QCError, match="includes are disabled") as info:
+        parse('circuit c { qudits 2 gate (0) }\n  include "ok.qc"', base_dir=tmp_path,
+              includes=False)
+    assert (info.value.line, info.value.column) == (2, 11)
+    assert "checkpoint" in info.value.message
+
+
+def test_nul_in_file_names_is_a_qcerror(tmp_path):
+    for attempt in (lambda: parse("option scale = 2", file="a\x00b.qc"),
+                    lambda: parse('include "a.qc"', base_dir=f"{tmp_path}\x00"),
+                    lambda: parse_file(f"{tmp_path}/a\x00.qc")):
+        with pytest.raises(QCError, match="NUL"):
+            attempt()
+    with pytest.raises(QCError, match="NUL") as info:
+        parse('option scale = 2\ninclude "a\x00.qc"', base_dir=tmp_path)
+    assert (info.value.line, info.value.column) == (2, 9)
+
+
+def test_parsing_in_threads_keeps_each_texts_spans():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(k):
+        text = "\n" * k + f"circuit c{k} {{ qudits 2 " + "gate (0) " * 200 + "}"
+        c = parse(text, file=f"f{k}.qc").circuits[f"c{k}"]
+        return {(g.span.file, g.span.line, g.span.source_line[:9]) for g in c.gates}
+
+    with ThreadPoolExecutor(4) as pool:
+        for k, spans in enumerate(pool.map(one, range(16))):
+            assert spans == {(f"f{k}.qc", k + 1, "circuit c")}
+
+
+@pytest.mark.parametrize("text", [
+    "apply x to /" + "1" * 200_000,                     # an unterminated regex
+    "apply x to /" + "\\a" * 100_000 + "/",             # a regex of escapes
+    "apply x to a" + ".a" * 100_000,                    # a path of 100,000 parts
+    "circuit c { qudits 2 gate (0) 1" + "x1" * 100_000 + " }",  # dims of 100,000 parts
+])
+def test_huge_tokens_cost_linear_memory(text):
+    # token patterns repeat no group without a bound: re keeps state per turn of a group
+    err, peak, seconds = _peak_and_seconds(text)
+    assert isinstance(err, QCError) and err.line == 1 and err.column > 1
+    assert peak < 20 * len(text) and seconds < 2.0, (peak, seconds)
