@@ -20,7 +20,7 @@ from qcircuit import QCError
 from qcircuit.compiler import compile as compile_circuit
 from qcircuit.runtime import AdaptedLayer, Target, bind
 from qcircuit.runtime import checkpoint
-from qcircuit.runtime.adapter import _check_not_shared  # the native refusal of tied weights
+from qcircuit.runtime.adapter import check_not_shared  # the native refusal of tied weights
 
 from .config import QuanTAConfig
 from .layer import QuanTALayer
@@ -98,7 +98,7 @@ class QuanTAModel(BaseTuner):
         program = config.to_program()
         view = _BaseView(model)
         targets = bind(view, program)
-        _check_not_shared(view, targets)
+        check_not_shared(view, targets)
         records = {t.module_name: checkpoint.layer_record(t, program.option("init") == "freeze_one")
                    for t in targets}
         if config.layers is not None:  # a loaded config: it must describe these very layers

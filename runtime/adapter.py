@@ -237,7 +237,7 @@ def _check_fresh(model: nn.Module) -> None:
                       "or start from a fresh model")
 
 
-def _check_not_shared(model: nn.Module, targets: tuple[Target, ...]) -> None:
+def check_not_shared(model: nn.Module, targets: tuple[Target, ...]) -> None:
     """Refuse a target whose module or weight also lives elsewhere in the model (tied
     embeddings, one Linear reused): folding or merging would change the other user too."""
     owners: dict[int, list[str]] = {}
@@ -263,7 +263,7 @@ def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
         raise QCError("the program applies no circuit to this model")
     if any(not t.module_name for t in targets):
         raise QCError("the model itself is a single layer: wrap it in a container first")
-    _check_not_shared(model, targets)
+    check_not_shared(model, targets)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     init, scale, dropout = (program.option(k) for k in ("init", "scale", "dropout"))
     plans: dict[Circuit, object] = {}  # one plan (and its path caches) per distinct circuit

@@ -22,7 +22,6 @@ rank 0 writes and every rank waits for it.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -114,25 +113,13 @@ def build_config(program: Program, model, layers: Mapping[str, dict],
 
 
 # --- checks shared by read and write ------------------------------------------------------
-def _parse_takes_includes() -> bool:
-    return "includes" in inspect.signature(parse).parameters
-
-
 def program_of(config: dict, where: str) -> Program:
     """The program stored in a (schema-checked) config, parsed with includes disabled,
     checked against the stored options and the layers' circuit names. ``where`` names the
     checkpoint directory."""
     file = f"{where}/{CONFIG_NAME} (program)"
     text = config["program"]
-    if _parse_takes_includes():
-        program = parse(text, file=file, includes=False)
-    else:
-        # This parse() would read the files an include line names. A stored program has
-        # none (to_qc writes included circuits out), so such a line is refused unread.
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.lstrip().startswith("include"):
-                raise QCError(f"{file}:{number}: a stored program cannot include files")
-        program = parse(text, file=file)
+    program = parse(text, file=file, includes=False)   # stored text never reads a file
     for key, saved in config["options"].items():
         if program.option(key) != check_option(key, saved):
             raise QCError(f"{where}/{CONFIG_NAME}: $.options.{key} is {json.dumps(saved)} but "

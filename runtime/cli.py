@@ -3,6 +3,7 @@
     qcompile adapter.qc --model llama-2-7b [--json] [--draw] [--seed N]
                         [--out DIR [--force] [--max-bytes N]]
     qcompile --list-models
+    qcompile import-reference CHECKPOINT --model NAME_OR_DIR --out DIR [--force]
 
 The model is an embedded name (built on the meta device: shapes only) or a local
 directory with ``config.json``. User errors (missing or bad files, unknown models, bad
@@ -75,6 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0 to 2**64-1, default 0)")
     p.add_argument("--list-models", action="store_true", help="list the embedded models and exit")
     return p
+
+
+def build_import_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcompile import-reference", description="Convert a checkpoint of the "
+                "QuanTA reference implementation (a Trainer checkpoint: pytorch_model.bin, "
+                ".safetensors, or a checkpoint-* directory) into a qcircuit/PEFT adapter for "
+                "the original base model.")
+    p.add_argument("checkpoint", help="the reference checkpoint (file or directory)")
+    p.add_argument("--model", "-m", required=True, help="embedded model name or a local "
+                   "directory with config.json (shapes only: no weights are read)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the adapter")
+    p.add_argument("--force", action="store_true", help="replace an adapter already in DIR")
+    return p
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """``qcompile import-reference``: read, convert, write; raise QCError on user errors."""
+    from .reference import import_reference
+    check_out(args.out, args.force)
+    adapted = import_reference(load_model(args.model).model, args.checkpoint)
+    save_checkpoint(adapted, args.out)
+    print(f"wrote {len(adapted.layers)} adapted layers to {args.out}")
+    return 0
 
 
 def _seed(text: str) -> int:
@@ -182,7 +206,11 @@ def check_out(out: str, force: bool) -> None:
 
 def write_checkpoint(model, program, out: str, seed: int) -> None:
     """Attach the program to ``model`` with ``seed`` and save the adapter to ``out``."""
-    adapted = attach(model, program, seed=seed)
+    save_checkpoint(attach(model, program, seed=seed), out)
+
+
+def save_checkpoint(adapted, out: str) -> None:
+    """``adapted.save(out)``, with write failures as a QCError naming ``out``."""
     try:
         adapted.save(out)
     except OSError as e:
@@ -194,8 +222,13 @@ def write_checkpoint(model, program, out: str, seed: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qcompile``; returns the exit status: 0; 2 on a user error (one
     line on stderr); 130 on Ctrl-C; 143 on SIGTERM."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    importing = argv[:1] == ["import-reference"]
     try:
-        args = build_parser().parse_args(argv)
+        if importing:
+            args, work = build_import_parser().parse_args(argv[1:]), run_import
+        else:
+            args, work = build_parser().parse_args(argv), run
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -203,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _quiet_transformers()
-        return run(args)
+        return work(args)
     except BrokenPipeError:  # e.g. `qcompile … | head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

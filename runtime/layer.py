@@ -34,6 +34,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qcircuit import Circuit, QCError
+from qcircuit.program import check_option
 from qcircuit.compiler import compile as compile_circuit
 
 
@@ -81,8 +82,9 @@ class AdaptedLayer(nn.Module):
         self.transposed = isinstance(base, Conv1D)  # Conv1D keeps its weight as (in, out)
         self.circuit = circuit
         self.plan = compile_circuit(circuit) if plan is None else plan  # shareable
-        self.init_mode = init
-        self.scale = float(scale)
+        self.init_mode = check_option("init", init)      # the ranges .qc text is held to
+        self.scale = float(check_option("scale", scale))
+        dropout = check_option("dropout", dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base.weight
         dtype = gate_dtype(weight)

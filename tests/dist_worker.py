@@ -171,6 +171,7 @@ def main(mode: str, out: str) -> None:
             run(mode, init, torch.float32, Path(out))
         if mode == "ddp":
             run(mode, "freeze_one", torch.float64, Path(out))
+        dist.barrier()   # every rank is done with the group before it goes
     finally:
         dist.destroy_process_group()
 
@@ -179,3 +180,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(sys.argv[1], sys.argv[2])
+    # Skip interpreter teardown: under load, gloo's background threads were seen to abort
+    # the process there ("terminate called without an active exception") after all work
+    # was done and written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

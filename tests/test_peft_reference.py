@@ -215,3 +215,29 @@ def test_embedded_llama2_7b_on_the_meta_device(tmp_path):
         for k, (i, j) in enumerate(pairs(4)):
             assert torch.equal(saved[f"{m}.gates.{k}"], state[_key(m, i, j)])
             assert torch.equal(saved[f"{m}.init_gates.{k}"], state[_key(m, i, j, "2")])
+
+
+def test_qcompile_import_reference(make_llama, tiny_llama_config, tmp_path, capsys):
+    """The command: a checkpoint and a model directory holding only config.json in, a
+    checkpoint that loads onto the real base model out; a second run needs --force."""
+    from qcircuit.runtime.cli import main
+
+    state, expected = reference_state(make_llama())
+    write(state, tmp_path / "pytorch_model.bin")
+    tiny_llama_config.architectures = ["LlamaForCausalLM"]   # the class the keys were saved from
+    tiny_llama_config.save_pretrained(tmp_path / "model")   # shapes only, no weights
+    argv = ["import-reference", str(tmp_path / "pytorch_model.bin"), "-m",
+            str(tmp_path / "model"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == f"wrote 2 adapted layers to {tmp_path / 'out'}\n"
+    real = load(make_llama(), tmp_path / "out", fold=False)
+    real.merge()
+    for name in MODULES:
+        w = real.model.get_submodule(name).base_layer.weight.double()
+        assert float((w - expected[name]).norm() / expected[name].norm()) <= 1e-6
+    assert main(argv) == 2 and "--force" in capsys.readouterr().err
+    assert main(argv + ["--force"]) == 0
+    assert main(["import-reference", str(tmp_path / "missing.bin"), "-m", str(tmp_path / "model"),
+                 "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qcompile: error: ") and err.count("\n") == 1
