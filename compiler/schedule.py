@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,6 +37,11 @@ from . import costmodel as cm
 from . import fused, kernels
 
 TOKEN = -1
+
+
+class OutOfTime(Exception):
+    """A search passed its deadline (the caller drops the route, see ``routes.py``)."""
+
 FORMS = ("suffix", "prefix", "rot_front", "rot_back", "batched")
 Layout = tuple[int, ...]
 
@@ -169,7 +175,8 @@ def _forms(layout: Layout, block, sizes) -> list[tuple[str, Layout]]:
 
 def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, backward,
           max_block, max_group, beam, transposed=False, forms=FORMS,
-          max_gate_steps: int | None = None, gather: bool = False) -> tuple[float, list[Step]]:
+          max_gate_steps: int | None = None, gather: bool = False,
+          deadline: float | None = None) -> tuple[float, list[Step]]:
     gates = circuit.gates
     kernel = kernels.enabled()
     n_q = len(circuit.in_dims)
@@ -186,6 +193,8 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
     for lay in starts:
         frontier[0][(lay, 0)] = (0.0, None, ())
     for i in range(len(order)):
+        if deadline is not None and time.monotonic() > deadline:
+            raise OutOfTime(f"schedule search stopped at gate {i} of {len(order)}")
         states, kept = [], {}
         for key, v in sorted(frontier[i].items(), key=lambda kv: kv[1][0]):
             if kept.setdefault(key[1], 0) < beam:  # a beam per gate-step count
@@ -315,12 +324,14 @@ def gate_step_budget(circuit: Circuit, tokens: int) -> int | None:
 def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: bool = True,
                    reorder: bool = True, dense: bool = False, backward: bool | None = None,
                    dtype: torch.dtype = torch.float32, max_block: int = 512, max_group: int = 4,
-                   beam: int = 48, forms: Sequence[str] = FORMS, memory: bool = True) -> Schedule:
+                   beam: int = 48, forms: Sequence[str] = FORMS, memory: bool = True,
+                   deadline: float | None = None) -> Schedule:
     """Plan ``circuit`` for ``tokens`` rows. ``layout=False`` keeps the naive plan (every
     gate's qudits permuted to the end, one suffix GEMM); ``fuse``/``reorder`` switch fusion
     and commuting reorders; ``forms`` restricts the GEMM forms (tests use it). ``dense`` plans
     the dense matrix (identity input, forward only). ``memory``: a training plan keeps within
-    :func:`gate_step_budget` when some plan can (the fastest such plan wins)."""
+    :func:`gate_step_budget` when some plan can (the fastest such plan wins). ``deadline``
+    (a ``time.monotonic()`` value): raise :class:`OutOfTime` once the search passes it."""
     if set(forms) - set(FORMS) or not forms:
         raise QCError(f"unknown GEMM forms {sorted(set(forms) - set(FORMS))}", expected=" or ".join(FORMS))
     if not isinstance(tokens, int) or tokens < 1:
@@ -338,7 +349,7 @@ def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: 
                                 free_layout=layout, dense=dense, backward=backward,
                                 max_block=max_block, max_group=max_group, beam=beam,
                                 transposed=transposed, forms=tuple(forms), max_gate_steps=budget,
-                                gather=gather)
+                                gather=gather, deadline=deadline)
             if best is None or cost < best[0]:
                 best = (cost, steps, circ, transposed)
     cost, steps, circ, transposed = best
