@@ -115,9 +115,12 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _schedule_options(plan: "Plan") -> dict:
-    """Narrower searches for longer circuits, so one stays well inside ``PLAN_BUDGET``."""
+    """Narrower searches for longer circuits, so one stays well inside ``PLAN_BUDGET`` (for
+    the paper circuit a beam of 8 finds the same schedules as the default 48)."""
     n = plan.num_gates
-    return {} if n <= 8 else dict(beam=8, reorder=False) if n <= 16 else dict(beam=2, reorder=False)
+    if n <= 8:
+        return dict(beam=8)
+    return dict(beam=4, reorder=False) if n <= 16 else dict(beam=2, reorder=False)
 
 
 def _einsum_search(plan, bucket, dtype, deadline):
@@ -209,6 +212,7 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
         _warn_once(f"big {plan.signature}", f"the circuit has {plan.num_gates} gates; above "
                    f"{MAX_TUNED_GATES} only opt_einsum's path is planned (greedy above 12 operands)")
         routes = routes[:1]
+    switches = _switches()  # builds the CPU kernels first (once per machine): not search time
     deadline = time.monotonic() + PLAN_BUDGET
     found: dict[str, Any] = {}
     candidates: list[Candidate] = []
@@ -251,7 +255,7 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
     numel = max(plan.in_features, plan.out_features) * (bucket if kind == "forward" else plan.in_features)
     if not tune or numel > MEASURE_MAX_NUMEL:
         return result(model, "model")
-    k = wisdom.key(plan.signature, kind, bucket, device_type, dtype, _switches())
+    k = wisdom.key(plan.signature, kind, bucket, device_type, dtype, switches)
     known = wisdom.lookup(k)
     if known is not None and known["route"] in alive:
         return result(known["route"], "wisdom", known.get("times"))
@@ -265,6 +269,22 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
         wisdom.record(k, {"route": winner, "times": {n: times[n] for n in alive if n in times}},
                       locked)
     return result(winner, "measured", times)
+
+
+def forced(plan: "Plan", kind: str, route: str, bucket: int | None, device_type: str,
+           dtype: torch.dtype) -> RoutePlan:
+    """The plan of one named route, chosen by nobody (tests and benchmarks compare routes);
+    its search has no deadline."""
+    r = next((r for r in routes_for(kind, device_type) if r.name == route), None)
+    if r is None:
+        raise QCError(f"no {kind} route {route!r} on {device_type}",
+                      expected=" or ".join(r.name for r in routes_for(kind, device_type)))
+    steps = r.search(plan, bucket, dtype, float("inf"))
+    if steps is None:
+        raise QCError(f"route {route!r} has no plan for this circuit")
+    predicted = r.predict(plan, steps, bucket, dtype)
+    return RoutePlan(plan.signature, kind, bucket, device_type, dtype, route, steps,
+                     (Candidate(route, predicted),), "forced")
 
 
 def _predicted(candidates: Sequence[Candidate], name: str) -> float:
@@ -309,24 +329,30 @@ def _sync(device_types: set[str]) -> None:
 
 
 def _measure(thunks: dict[str, Callable[[], None]]) -> dict[str, float]:
-    """Median seconds of each thunk: one warm-up each, then interleaved rounds until
-    ``MEASURE_REPS`` or ``MEASURE_BUDGET``."""
+    """Median seconds of each thunk over interleaved rounds, after one warm-up each: rounds
+    run while the next is predicted to end within ``MEASURE_BUDGET`` (up to
+    ``MEASURE_REPS``); where the warm-ups alone used the budget, they are the measurement."""
     times: dict[str, list[float]] = {n: [] for n in thunks}
     device_types = {"cuda"} if torch.cuda.is_available() else set()
+
+    def timed(fn: Callable[[], None]) -> float:
+        _sync(device_types)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device_types)
+        return time.perf_counter() - t0
+
     start = time.perf_counter()
     with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
-        for fn in thunks.values():
-            fn()
-        for _ in range(MEASURE_REPS):
+        warm = {n: timed(fn) for n, fn in thunks.items()}
+        round_time = sum(warm.values())
+        while len(next(iter(times.values()))) < MEASURE_REPS and \
+                time.perf_counter() - start + round_time <= MEASURE_BUDGET:
+            t0 = time.perf_counter()
             for n, fn in thunks.items():
-                _sync(device_types)
-                t0 = time.perf_counter()
-                fn()
-                _sync(device_types)
-                times[n].append(time.perf_counter() - t0)
-            if time.perf_counter() - start > MEASURE_BUDGET:
-                break
-    return {n: statistics.median(ts) for n, ts in times.items()}
+                times[n].append(timed(fn))
+            round_time = time.perf_counter() - t0
+    return {n: statistics.median(ts) if ts else warm[n] for n, ts in times.items()}
 
 
 # ----------------------------------------------------------------------------- executors

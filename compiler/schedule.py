@@ -243,16 +243,10 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                         old = frontier[j].get(key)
                         if old is not None and total >= old[0]:
                             continue
-                        inner = tuple(q for q in pre if q in block)
-                        step = Step(kind, pre, out_lay, _tok(pre, dims_at[i]),
-                                    _tok(out_lay, dims_at[j]), c, tuple(group), inner,
-                                    tuple(dims_at[i][q] for q in inner),
-                                    tuple(dims_at[j][q] for q in inner), a)
-                        steps0: tuple[Step, ...] = ()
-                        if perm_cost:
-                            steps0 = (Step("permute", lay, pre, _tok(lay, dims_at[i]),
-                                           _tok(pre, dims_at[i]), pc),)
-                        frontier[j][key] = (total, (i, (lay, used)), steps0 + (step,))
+                        # the steps themselves are made only for the winner (see below)
+                        added = (kind, lay, pre, out_lay, c, pc if perm_cost else 0.0,
+                                 group, block, a)
+                        frontier[j][key] = (total, (i, (lay, used)), added)
     n = len(order)
     best, best_lay, best_tail = math.inf, None, ()
     out_numel = tokens * circuit.out_features
@@ -277,7 +271,14 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
     steps: list[Step] = list(best_tail)
     i, lay = n, best_lay
     while frontier[i][lay][1] is not None:
-        _, (i0, lay0), added = frontier[i][lay]
+        _, (i0, lay0), (kind, lay_in, pre, out_lay, c, pc, group, block, a) = frontier[i][lay]
+        inner = tuple(q for q in pre if q in block)
+        added = [Step(kind, pre, out_lay, _tok(pre, dims_at[i0]), _tok(out_lay, dims_at[i]), c,
+                      tuple(group), inner, tuple(dims_at[i0][q] for q in inner),
+                      tuple(dims_at[i][q] for q in inner), a)]
+        if pc:
+            added.insert(0, Step("permute", lay_in, pre, _tok(lay_in, dims_at[i0]),
+                                 _tok(pre, dims_at[i0]), pc))
         steps[:0] = added
         i, lay = i0, lay0
     fresh = cm.fresh(out_numel, isz) + (cm.fresh(tokens * circuit.in_features, isz) if backward else 0)

@@ -79,7 +79,7 @@ def _read(path: Path) -> dict[str, dict]:
     """The entries of a wisdom file; {} (with one warning) when it is corrupted."""
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return {}
     except (OSError, UnicodeDecodeError) as exc:
         _warn_once(f"read {path}", f"wisdom file {path} unreadable ({exc}); ignored")

@@ -76,11 +76,11 @@ def rel_err(got, want) -> float:
 def tolerance(dtype, terms: int = 64) -> float:
     """A normwise bound for results of ``dtype`` that differ by summation order: a few units
     of roundoff per term of the longest sum, growing like ``sqrt(terms)`` (random rounding),
-    with a factor 32 for the chained products of a circuit. Float64 results are held to the
+    with a factor 8 for the chained products of a circuit. Float64 results are held to the
     looser of that and 1e-10 (the exactness bound of these tests)."""
     import torch
     eps = torch.finfo(dtype).eps
-    bound = 32 * eps * math.sqrt(max(terms, 1))
+    bound = 8 * eps * math.sqrt(max(terms, 1))
     return max(bound, 1e-10) if dtype == torch.float64 else bound
 
 
