@@ -45,11 +45,16 @@ def gates_for(c: Circuit, dtype=torch.float64) -> list[torch.Tensor]:
     return [torch.randn(g.shape, generator=gen, dtype=dtype) for g in c.gates]
 
 
+SMALL = Circuit(2, 3, 2).gate((2, 0)).gate((0, 1), out=(3, 2)).gate((1, 2))
+
+
 @pytest.mark.parametrize("kind", ["forward", "dense"])
-def test_every_route_is_exact_and_differentiable(kind):
-    plan = compile(CIRCUIT)
-    gates = [g.requires_grad_() for g in gates_for(CIRCUIT)]
-    want = circuit_operator(CIRCUIT, gates)
+@pytest.mark.parametrize("circuit", [CIRCUIT, SMALL])
+def test_every_route_is_exact_and_differentiable(kind, circuit):
+    plan = compile(circuit)
+    gates = [g.requires_grad_() for g in gates_for(circuit)]
+    want = circuit_operator(circuit, gates)
+    check = circuit is SMALL  # gradcheck on the small one (it is slow on the other)
     names = [r.name for r in routes.routes_for(kind, "cpu")]
     assert names[0] == "einsum" and len(names) == (2 if kind == "forward" else 3)
     for name in names:
@@ -58,13 +63,14 @@ def test_every_route_is_exact_and_differentiable(kind):
         assert rp.route == name and rp.how == "forced"
         run = routes.build(plan, rp)
         if kind == "forward":
-            x = torch.randn(5, CIRCUIT.in_features, dtype=torch.float64, requires_grad=True)
+            x = torch.randn(5, circuit.in_features, dtype=torch.float64, requires_grad=True)
             assert_close(run(x, gates), x @ want.T)
-            assert torch.autograd.gradcheck(lambda x, *g: run(x, g), (x[:2], *gates))
+            if check:
+                assert torch.autograd.gradcheck(lambda x, *g: run(x, g), (x[:2], *gates))
         else:
             with torch.no_grad():
                 assert_close(run(gates), want)
-            if name != "lightcone":  # the light cone is forward only: never run with grad
+            if check and name != "lightcone":  # the light cone is forward only
                 assert torch.autograd.gradcheck(lambda *g: run(g), tuple(gates))
 
 
@@ -174,6 +180,7 @@ def test_export_and_import_wisdom_as_text(cache):
 
 
 def test_processes_starting_at_once_measure_once(cache):
+    """Two processes choose at once: one measures under the lock, the other waits and reads it."""
     script = (
         "import torch, sys\n"
         "from qcircuit import Circuit\n"
@@ -181,12 +188,13 @@ def test_processes_starting_at_once_measure_once(cache):
         "rp = routes.choose(compile(Circuit(3, 2, 4, 2).all_pairs()), 'forward', 4, 'cpu',"
         " torch.float32)\n"
         "print(rp.how, rp.route)\n")
-    env = dict(os.environ, QCIRCUIT_CACHE_DIR=str(cache), OMP_NUM_THREADS="1")
+    # no C kernels: this is about the wisdom lock, not about building them in a fresh cache
+    env = dict(os.environ, QCIRCUIT_CACHE_DIR=str(cache), OMP_NUM_THREADS="1", QCIRCUIT_COMPILE="0")
     procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                              text=True) for _ in range(3)]
+                              text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    assert sorted(how for how, _ in outs) == ["measured", "wisdom", "wisdom"]
+    assert sorted(how for how, _ in outs) == ["measured", "wisdom"]
     assert len({route for _, route in outs}) == 1
     assert json.loads((cache / wisdom.FILE).read_text())["version"] == wisdom.VERSION
     env["QCIRCUIT_TUNE"] = "0"
