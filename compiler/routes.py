@@ -13,7 +13,8 @@ bucket) or the dense matrix ``T`` (kind ``"dense"``):
 :func:`choose` is the one decision. Every route that can run on the device and dtype is
 planned within ``PLAN_BUDGET`` seconds of search; the cost model prunes those predicted far
 slower than the best; the survivors — always including ``einsum`` — are timed on the device
-with real tensors (median of a few interleaved runs, bounded time) and the fastest wins. The
+with real tensors (:mod:`measure`: median of a few interleaved runs, bounded time) and the
+fastest wins. The
 winner is remembered in :mod:`wisdom`. With ``QCIRCUIT_TUNE=0`` (read once) the cost model's
 prediction decides instead. The result is a :class:`RoutePlan`, a plain value; executors are
 built from it by :func:`build` and cached at this edge, keyed by everything that changes them.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +39,7 @@ from torch import Tensor
 from qcircuit.errors import QCError
 
 from . import costmodel as cm
+from . import measure as measure_mod
 from . import wisdom
 from .planning import MAX_DENSE_NUMEL, einsum_dense_executor, einsum_executor, plan_path
 
@@ -49,8 +50,6 @@ KINDS = ("forward", "dense")
 TRACE_BUCKET = 512          # the traced path's planning size (any token count runs on it)
 MAX_TUNED_GATES = 24        # above: opt_einsum's path only (greedy above 12 operands)
 PLAN_BUDGET = 1.0           # seconds of search for one choice, every route together
-MEASURE_BUDGET = 2.0        # seconds of timing for one choice
-MEASURE_REPS = 5
 MEASURE_MAX_NUMEL = 1 << 24  # larger activations (or dense matrices) are not timed: model only
 PRUNE = 3.0                 # routes predicted this much slower than the best are not timed
 
@@ -263,8 +262,9 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
         known = wisdom.lookup(k) if locked else None  # measured by another process meanwhile
         if known is not None and known["route"] in alive:
             return result(known["route"], "wisdom", known.get("times"))
-        thunks = {n: _thunk(plan, kind, bucket, device_type, dtype, n, found[n]) for n in alive}
-        times = (measure or _measure)(thunks)
+        thunks = {n: measure_mod.thunk(plan, kind, bucket, device_type, dtype,
+                                       build(plan, result(n, "measuring"))) for n in alive}
+        times = (measure or measure_mod.median_times)(thunks)
         winner = min(alive, key=lambda n: times.get(n, float("inf")))
         wisdom.record(k, {"route": winner, "times": {n: times[n] for n in alive if n in times}},
                       locked)
@@ -295,64 +295,6 @@ def _predicted(candidates: Sequence[Candidate], name: str) -> float:
 def _switches() -> str:
     from . import fused, kernels
     return f"kernels={int(kernels.enabled())} fused={int(fused.available())}"
-
-
-def _thunk(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype: torch.dtype,
-           name: str, steps: Any) -> Callable[[], None]:
-    """One timed run of a candidate on real tensors: a training step (forward, then backward
-    into the input and every gate) for ``forward``, a no-grad matrix for ``dense``."""
-    run = next(r for r in ROUTES if r.kind == kind and r.name == name).make(plan, steps)
-    gen = torch.Generator().manual_seed(0)
-    device = torch.device(device_type)
-    gates = [(torch.rand(g.shape, generator=gen, dtype=torch.float64) - 0.5).to(device, dtype)
-             for g in plan.circuit.gates]
-    if kind == "dense":
-        def dense_run() -> None:
-            with torch.no_grad():
-                run(gates)
-        return dense_run
-    x = torch.randn(bucket, plan.in_features, generator=gen).to(device, dtype).requires_grad_()
-    gy = torch.randn(bucket, plan.out_features, generator=gen).to(device, dtype)
-    leaves = [g.requires_grad_() for g in gates]
-
-    def step() -> None:
-        with torch.enable_grad():
-            run(x, leaves).backward(gy)
-        for t in (x, *leaves):
-            t.grad = None
-    return step
-
-
-def _sync(device_types: set[str]) -> None:
-    if "cuda" in device_types and torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _measure(thunks: dict[str, Callable[[], None]]) -> dict[str, float]:
-    """Median seconds of each thunk over interleaved rounds, after one warm-up each: rounds
-    run while the next is predicted to end within ``MEASURE_BUDGET`` (up to
-    ``MEASURE_REPS``); where the warm-ups alone used the budget, they are the measurement."""
-    times: dict[str, list[float]] = {n: [] for n in thunks}
-    device_types = {"cuda"} if torch.cuda.is_available() else set()
-
-    def timed(fn: Callable[[], None]) -> float:
-        _sync(device_types)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device_types)
-        return time.perf_counter() - t0
-
-    start = time.perf_counter()
-    with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
-        warm = {n: timed(fn) for n, fn in thunks.items()}
-        round_time = sum(warm.values())
-        while len(next(iter(times.values()))) < MEASURE_REPS and \
-                time.perf_counter() - start + round_time <= MEASURE_BUDGET:
-            t0 = time.perf_counter()
-            for n, fn in thunks.items():
-                times[n].append(timed(fn))
-            round_time = time.perf_counter() - t0
-    return {n: statistics.median(ts) if ts else warm[n] for n, ts in times.items()}
 
 
 # ----------------------------------------------------------------------------- executors
