@@ -169,8 +169,14 @@ def variants(tokens: int, extra: bool = True) -> dict:
 def switched_off(variable: str):
     """Plan and run with one of the C kernels switched off (``QCIRCUIT_FUSE``: the fused
     permute + gate kernel; ``QCIRCUIT_COMPILE``: every C kernel)."""
+    from qcircuit.compiler import fused, kernels
+
+    def reread():  # the switches are read once per process: read them again
+        kernels.enabled.cache_clear()
+        fused.available.cache_clear()
     old = os.environ.get(variable)
     os.environ[variable] = "0"
+    reread()
     try:
         yield
     finally:
@@ -178,6 +184,7 @@ def switched_off(variable: str):
             del os.environ[variable]
         else:
             os.environ[variable] = old
+        reread()
 
 
 def interleaved(funcs: dict, rounds: int) -> dict[str, float]:

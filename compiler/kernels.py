@@ -84,8 +84,10 @@ def _aten_copy(dst: Tensor, src: Tensor, perm: tuple[int, ...]) -> None:
 
 
 # ----------------------------------------------------------------------------- C kernel
+@functools.cache
 def enabled() -> bool:
-    """Whether the C kernel may be used (``QCIRCUIT_COMPILE`` is not ``0``)."""
+    """Whether the C kernel may be used (``QCIRCUIT_COMPILE`` is not ``0``); read once per
+    process (``enabled.cache_clear()`` reads it again)."""
     return os.environ.get("QCIRCUIT_COMPILE", "1") != "0"
 
 
