@@ -36,6 +36,7 @@ from .graph import gate_nodes, gate_wires, input_wires, lower, num_wires, output
 #: largest operand counts for which the exhaustive and the dynamic-programming optimizers run
 OPTIMAL_MAX_OPERANDS = 7
 DP_MAX_OPERANDS = 12
+EINSUM_LETTERS = 52     # torch.einsum's index alphabet: a-z, A-Z
 
 Executor = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 DenseExecutor = Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -173,6 +174,10 @@ def plan_path(network: Network, tokens: int | None = None) -> PathPlan:
     flops = analysis.path_flops(network.inputs, network.output, path, network.sized(tokens))
     steps = tuple((tuple(inds), convert_to_valid_einsum_chars(eq))
                   for inds, _, eq, *_ in info.contraction_list)
+    widest = max((len(set(eq) - set(",->")) for _, eq in steps), default=0)
+    if widest > EINSUM_LETTERS:
+        raise QCError(f"a contraction step of this circuit has {widest} indices; torch.einsum "
+                      f"takes at most {EINSUM_LETTERS} (fewer qudits, or merge small ones)")
     return PathPlan(tokens, tokens, optimizer, path, flops, network.equation, str(info), steps)
 
 
@@ -214,7 +219,9 @@ def einsum_dense_executor(network: Network, path: PathPlan, out_features: int,
     return run
 
 
-#: caps on what a module may hold, checked before any gate tensor is made
+#: caps, checked before any work that grows with them (with the cap in the error)
+MAX_GATES = 1024
+MAX_QUDITS = 48
 MAX_MODULE_PARAMS = 1 << 26
 MAX_DENSE_NUMEL = 1 << 31
 
@@ -322,6 +329,11 @@ def compile(circuit: Circuit) -> Plan:  # noqa: A001 - the public name DESIGN.md
     circuit.check_complete()
     if circuit.num_qudits == 0:
         raise QCError("cannot compile a circuit without qudits")
+    if circuit.num_qudits > MAX_QUDITS:
+        raise QCError(f"the circuit has {circuit.num_qudits} qudits; at most {MAX_QUDITS} "
+                      "(MAX_QUDITS: every qudit is an einsum index, and torch.einsum has 52)")
+    if len(circuit.gates) > MAX_GATES:
+        raise QCError(f"the circuit has {len(circuit.gates)} gates; at most {MAX_GATES} (MAX_GATES)")
     graph = lower(circuit)
     return Plan(circuit=circuit, graph=graph, num_params=analysis.num_params(graph),
                 rank_bound=analysis.rank_bound(graph), universal=analysis.universal(graph),

@@ -225,9 +225,20 @@ def test_bigger_circuits_plan_only_the_one_expression_and_say_so_once():
     m = plan.module(seed=0, dtype=torch.float64)
     x = torch.randn(3, c.in_features, dtype=torch.float64)
     assert_close(m(x), x @ circuit_operator(c, m.gates).T)
+    twelve = compile(Circuit(*[2] * 12).all_pairs()).module()  # 66 gates on 4096 features
+    start = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match="66 gates"):
+        twelve(torch.randn(64, 4096)).sum().backward()  # the first forward plans: bounded
+    assert time.perf_counter() - start < 10.0
 
 
-def test_huge_circuits_are_refused_with_the_cap():
+def test_huge_circuits_are_refused_fast_with_the_cap():
+    start = time.perf_counter()
+    with pytest.raises(QCError, match="MAX_QUDITS"):
+        compile(Circuit(*([2] * 12 + [1] * 52)).all_pairs())   # qudits auto 64 on 4096
+    with pytest.raises(QCError, match="MAX_GATES"):
+        compile(Circuit(2, 2, 2).all_pairs().repeat(400))
+    assert time.perf_counter() - start < 5.0
     with pytest.raises(QCError, match="MAX_MODULE_PARAMS"):
         compile(Circuit(4096, 4096).gate((0, 1))).module()
     plan = compile(Circuit(1 << 16, 1 << 16).gate(0).gate(1))
