@@ -357,9 +357,13 @@ def trace_path(plan: "Plan"):
     return plan_path(plan.forward_network, TRACE_BUCKET)
 
 
+_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
 def plain(*tensors: Tensor) -> bool:
-    """Whether these are ordinary tensors (not a subclass such as ``DTensor``)."""
-    return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
+    """Whether these are ordinary tensors: not a subclass such as ``DTensor``, not wrapped
+    by a ``torch.func`` transform (``vmap``, ``grad``)."""
+    return all(type(t) in (Tensor, torch.nn.Parameter) and not _wrapped(t) for t in tensors)
 
 
 def gathered(gates: Sequence[Tensor]) -> list[Tensor]:

@@ -72,3 +72,18 @@ def test_gates_as_views_into_one_flat_parameter():
     want = torch.cat([g.grad.reshape(-1) for g in m.gates])
     assert_close(flat.grad, want)
     assert math.isfinite(flat.grad.norm().item())
+
+
+def test_torch_func_transforms_take_the_one_expression():
+    """vmap over a batch of inputs and torch.func.grad reach the module through wrapped
+    tensors, which the schedule's autograd function cannot take."""
+    m = compile(CIRCUIT).module(seed=2, dtype=torch.float64)
+    x = torch.randn(3, 4, 24, dtype=torch.float64)
+    want = x @ circuit_operator(CIRCUIT, m.gates).T
+    assert_close(torch.func.vmap(m)(x), want)
+    names = [f"gates.{k}" for k in range(len(m.gates))]
+    params = {n: g.detach() for n, g in zip(names, m.gates)}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(m, p, (x[0],)).square().sum())(params)
+    m(x[0]).square().sum().backward()
+    for n, g in zip(names, m.gates):
+        assert_close(grads[n], g.grad)
