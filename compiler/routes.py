@@ -200,18 +200,15 @@ def _warn_once(what: str, message: str) -> None:
         warnings.warn(f"qcircuit: {message}", RuntimeWarning, stacklevel=4)
 
 
-def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype: torch.dtype,
-           *, tune: bool | None = None, measure: Measure | None = None) -> RoutePlan:
-    """Plan every route of ``kind`` for this bucket, device type and dtype, and pick one
-    (see the module docstring). ``tune`` overrides ``QCIRCUIT_TUNE``; ``measure`` replaces
-    the timer (``{route: thunk} -> {route: seconds}``; tests)."""
-    tune = tuning() if tune is None else tune
+def _search(plan: "Plan", kind: str, bucket: int | None, device_type: str,
+            dtype: torch.dtype) -> tuple[dict[str, Any], list[Candidate], list[str]]:
+    """Plan every route within ``PLAN_BUDGET``: (steps by route, candidates with their
+    predictions and notes, the routes the cost model keeps — ``einsum`` always)."""
     routes = routes_for(kind, device_type)
     if plan.num_gates > MAX_TUNED_GATES:
         _warn_once(f"big {plan.signature}", f"the circuit has {plan.num_gates} gates; above "
                    f"{MAX_TUNED_GATES} only opt_einsum's path is planned (greedy above 12 operands)")
         routes = routes[:1]
-    switches = _switches()  # builds the CPU kernels first (once per machine): not search time
     deadline = time.monotonic() + PLAN_BUDGET
     found: dict[str, Any] = {}
     candidates: list[Candidate] = []
@@ -241,6 +238,17 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
     for i, c in enumerate(candidates):
         if c.route in found and c.route not in alive:
             candidates[i] = Candidate(c.route, c.predicted, None, "pruned by the cost model")
+    return found, candidates, alive
+
+
+def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype: torch.dtype,
+           *, tune: bool | None = None, measure: Measure | None = None) -> RoutePlan:
+    """Plan every route of ``kind`` for this bucket, device type and dtype, and pick one
+    (see the module docstring). ``tune`` overrides ``QCIRCUIT_TUNE``; ``measure`` replaces
+    the timer (``{route: thunk} -> {route: seconds}``; tests)."""
+    tune = tuning() if tune is None else tune
+    switches = _switches()  # builds the CPU kernels first (once per machine): not search time
+    found, candidates, alive = _search(plan, kind, bucket, device_type, dtype)
 
     def result(route: str, how: str, times: dict[str, float] | None = None) -> RoutePlan:
         cands = tuple(Candidate(c.route, c.predicted, (times or {}).get(c.route), c.note)
