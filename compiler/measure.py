@@ -1,7 +1,6 @@
 """Timing candidate routes on real tensors (what :func:`routes.choose` measures)."""
 from __future__ import annotations
 
-import statistics
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -12,7 +11,8 @@ if TYPE_CHECKING:
 
 MEASURE_BUDGET = 2.0        # seconds of timing for one choice, warm-ups included (they alone
                             # may pass it on huge inputs: then they are the measurement)
-MEASURE_REPS = 5
+MIN_ROUNDS = 3              # rounds run even past the budget (unless the warm-ups passed it)
+MAX_ROUNDS = 41
 
 
 def thunk(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype: torch.dtype,
@@ -46,10 +46,12 @@ def _sync(device_types: set[str]) -> None:
         torch.cuda.synchronize()
 
 
-def median_times(thunks: dict[str, Callable[[], None]]) -> dict[str, float]:
-    """Median seconds of each thunk over interleaved rounds, after one warm-up each: rounds
-    run while the next is predicted to end within ``MEASURE_BUDGET`` (up to
-    ``MEASURE_REPS``); where the warm-ups alone used the budget, they are the measurement."""
+def fastest_times(thunks: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """The fastest run of each thunk over interleaved rounds, after one warm-up each. Noise on
+    a shared machine only ever adds time, so the minimum ranks candidates best (as ``timeit``
+    advises). Rounds run while the next is predicted to end within ``MEASURE_BUDGET``, at
+    least ``MIN_ROUNDS`` and at most ``MAX_ROUNDS``; where the warm-ups alone passed the
+    budget, they are the measurement."""
     times: dict[str, list[float]] = {n: [] for n in thunks}
     device_types = {"cuda"} if torch.cuda.is_available() else set()
 
@@ -63,11 +65,14 @@ def median_times(thunks: dict[str, Callable[[], None]]) -> dict[str, float]:
     start = time.perf_counter()
     with torch.inference_mode(False):
         warm = {n: timed(fn) for n, fn in thunks.items()}
-        round_time = sum(warm.values())
-        while len(next(iter(times.values()))) < MEASURE_REPS and \
-                time.perf_counter() - start + round_time <= MEASURE_BUDGET:
+        round_time, rounds = sum(warm.values()), 0
+        if round_time > MEASURE_BUDGET:
+            return warm
+        while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.perf_counter() - start
+                                       + round_time <= MEASURE_BUDGET):
             t0 = time.perf_counter()
-            for n, fn in thunks.items():
+            order = list(thunks.items())
+            for n, fn in order[rounds % len(order):] + order[:rounds % len(order)]:
                 times[n].append(timed(fn))
-            round_time = time.perf_counter() - t0
-    return {n: statistics.median(ts) if ts else warm[n] for n, ts in times.items()}
+            round_time, rounds = time.perf_counter() - t0, rounds + 1
+    return {n: min(ts) for n, ts in times.items()}

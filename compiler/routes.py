@@ -13,7 +13,7 @@ bucket) or the dense matrix ``T`` (kind ``"dense"``):
 :func:`choose` is the one decision. Every route that can run on the device and dtype is
 planned within ``PLAN_BUDGET`` seconds of search; the cost model prunes those predicted far
 slower than the best; the survivors — always including ``einsum`` — are timed on the device
-with real tensors (:mod:`measure`: median of a few interleaved runs, bounded time) and the
+with real tensors (:mod:`measure`: the fastest of interleaved runs, bounded time) and the
 fastest wins. The
 winner is remembered in :mod:`wisdom`. With ``QCIRCUIT_TUNE=0`` (read once) the cost model's
 prediction decides instead. The result is a :class:`RoutePlan`, a plain value; executors are
@@ -272,7 +272,7 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
             return result(known["route"], "wisdom", known.get("times"))
         thunks = {n: measure_mod.thunk(plan, kind, bucket, device_type, dtype,
                                        build(plan, result(n, "measuring"))) for n in alive}
-        times = (measure or measure_mod.median_times)(thunks)
+        times = (measure or measure_mod.fastest_times)(thunks)
         winner = min(alive, key=lambda n: times.get(n, float("inf")))
         wisdom.record(k, {"route": winner, "times": {n: times[n] for n in alive if n in times}},
                       locked)
