@@ -296,12 +296,13 @@ class Plan:
     def warm_up(self, *tokens: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> "Plan":
         """Choose (and measure, see :mod:`routes`) the routes of these token counts and of
-        the dense matrix now, so that no forward plans (e.g. before ``torch.compile``);
-        returns ``self``."""
+        the dense matrix (in ``dtype`` and in float64, which merging uses) now, so that no
+        forward plans; returns ``self``."""
         for n in tokens:
             self.executor(n, device, dtype)
         from . import routes
-        routes.dense_plan(self, torch.device(device).type, dtype)
+        for d in dict.fromkeys((dtype, torch.float64)):
+            routes.dense_plan(self, torch.device(device).type, d)
         return self
 
     def dense_executor(self) -> DenseExecutor:
