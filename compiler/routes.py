@@ -270,9 +270,10 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
         known = wisdom.lookup(k) if locked else None  # measured by another process meanwhile
         if known is not None and known["route"] in alive:
             return result(known["route"], "wisdom", known.get("times"))
-        thunks = {n: measure_mod.thunk(plan, kind, bucket, device_type, dtype,
-                                       build(plan, result(n, "measuring"))) for n in alive}
-        times = (measure or measure_mod.fastest_times)(thunks)
+        with torch.inference_mode(False):  # a first forward under inference_mode measures too
+            thunks = {n: measure_mod.thunk(plan, kind, bucket, device_type, dtype,
+                                           build(plan, result(n, "measuring"))) for n in alive}
+            times = (measure or measure_mod.fastest_times)(thunks)
         winner = min(alive, key=lambda n: times.get(n, float("inf")))
         wisdom.record(k, {"route": winner, "times": {n: times[n] for n in alive if n in times}},
                       locked)

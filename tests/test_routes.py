@@ -255,3 +255,12 @@ def test_route_plans_are_plain_values_and_explain_names_the_winner():
         a.route = "einsum"
     text = plan.explain(5)
     assert "bucket 8 tokens" in text and "chosen:" in text and "einsum" in text
+
+
+def test_a_first_forward_under_inference_mode_measures_and_runs():
+    m = compile(Circuit(3, 2, 4, 3).all_pairs()).module(seed=0, dtype=torch.float64)
+    x = torch.randn(6, 72, dtype=torch.float64)
+    with torch.inference_mode():
+        y, t = m(x), m.matrix()
+    assert_close(y, x @ circuit_operator(m.plan.circuit, m.gates).T)
+    assert_close(t, circuit_operator(m.plan.circuit, m.gates))
