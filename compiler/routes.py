@@ -297,8 +297,7 @@ def forced(plan: "Plan", kind: str, route: str, bucket: int | None, device_type:
 
 
 def _predicted(candidates: Sequence[Candidate], name: str) -> float:
-    p = next(c.predicted for c in candidates if c.route == name)
-    return float("inf") if p is None else p
+    return next(c.predicted for c in candidates if c.route == name) or float("inf")
 
 
 def _switches() -> str:
