@@ -282,8 +282,7 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
 
 def forced(plan: "Plan", kind: str, route: str, bucket: int | None, device_type: str,
            dtype: torch.dtype) -> RoutePlan:
-    """The plan of one named route, chosen by nobody (tests and benchmarks compare routes);
-    its search has no deadline."""
+    """One named route's plan, no deadline, chosen by nobody (to compare routes)."""
     r = next((r for r in routes_for(kind, device_type) if r.name == route), None)
     if r is None:
         raise QCError(f"no {kind} route {route!r} on {device_type}",
@@ -297,7 +296,8 @@ def forced(plan: "Plan", kind: str, route: str, bucket: int | None, device_type:
 
 
 def _predicted(candidates: Sequence[Candidate], name: str) -> float:
-    return next(c.predicted for c in candidates if c.route == name) or float("inf")
+    p = next(c.predicted for c in candidates if c.route == name)
+    return float("inf") if p is None else p
 
 
 def _switches() -> str:
