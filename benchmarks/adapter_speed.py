@@ -1,40 +1,40 @@
-"""Speed of the QuanTA adapter (issue 5): schedules vs the one-expression reference.
+"""Speed of the QuanTA adapter: the compiled module against the one-expression reference.
 
 The paper's circuit on LLaMA-2-7B's q_proj shape (qudits 16·8·8·4, all_pairs, 4096 → 4096),
-float32, ``torch.set_num_threads(2)``. Each row is one training step of that layer's work —
-forward, then backward with a fixed random output gradient (grads to the input and to every
-trainable tensor). Variants run interleaved (each round runs every variant once, order
-rotated); the table gives medians, the ratio to the reference, and the cost model's
-prediction beside the measurement.
+float32, ``torch.set_num_threads(2)``, in the environment it is started in (nothing such as
+``OMP_WAIT_POLICY`` is set here; the header prints it). Each row is one training step of that
+layer's work — forward, then backward with a fixed random output gradient (grads to the
+input and to every trainable tensor). Variants run interleaved (each round runs every variant
+once, order rotated); the table gives medians, the ratio to the reference, and the cost
+model's prediction beside the measurement.
 
 * ``reference``: one opt_einsum expression over the whole network including ``x``, its path
   fixed once at 100 tokens (torch backend, torch autograd).
-* ``sched naive``: per gate, permute its qudits to the end and one GEMM (no layout search,
-  no fusion); ``sched layout``: layout search, no fusion; ``sched full``: layout + fusion +
-  commuting reorders (what the compiler uses); ``module``: ``compile(c).module()`` end to end.
-  Schedules run a permute followed by a suffix GEMM as one fused C kernel (``compiler/fused.py``)
-  and other permutes as the C permute kernel (``compiler/kernels.py``); ``sched full, permutes
-  apart`` is the same planner and executor without the fused kernel (``QCIRCUIT_FUSE=0``),
-  ``sched full, ATen copies`` without any C kernel (``QCIRCUIT_COMPILE=0``).
+* ``route einsum`` / ``route schedule``: one route each (``routes.forced``), whatever the
+  choice; ``module [route, how]``: ``compile(c).module()`` end to end, with the route its
+  planner chose for the bucket (measured on this machine, or from wisdom).
+  ``sched, permutes apart`` is the schedule without the fused permute + gate kernel
+  (``QCIRCUIT_FUSE=0``), ``sched, ATen copies`` without any C kernel (``QCIRCUIT_COMPILE=0``).
 * context: the frozen base layer (``nn.Linear`` 4096×4096, weight frozen, grad to input) and
   PEFT LoRA r=8 on that same layer (base included).
 
-Dense delta: ``dense_matrix`` (schedule), the light-cone route (``lightcone.py``) and the
-``m.matrix()`` seam vs one opt_einsum expression over the gates (forward only, no grad).
+Dense delta: the one expression over the gates, each dense route, and ``m.matrix()`` with the
+route chosen for it (forward only, no grad).
 
 Peak memory of one training step: each variant runs in a fresh subprocess (after one throwaway
 step that builds the plan and the workspace, freed and trimmed); the peak resident
 set (``VmHWM``) is reset through ``/proc/self/clear_refs`` after setup, one step runs, and the
-growth of ``VmHWM`` over the resident size before the step is reported (CPU torch allocates
-straight from malloc, so this counts every tensor the step holds at its peak).
+growth of ``VmHWM`` over the resident size before the step is reported.
 
-Usage: ``python benchmarks/adapter_speed.py [--quick] [--output FILE]``.
+Usage: ``python benchmarks/adapter_speed.py [--quick] [--output FILE]``; the table is written
+to ``benchmarks/adapter_speed.txt`` unless ``--output`` names another file.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import os
 import platform
@@ -44,31 +44,24 @@ import sys
 import tempfile
 import time
 
-# Idle OpenMP workers sleep at once instead of spinning and yielding: on a shared 2-core
-# machine the default turns every parallel region into a scheduler-tick wait (measured:
-# 500 ms instead of 8 ms for the 16-token step). Applies to every variant alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import opt_einsum as oe  # noqa: E402
 import torch  # noqa: E402
 
 from qcircuit import Circuit  # noqa: E402
 from qcircuit.compiler import costmodel as cm  # noqa: E402
 from qcircuit.compiler.schedule import build_schedule  # noqa: E402
-from qcircuit.compiler.dense import dense_matrix  # noqa: E402
 from qcircuit.compiler.schedule_exec import Workspace, run_schedule  # noqa: E402
-from qcircuit.compiler.lightcone import plan_lightcone, run_lightcone  # noqa: E402
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
+from qcircuit.compiler import routes, token_bucket  # noqa: E402
 
 THREADS = 2
 # rounds per token count: a 16-token step takes milliseconds, so its median is taken over
 # many more rounds (host noise moves single rounds by ±20 %); a 2048-token round takes ~4 s
 ROUNDS = {16: 201, 512: 61, 2048: 9}
 CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()
-SCHEDULES = {"sched naive": dict(layout=False, fuse=False), "sched layout": dict(fuse=False),
-             "sched full": dict()}
-APART_ROW = "sched full, permutes apart"  # without the fused permute + gate kernel
-ATEN_ROW = "sched full, ATen copies"  # the same planner without any C kernel
+APART_ROW = "sched, permutes apart"  # without the fused permute + gate kernel
+ATEN_ROW = "sched, ATen copies"  # the same planner without any C kernel
+OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapter_speed.txt")
 
 
 def machine() -> str:
@@ -100,8 +93,8 @@ def make_gates(c: Circuit, grad: bool = True) -> list[torch.Tensor]:
             for g in compile_circuit(c).module(seed=0).gates]
 
 
-def variants(tokens: int) -> dict:
-    """name -> (step function, predicted seconds or None)."""
+def variants(tokens: int, extra: bool = True) -> dict:
+    """name -> (step function, predicted seconds or None); ``extra``: the kernel-less rows."""
     c = CIRCUIT
     gates = make_gates(c)
     x = torch.randn(tokens, c.in_features, requires_grad=True)
@@ -120,14 +113,16 @@ def variants(tokens: int) -> dict:
         clear(x, *gates)
 
     out = {"reference": (reference, cm.einsum_reference(tokens, c.in_dims, c.gates))}
-    for name, opts in SCHEDULES.items():
-        sched, ws = build_schedule(c, tokens, **opts), Workspace()
+    plan = compile_circuit(c)
+    for route in ("einsum", "schedule"):
+        rp = routes.forced(plan, "forward", route, token_bucket(tokens), "cpu", torch.float32)
+        runner = routes.build(plan, rp)
 
-        def run(sched=sched, ws=ws):
-            run_schedule(sched, x, gates, ws).backward(gy)
+        def run(runner=runner):
+            runner(x, gates).backward(gy)
             clear(x, *gates)
-        out[name] = (run, sched.cost)
-    for row, switch in ((APART_ROW, "QCIRCUIT_FUSE"), (ATEN_ROW, "QCIRCUIT_COMPILE")):
+        out[f"route {route}"] = (run, rp.candidates[0].predicted)
+    for row, switch in ((APART_ROW, "QCIRCUIT_FUSE"), (ATEN_ROW, "QCIRCUIT_COMPILE"))[:2 if extra else 0]:
         with switched_off(switch):
             sched, ws = build_schedule(c, tokens), Workspace()
 
@@ -136,13 +131,14 @@ def variants(tokens: int) -> dict:
                 run_schedule(sched, x, gates, ws).backward(gy)
             clear(x, *gates)
         out[row] = (run, sched.cost)
-    module = compile_circuit(c).module()
+    module = plan.module()
     module_params = list(module.parameters())
+    chosen = plan.warm_up(tokens).route(tokens)  # chosen (measured) before any timing
 
     def run_module():
         module(x).backward(gy)
         clear(x, *module_params)
-    out["module"] = (run_module, None)
+    out[f"module [{chosen.route}, {chosen.how}]"] = (run_module, None)
     base = torch.nn.Linear(c.in_features, c.out_features).requires_grad_(False)
 
     def run_base():
@@ -173,8 +169,14 @@ def variants(tokens: int) -> dict:
 def switched_off(variable: str):
     """Plan and run with one of the C kernels switched off (``QCIRCUIT_FUSE``: the fused
     permute + gate kernel; ``QCIRCUIT_COMPILE``: every C kernel)."""
+    from qcircuit.compiler import fused, kernels
+
+    def reread():  # the switches are read once per process: read them again
+        kernels.enabled.cache_clear()
+        fused.available.cache_clear()
     old = os.environ.get(variable)
     os.environ[variable] = "0"
+    reread()
     try:
         yield
     finally:
@@ -182,6 +184,7 @@ def switched_off(variable: str):
             del os.environ[variable]
         else:
             os.environ[variable] = old
+        reread()
 
 
 def interleaved(funcs: dict, rounds: int) -> dict[str, float]:
@@ -197,30 +200,31 @@ def interleaved(funcs: dict, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def dense_variants() -> dict:
+def dense_variants() -> tuple[dict, dict]:
     c = CIRCUIT
     gates = make_gates(c, grad=False)
-    eq = compile_circuit(c).dense_network.equation
+    plan = compile_circuit(c)
+    eq = plan.dense_network.equation
     expr = oe.contract_expression(eq, *[g.shape for g in c.gates], optimize="optimal")
-    sched, ws = build_schedule(c, c.in_features, dense=True), Workspace()
-    lc_plan, lc_ws = plan_lightcone(c), Workspace()
-    seam = compile_circuit(c).dense_executor()  # what ``m.matrix()`` (merge) runs
     exact = expr(*[g.double() for g in gates], backend="torch").reshape(c.out_features, -1)
+    module = plan.module(seed=0).requires_grad_(False)
+    chosen = plan.warm_up(device="cpu", dtype=torch.float32)
+    chosen = routes.dense_plan(plan, "cpu", torch.float32)
+    out = {"reference (one expression)": (lambda: expr(*gates, backend="torch"), None)}
+    for route in ("einsum", "schedule", "lightcone"):
+        rp = routes.forced(plan, "dense", route, None, "cpu", torch.float32)
+        out[f"route {route}"] = (functools.partial(routes.build(plan, rp), gates),
+                                 rp.candidates[0].predicted)
+    out[f"m.matrix() [{chosen.route}, {chosen.how}]"] = (module.matrix, None)
     with torch.no_grad():
-        err = {name: ((t.double() - exact).abs().max() / exact.abs().max()).item() for name, t in (
-            ("reference", expr(*gates, backend="torch").reshape(c.out_features, -1)),
-            ("dense_matrix", dense_matrix(sched, gates, ws)),
-            ("light cone", run_lightcone(lc_plan, gates, lc_ws)),
-            ("m.matrix()", seam(gates)))}
-        return {"reference (one expression)": (lambda: expr(*gates, backend="torch"), None),
-                "dense_matrix (schedule)": (lambda: dense_matrix(sched, gates, ws), sched.cost),
-                "light cone (m.matrix)": (lambda: run_lightcone(lc_plan, gates, lc_ws), lc_plan.cost),
-                "m.matrix() seam": (lambda: seam(gates), lc_plan.cost)}, err
+        err = {name: (torch.linalg.norm(f().reshape(exact.shape).double() - exact)
+                      / torch.linalg.norm(exact)).item() for name, (f, _) in out.items()}
+    return out, err
 
 
 def memory_child(name: str, tokens: int) -> None:
     torch.set_num_threads(THREADS)
-    warm = variants(tokens)  # load the kernel, plan and warm every cache first: their memory
+    warm = variants(tokens, extra=False)  # load the kernel, plan and warm every cache first: their memory
     warm[name][0]()          # is not the step's; then free it all and measure a fresh setup
     del warm
     gc.collect()
@@ -228,7 +232,7 @@ def memory_child(name: str, tokens: int) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS starts low
     except OSError:
         pass
-    funcs = variants(tokens)
+    funcs = variants(tokens, extra=False)
     step = funcs[name][0]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -254,7 +258,8 @@ def peak_memory(name: str, tokens: int) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, memory at 512 tokens only")
-    ap.add_argument("--output", help="also write the report to this file (atomically)")
+    ap.add_argument("--output", default=OUTPUT, help="write the table to this file (atomically; "
+                    "default benchmarks/adapter_speed.txt)")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -274,7 +279,7 @@ def main() -> None:
     emit(f"{'tokens':>6}  {'variant':26s} {'time ms':>9} {'vs ref':>7} {'vs base':>8} {'predicted ms':>13}")
     for tokens in (16, 512, 2048):
         rounds = ROUNDS[tokens] // (3 if args.quick else 1)
-        funcs = variants(tokens)
+        funcs = variants(tokens, extra=not args.quick)
         med = interleaved({k: f for k, (f, _) in funcs.items()}, rounds)
         ref, base = med["reference"], med["base layer (frozen)"]
         for name, (_, pred) in funcs.items():
@@ -285,7 +290,7 @@ def main() -> None:
     funcs, err = dense_variants()
     med = interleaved({k: f for k, (f, _) in funcs.items()}, 5 if args.quick else 31)
     ref = med["reference (one expression)"]
-    emit("dense delta (4096×4096), forward only; max relative error vs float64: "
+    emit("dense delta (4096×4096), forward only; normwise relative error vs float64: "
          + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
     for name, (_, pred) in funcs.items():
         p = f"{pred * 1e3:13.1f}" if pred is not None else f"{'-':>13}"
@@ -293,7 +298,7 @@ def main() -> None:
     emit()
     emit("peak memory of one training step (VmHWM growth, fresh process per variant)")
     for tokens in ((512,) if args.quick else (512, 2048)):
-        for name in ("reference", "sched full", "base + LoRA r=8 (peft)"):
+        for name in ("reference", "route schedule", "base + LoRA r=8 (peft)"):
             mem = peak_memory(name, tokens)
             emit(f"{tokens:>6}  {name:26s} " + (f"{mem / 2**20:9.1f} MiB" if mem is not None else "failed"))
     ticks1 = cpu_ticks()
@@ -301,6 +306,11 @@ def main() -> None:
         steal = (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
         emit(f"# CPU steal (time the hypervisor gave these cores to other guests): "
              f"{100 * steal:.0f} % during the run")
+    with torch.no_grad():
+        for tokens in (16, 512, 2048):
+            emit(f"# route choice at {tokens} tokens:")
+            for row in compile_circuit(CIRCUIT).explain(tokens).splitlines():
+                emit("#   " + row)
     if args.output:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.output)) or ".")
         with os.fdopen(fd, "w") as f:

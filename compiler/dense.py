@@ -1,11 +1,11 @@
 """The dense operator ``T`` from a dense schedule (``build_schedule(dense=True)``): the circuit
-applied to the identity, its first step written out directly; differentiable. ``m.matrix()``
-runs the light cone (``lightcone.py``) or opt_einsum; this schedule's predicted cost is the
-bar the light cone must beat, and the benchmark measures both routes."""
+applied to the identity, its first step written out directly; differentiable. One of the
+dense routes :mod:`routes` measures against the light cone (``lightcone.py``) and the one
+expression."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -76,10 +76,3 @@ def dense_matrix(circuit: Circuit | Schedule, gates: Sequence[Tensor],
     if y.grad_fn is None:  # no autograd node holds ``e``: its buffer goes back to the pool
         ws.give(e)
     return y.view(shape).t() if flip else y.view(shape)
-
-
-def make_dense_executor(circuit: Circuit) -> Callable[[Sequence[Tensor]], Tensor]:
-    """``f(gates) -> T`` (out_features, in_features)."""
-    sched = cached_schedule(circuit, circuit.in_features, True)
-    ws = Workspace()
-    return lambda gates: dense_matrix(sched, gates, ws)

@@ -58,8 +58,10 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
 def available() -> bool:
-    """Whether the fused kernel may run here: switched on, built, with torch's BLAS."""
+    """Whether the fused kernel may run here: switched on, built, with torch's BLAS (the
+    switches are read once per process; ``available.cache_clear()`` reads them again)."""
     return (os.environ.get("QCIRCUIT_FUSE", "1") != "0" and kernels.enabled()
             and _library() is not None)
 

@@ -8,14 +8,15 @@ measured at 1.2–1.7× a plain copy for the paper circuit's permutes at 512–2
 2.4–6.8×; the TorchInductor kernels this module used before: 1.5–2.7×).
 
 The kernel is built once per machine, at first use, with the system C compiler (``CC``,
-else ``cc``), with OpenMP when the compiler has it, and cached under ``QCIRCUIT_CACHE``
-(default ``~/.cache/qcircuit``); building it takes about two seconds. Where it cannot be built
+else ``cc``), with OpenMP when the compiler has it, and cached under ``QCIRCUIT_CACHE_DIR``
+(default ``~/.cache/qcircuit``; processes starting at once wait for one build under a lock); building it takes about two seconds. Where it cannot be built
 the copies stay on ATen, with one warning; the result is the same bits either way.
 ``QCIRCUIT_COMPILE=0`` in the environment switches the kernel off. The ATen copy moves a
 kept innermost run of 8 or 16 bytes as one int64/complex128 element (2.5–5× faster).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -83,13 +84,15 @@ def _aten_copy(dst: Tensor, src: Tensor, perm: tuple[int, ...]) -> None:
 
 
 # ----------------------------------------------------------------------------- C kernel
+@functools.cache
 def enabled() -> bool:
-    """Whether the C kernel may be used (``QCIRCUIT_COMPILE`` is not ``0``)."""
+    """Whether the C kernel may be used (``QCIRCUIT_COMPILE`` is not ``0``); read once per
+    process (``enabled.cache_clear()`` reads it again)."""
     return os.environ.get("QCIRCUIT_COMPILE", "1") != "0"
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("QCIRCUIT_CACHE") or os.path.join(
+    root = os.environ.get("QCIRCUIT_CACHE_DIR") or os.environ.get("QCIRCUIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcircuit")
     try:
         os.makedirs(root, exist_ok=True)
@@ -112,8 +115,8 @@ def _cpu_id() -> str:
 
 def _build(compiler: str) -> Path:
     """The kernel's shared library: the best build already in the cache, else compiled there
-    with the first flags that work (to a temporary name, then renamed: concurrent builds
-    are safe)."""
+    with the first flags that work, by one process at a time (to a temporary name, then
+    renamed)."""
     source, directory = b"\0".join(p.read_bytes() for p in SOURCES), _cache_dir()
     targets = []
     for flags in FLAGS:
@@ -123,6 +126,31 @@ def _build(compiler: str) -> Path:
     cached = [target for _, target in targets if target.exists()]
     if cached:
         return cached[0]
+    with _build_lock(directory):
+        cached = [target for _, target in targets if target.exists()]  # built meanwhile
+        if cached:
+            return cached[0]
+        return _compile(compiler, targets, directory)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """An exclusive ``fcntl`` lock on ``build.lock`` in the cache (none where it cannot be
+    made): one process builds, the others wait and then load its library."""
+    try:
+        import fcntl
+        fd = os.open(directory / "build.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _compile(compiler: str, targets, directory: Path) -> Path:
     errors = []
     for flags, target in targets:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)

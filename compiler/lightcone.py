@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -286,20 +286,3 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
             x = out
     t = x.view(c.out_features, n_cols)  # the last write leaves the pool for good: never given back
     return t.t() if plan.transposed else t
-
-
-def make_lightcone_executor(circuit: Circuit, fallback: Callable[[Sequence[Tensor]], Tensor],
-                            reference_cost: float) -> Callable[[Sequence[Tensor]], Tensor]:
-    """``f(gates) -> T``: the light-cone route when it exists and the cost model predicts it
-    beats ``reference_cost``; ``fallback`` otherwise and whenever autograd is recording."""
-    plan = plan_lightcone(circuit)
-    if plan is None or plan.cost >= reference_cost:
-        return fallback
-    ws = Workspace()
-
-    def run(gates: Sequence[Tensor]) -> Tensor:
-        if (torch.is_grad_enabled() and any(g.requires_grad for g in gates)) \
-                or torch.compiler.is_compiling():
-            return fallback(gates)
-        return run_lightcone(plan, gates, ws)
-    return run

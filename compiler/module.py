@@ -2,8 +2,11 @@
 
 Gate tensors live in ``m.gates`` (an ``nn.ParameterList``, circuit order, each shaped
 ``out_dims + in_dims``), so ``state_dict`` keys are ``gates.0``, ``gates.1``, …. The
-contraction itself is the plan's business: ``forward`` calls ``plan.executor(n)`` and
-``matrix`` calls ``plan.dense_executor()``.
+contraction is :mod:`routes`' business: ``forward`` runs the route chosen for the token
+count's bucket (chosen at the bucket's first forward, or ahead with ``plan.warm_up``), and
+``matrix`` the dense route. Traced code (``torch.compile``) and gates that are not plain
+tensors (``DTensor``) run the one-expression path planned once at construction, so a
+forward under tracing plans nothing.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from torch import nn
 
 from qcircuit.errors import QCError
 from qcircuit.ir import Gate
+
+from . import routes
+from .planning import run_steps
 
 if TYPE_CHECKING:
     from .planning import Plan
@@ -68,6 +74,7 @@ class CircuitModule(nn.Module):
         # tracks dtype and device through .to() when there is no gate; not saved
         self.register_buffer("_anchor", torch.empty(0, dtype=dtype, device=device),
                              persistent=False)
+        self.trace_path = routes.trace_path(plan)  # plain data: what traced forwards run
 
     @property
     def in_features(self) -> int:
@@ -98,7 +105,12 @@ class CircuitModule(nn.Module):
         n = x2d.shape[0]
         if n == 0:
             return x2d.new_zeros(*lead, self.out_features)
-        y = self.plan.executor(n)(x2d, gates)
+        if torch.compiler.is_compiling() or not routes.plain(x2d, *gates):
+            gates = routes.gathered(gates)
+            y = run_steps(self.trace_path.steps, [x2d.reshape(n, *self.plan.in_dims), *gates])
+        else:
+            run = routes.forward_executor(self.plan, n, x2d.device.type, x2d.dtype)
+            y = run(x2d, gates)
         return y.reshape(*lead, self.out_features)
 
     def matrix(self) -> torch.Tensor:

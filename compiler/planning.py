@@ -7,18 +7,17 @@ Two networks come from one graph:
 * the **dense** network ``G_0, …, G_{K-1} [, I, …] -> T``: gates only, ``T`` indexed
   ``(out wires…, in wires…)``; a qudit no gate touches contributes an identity operand.
 
-The forward path depends on the token count: it is planned once per token bucket
-(the next power of two) and cached with its executor, so training does no planning
-after warm-up. Execution goes through two seams, :meth:`Plan.executor` and
-:meth:`Plan.dense_executor`; their default route runs the opt_einsum path step by step
-with ``torch.einsum`` (opt_einsum's own dispatch cannot be traced by ``torch.compile``).
-Under ``torch.compile`` a cache miss (planning) is a graph break; a warm cache traces
-into one graph.
+The forward path depends on the token count: it is planned per token bucket (the next
+power of two). Which *route* runs a bucket — this path step by step with ``torch.einsum``
+(traceable by ``torch.compile``, unlike opt_einsum's own dispatch), a GEMM schedule, the
+light cone for the dense matrix — is :mod:`routes`' decision; ``Plan`` is plain data with
+front doors to it.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from .graph import gate_nodes, gate_wires, input_wires, lower, num_wires, output
 #: largest operand counts for which the exhaustive and the dynamic-programming optimizers run
 OPTIMAL_MAX_OPERANDS = 7
 DP_MAX_OPERANDS = 12
+EINSUM_LETTERS = 52     # torch.einsum's index alphabet: a-z, A-Z
 
 Executor = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 DenseExecutor = Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -174,6 +174,10 @@ def plan_path(network: Network, tokens: int | None = None) -> PathPlan:
     flops = analysis.path_flops(network.inputs, network.output, path, network.sized(tokens))
     steps = tuple((tuple(inds), convert_to_valid_einsum_chars(eq))
                   for inds, _, eq, *_ in info.contraction_list)
+    widest = max((len(set(eq) - set(",->")) for _, eq in steps), default=0)
+    if widest > EINSUM_LETTERS:
+        raise QCError(f"a contraction step of this circuit has {widest} indices; torch.einsum "
+                      f"takes at most {EINSUM_LETTERS} (fewer qudits, or merge small ones)")
     return PathPlan(tokens, tokens, optimizer, path, flops, network.equation, str(info), steps)
 
 
@@ -215,11 +219,26 @@ def einsum_dense_executor(network: Network, path: PathPlan, out_features: int,
     return run
 
 
+#: caps, checked before any work that grows with them (with the cap in the error)
+MAX_GATES = 1024
+MAX_QUDITS = 48
+MAX_MODULE_PARAMS = 1 << 26
+MAX_DENSE_NUMEL = 1 << 31
+
+
+def signature(circuit: Circuit) -> str:
+    """A short stable name of the circuit's structure (dims and gates): the key that plan
+    caches and the wisdom file use."""
+    text = repr((circuit.in_dims, tuple((g.qudits, g.in_dims, g.out_dims) for g in circuit.gates)))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """A compiled circuit: graph, analyses, and cached contraction plans.
+    """A compiled circuit: graph, analyses and its two einsum networks; plain data.
 
-    Immutable but for ``_cache`` (paths and executors per token bucket)."""
+    The route each token bucket runs (and the executors built from it) is chosen and cached
+    by :mod:`routes`; the methods below are front doors to it."""
 
     circuit: Circuit
     graph: nx.MultiDiGraph = field(repr=False)
@@ -228,7 +247,7 @@ class Plan:
     universal: bool
     forward_network: Network = field(repr=False)
     dense_network: Network = field(repr=False)
-    _cache: dict = field(default_factory=dict, repr=False)
+    signature: str = ""
 
     in_dims = property(lambda self: self.circuit.in_dims)
     out_dims = property(lambda self: self.circuit.out_dims)
@@ -237,80 +256,68 @@ class Plan:
     num_gates = property(lambda self: len(self.circuit.gates))
 
     def __deepcopy__(self, memo: dict) -> "Plan":
-        return self  # immutable; sharing the caches is the point
-
-    def _cached(self, key: tuple, make: Callable[[], Any]) -> Any:
-        try:
-            return self._cache[key]
-        except KeyError:
-            value = self._cache[key] = make()
-            return value
-
-    def _bucket_path(self, bucket: int) -> PathPlan:
-        return self._cached(("path", bucket), lambda: plan_path(self.forward_network, bucket))
+        return self  # immutable
 
     def path(self, tokens: int) -> PathPlan:
-        """The forward path used for ``tokens`` (planned for its bucket), costed at ``tokens``."""
-        planned = self._bucket_path(token_bucket(tokens))
+        """The one-expression forward path for ``tokens`` (planned for its bucket), costed
+        at ``tokens``."""
+        bucket = token_bucket(tokens)
+        planned = plan_path(self.forward_network, bucket)
         tokens = int(tokens)
         net = self.forward_network
         flops = analysis.path_flops(net.inputs, net.output, planned.path, net.sized(tokens))
         return dataclasses.replace(planned, tokens=tokens, flops=flops)
 
     def flops(self, tokens: int) -> int:
-        """Multiply-adds × 2 of the forward path chosen for ``tokens``."""
+        """Multiply-adds × 2 of the one-expression forward path for ``tokens``."""
         return self.path(tokens).flops
 
     def dense_path(self) -> PathPlan:
         """The gates-only path of the dense matrix."""
-        return self._cached(("dense_path",), lambda: plan_path(self.dense_network))
+        return plan_path(self.dense_network)
 
-    def executor(self, tokens: int) -> Executor:
-        """``run(x (tokens, in_features), gates) -> (tokens, out_features)``, cached per bucket."""
-        bucket = token_bucket(tokens)
-        run = self._cache.get(("executor", bucket))
-        return run if run is not None else self._build_executor(bucket)
+    def route(self, tokens: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32):
+        """The :class:`routes.RoutePlan` that runs ``tokens`` rows on ``device`` in ``dtype``."""
+        from . import routes
+        return routes.forward_plan(self, token_bucket(tokens), torch.device(device).type, dtype)
 
-    @torch.compiler.disable
-    def _build_executor(self, bucket: int) -> Executor:
-        # the forward seam: the one place that decides how a bucket is executed
-        from .schedule_exec import choose_executor  # the cost-model schedule, when it predicts a win
-        return self._cached(("executor", bucket), lambda: choose_executor(
-            self.circuit, bucket, einsum_executor(self._bucket_path(bucket), self.in_dims,
-                                                  self.out_features)))
+    def explain(self, tokens: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> str:
+        """Text: the candidate routes for ``tokens``, predicted and measured times, the winner."""
+        return self.route(tokens, device, dtype).explain()
 
-    def warm_up(self, *tokens: int) -> "Plan":
-        """Plan and build the executors for these token counts and the dense matrix now
-        (e.g. before ``torch.compile(..., fullgraph=True)``); returns ``self``."""
+    def executor(self, tokens: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Executor:
+        """``run(x (tokens, in_features), gates) -> (tokens, out_features)`` for this bucket."""
+        from . import routes
+        return routes.forward_executor(self, int(tokens), torch.device(device).type, dtype)
+
+    def warm_up(self, *tokens: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> "Plan":
+        """Choose (and measure, see :mod:`routes`) the routes of these token counts and of
+        the dense matrix (in ``dtype`` and in float64, which merging uses) now, so that no
+        forward plans; returns ``self``."""
         for n in tokens:
-            self.executor(n)
-        self.dense_executor()
+            self.executor(n, device, dtype)
+        from . import routes
+        for d in dict.fromkeys((dtype, torch.float64)):
+            routes.dense_plan(self, torch.device(device).type, d)
         return self
 
     def dense_executor(self) -> DenseExecutor:
-        """``run(gates) -> T (out_features, in_features)``, cached."""
-        run = self._cache.get(("dense_executor",))
-        return run if run is not None else self._build_dense_executor()
-
-    @torch.compiler.disable
-    def _build_dense_executor(self) -> DenseExecutor:
-        # the dense seam: the one place that decides how T is multiplied out. The light-cone
-        # route (forward only) when the cost model predicts it beats the dense schedule's
-        # estimate; opt_einsum otherwise and whenever autograd records (see lightcone.py)
-        from .lightcone import make_lightcone_executor
-        from .schedule import cached_schedule
-
-        def build() -> DenseExecutor:
-            fallback = einsum_dense_executor(self.dense_network, self.dense_path(),
-                                             self.out_features, self.in_features)
-            ref = cached_schedule(self.circuit, self.in_features, True).cost
-            return make_lightcone_executor(self.circuit, fallback, ref)
-        return self._cached(("dense_executor",), build)
+        """``run(gates) -> T (out_features, in_features)``; the route follows the gates'
+        device and dtype (and whether autograd records)."""
+        from . import routes
+        return functools.partial(routes.dense, self)
 
     def module(self, init: str = "kaiming", seed: int | None = None,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> torch.nn.Module:
         """A fresh ``CircuitModule`` computing this circuit (see ``module.py``)."""
+        if self.num_params > MAX_MODULE_PARAMS:
+            raise QCError(f"the circuit has {self.num_params:,} parameters; a module holds at "
+                          f"most {MAX_MODULE_PARAMS:,} (MAX_MODULE_PARAMS)")
         from .module import CircuitModule
         return CircuitModule(self, init=init, seed=seed, generator=generator,
                              dtype=dtype, device=device)
@@ -323,7 +330,13 @@ def compile(circuit: Circuit) -> Plan:  # noqa: A001 - the public name DESIGN.md
     circuit.check_complete()
     if circuit.num_qudits == 0:
         raise QCError("cannot compile a circuit without qudits")
+    if circuit.num_qudits > MAX_QUDITS:
+        raise QCError(f"the circuit has {circuit.num_qudits} qudits; at most {MAX_QUDITS} "
+                      "(MAX_QUDITS: every qudit is an einsum index, and torch.einsum has 52)")
+    if len(circuit.gates) > MAX_GATES:
+        raise QCError(f"the circuit has {len(circuit.gates)} gates; at most {MAX_GATES} (MAX_GATES)")
     graph = lower(circuit)
     return Plan(circuit=circuit, graph=graph, num_params=analysis.num_params(graph),
                 rank_bound=analysis.rank_bound(graph), universal=analysis.universal(graph),
-                forward_network=forward_network(graph), dense_network=dense_network(graph))
+                forward_network=forward_network(graph), dense_network=dense_network(graph),
+                signature=signature(circuit))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,6 +37,11 @@ from . import costmodel as cm
 from . import fused, kernels
 
 TOKEN = -1
+
+
+class OutOfTime(Exception):
+    """A search passed its deadline (the caller drops the route, see ``routes.py``)."""
+
 FORMS = ("suffix", "prefix", "rot_front", "rot_back", "batched")
 Layout = tuple[int, ...]
 
@@ -169,7 +175,8 @@ def _forms(layout: Layout, block, sizes) -> list[tuple[str, Layout]]:
 
 def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, backward,
           max_block, max_group, beam, transposed=False, forms=FORMS,
-          max_gate_steps: int | None = None, gather: bool = False) -> tuple[float, list[Step]]:
+          max_gate_steps: int | None = None, gather: bool = False,
+          deadline: float | None = None) -> tuple[float, list[Step]]:
     gates = circuit.gates
     kernel = kernels.enabled()
     n_q = len(circuit.in_dims)
@@ -186,6 +193,8 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
     for lay in starts:
         frontier[0][(lay, 0)] = (0.0, None, ())
     for i in range(len(order)):
+        if deadline is not None and time.monotonic() > deadline:
+            raise OutOfTime(f"schedule search stopped at gate {i} of {len(order)}")
         states, kept = [], {}
         for key, v in sorted(frontier[i].items(), key=lambda kv: kv[1][0]):
             if kept.setdefault(key[1], 0) < beam:  # a beam per gate-step count
@@ -206,6 +215,8 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                     cur = cur // gates[g].in_size * gates[g].out_size
                 build = cm.small_matmuls(sizes) * (1.0 if backward else 1.0 / 3.0)
             for (lay, used), (cost0, _, _) in states:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise OutOfTime(f"schedule search stopped at gate {i} of {len(order)}")
                 for pre in _candidates(lay, block, free_layout):
                     pre_sizes = _size(pre, dims_at[i], tokens)
                     numel = math.prod(pre_sizes)
@@ -234,16 +245,10 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                         old = frontier[j].get(key)
                         if old is not None and total >= old[0]:
                             continue
-                        inner = tuple(q for q in pre if q in block)
-                        step = Step(kind, pre, out_lay, _tok(pre, dims_at[i]),
-                                    _tok(out_lay, dims_at[j]), c, tuple(group), inner,
-                                    tuple(dims_at[i][q] for q in inner),
-                                    tuple(dims_at[j][q] for q in inner), a)
-                        steps0: tuple[Step, ...] = ()
-                        if perm_cost:
-                            steps0 = (Step("permute", lay, pre, _tok(lay, dims_at[i]),
-                                           _tok(pre, dims_at[i]), pc),)
-                        frontier[j][key] = (total, (i, (lay, used)), steps0 + (step,))
+                        # the steps themselves are made only for the winner (see below)
+                        added = (kind, lay, pre, out_lay, c, pc if perm_cost else 0.0,
+                                 group, block, a)
+                        frontier[j][key] = (total, (i, (lay, used)), added)
     n = len(order)
     best, best_lay, best_tail = math.inf, None, ()
     out_numel = tokens * circuit.out_features
@@ -268,7 +273,14 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
     steps: list[Step] = list(best_tail)
     i, lay = n, best_lay
     while frontier[i][lay][1] is not None:
-        _, (i0, lay0), added = frontier[i][lay]
+        _, (i0, lay0), (kind, lay_in, pre, out_lay, c, pc, group, block, a) = frontier[i][lay]
+        inner = tuple(q for q in pre if q in block)
+        added = [Step(kind, pre, out_lay, _tok(pre, dims_at[i0]), _tok(out_lay, dims_at[i]), c,
+                      tuple(group), inner, tuple(dims_at[i0][q] for q in inner),
+                      tuple(dims_at[i][q] for q in inner), a)]
+        if pc:
+            added.insert(0, Step("permute", lay_in, pre, _tok(lay_in, dims_at[i0]),
+                                 _tok(pre, dims_at[i0]), pc))
         steps[:0] = added
         i, lay = i0, lay0
     fresh = cm.fresh(out_numel, isz) + (cm.fresh(tokens * circuit.in_features, isz) if backward else 0)
@@ -315,12 +327,14 @@ def gate_step_budget(circuit: Circuit, tokens: int) -> int | None:
 def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: bool = True,
                    reorder: bool = True, dense: bool = False, backward: bool | None = None,
                    dtype: torch.dtype = torch.float32, max_block: int = 512, max_group: int = 4,
-                   beam: int = 48, forms: Sequence[str] = FORMS, memory: bool = True) -> Schedule:
+                   beam: int = 48, forms: Sequence[str] = FORMS, memory: bool = True,
+                   deadline: float | None = None) -> Schedule:
     """Plan ``circuit`` for ``tokens`` rows. ``layout=False`` keeps the naive plan (every
     gate's qudits permuted to the end, one suffix GEMM); ``fuse``/``reorder`` switch fusion
     and commuting reorders; ``forms`` restricts the GEMM forms (tests use it). ``dense`` plans
     the dense matrix (identity input, forward only). ``memory``: a training plan keeps within
-    :func:`gate_step_budget` when some plan can (the fastest such plan wins)."""
+    :func:`gate_step_budget` when some plan can (the fastest such plan wins). ``deadline``
+    (a ``time.monotonic()`` value): raise :class:`OutOfTime` once the search passes it."""
     if set(forms) - set(FORMS) or not forms:
         raise QCError(f"unknown GEMM forms {sorted(set(forms) - set(FORMS))}", expected=" or ".join(FORMS))
     if not isinstance(tokens, int) or tokens < 1:
@@ -338,7 +352,7 @@ def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: 
                                 free_layout=layout, dense=dense, backward=backward,
                                 max_block=max_block, max_group=max_group, beam=beam,
                                 transposed=transposed, forms=tuple(forms), max_gate_steps=budget,
-                                gather=gather)
+                                gather=gather, deadline=deadline)
             if best is None or cost < best[0]:
                 best = (cost, steps, circ, transposed)
     cost, steps, circ, transposed = best

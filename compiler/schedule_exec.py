@@ -11,12 +11,11 @@ import torch
 from torch import Tensor
 
 from qcircuit.errors import QCError
-from qcircuit.ir import Circuit
 
 from . import costmodel as cm
 from . import fused
 from .kernels import permute_into
-from .schedule import Schedule, Step, build_schedule, cached_schedule
+from .schedule import Schedule, Step
 from .threads import serial
 from .workspace import Release, Workspace
 
@@ -391,26 +390,3 @@ def run_schedule(schedule: Schedule, x2d: Tensor, gates: Sequence[Tensor],
     ws = workspace if workspace is not None else Workspace()
     y = run_bound(bind(schedule, tokens), x, step_matrices(schedule, gates), ws)
     return y.view(tokens, schedule.out_features)
-
-
-def make_executor(circuit: Circuit, tokens: int, **options) -> Callable[[Tensor, Sequence[Tensor]], Tensor]:
-    """``f(x2d, gates) -> y2d`` with a schedule planned for ``tokens`` and its own workspace."""
-    sched = build_schedule(circuit, tokens, **options) if options else cached_schedule(circuit, tokens)
-    ws = Workspace()
-    return lambda x2d, gates: run_schedule(sched, x2d, gates, ws)
-
-
-def choose_executor(circuit: Circuit, tokens: int, fallback: Callable) -> Callable:
-    """The schedule's executor when the cost model predicts it beats the opt_einsum route
-    (:func:`costmodel.einsum_reference`), else ``fallback``. Under ``torch.compile`` the
-    schedule (a Python loop over out= kernels) defers to ``fallback``, which traces."""
-    sched = cached_schedule(circuit, tokens)
-    if sched.cost >= cm.einsum_reference(tokens, circuit.in_dims, circuit.gates):
-        return fallback
-    ws = Workspace()
-
-    def run(x2d: Tensor, gates: Sequence[Tensor]) -> Tensor:
-        if torch.compiler.is_compiling():
-            return fallback(x2d, gates)
-        return run_schedule(sched, x2d, gates, ws)
-    return run

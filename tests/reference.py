@@ -64,3 +64,31 @@ def circuit_operator(circuit, tensors) -> "torch.Tensor":
     import torch
     gates = [(g.qudits, t.detach().double().cpu().numpy()) for g, t in zip(circuit.gates, tensors)]
     return torch.from_numpy(dense_operator(circuit.in_dims, gates))
+
+
+def rel_err(got, want) -> float:
+    """Normwise relative error ``‖got − want‖ / ‖want‖`` in float64 (numpy or torch inputs)."""
+    a = np.asarray(got.detach().cpu().double() if hasattr(got, "detach") else got, dtype=np.float64)
+    b = np.asarray(want.detach().cpu().double() if hasattr(want, "detach") else want, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def tolerance(dtype, terms: int = 64) -> float:
+    """A normwise bound for results of ``dtype`` that differ by summation order: a few units
+    of roundoff per term of the longest sum, growing like ``sqrt(terms)`` (random rounding),
+    with a factor 8 for the chained products of a circuit. Float64 results are held to the
+    looser of that and 1e-10 (the exactness bound of these tests)."""
+    import torch
+    eps = torch.finfo(dtype).eps
+    bound = 8 * eps * math.sqrt(max(terms, 1))
+    return max(bound, 1e-10) if dtype == torch.float64 else bound
+
+
+def assert_close(got, want, dtype=None, terms: int = 64) -> None:
+    """``rel_err(got, want) <= tolerance(dtype or got's dtype, terms)``."""
+    import torch
+    dtype = dtype if dtype is not None else getattr(got, "dtype", torch.float64)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float64
+    err, tol = rel_err(got, want), tolerance(dtype, terms)
+    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"

@@ -9,6 +9,8 @@ import torch
 from qcircuit import Circuit, QCError
 from qcircuit.compiler import CircuitModule, compile
 
+from reference import rel_err, tolerance
+
 SQUARE = Circuit(4, 8, 2).gate((1, 0)).gate((2, 1))
 NON_SQUARE = Circuit(4, 8).gate((0, 1), out=(4, 3))
 
@@ -45,7 +47,7 @@ def test_zeros_and_identity_inits():
     square = compile(SQUARE).module(init="identity", dtype=torch.float64)
     assert torch.equal(square.matrix(), torch.eye(64, dtype=torch.float64))
     x = torch.randn(3, 64, dtype=torch.float64)
-    assert torch.allclose(square(x), x, rtol=0, atol=1e-15)
+    assert rel_err(square(x), x) == 0.0  # products with exact zeros and ones: exact in any order
     with pytest.raises(QCError, match="square"):
         compile(NON_SQUARE).module(init="identity")
 
@@ -69,7 +71,7 @@ def test_state_dict_keys_and_round_trip():
     assert tuple(sd["gates.0"].shape) == (4, 3, 4, 8)
     b.load_state_dict(sd)
     x = torch.randn(2, 32)
-    assert torch.equal(a(x), b(x))
+    assert rel_err(a(x), b(x)) <= tolerance(torch.float32)
 
 
 def test_module_attributes_repr_and_device():

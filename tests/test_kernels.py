@@ -38,7 +38,7 @@ def counted(monkeypatch):
         calls.append(args)
         return kernel(*args) if kernel is not None else -1
     monkeypatch.setattr(kernels, "_library", lambda: spy)
-    monkeypatch.setenv("QCIRCUIT_COMPILE", "1")
+    monkeypatch.setattr(kernels, "enabled", lambda: True)
     return calls
 
 
@@ -83,7 +83,7 @@ def test_copies_the_kernel_does_not_take_stay_on_aten(counted, monkeypatch):
     src, dst = torch.randn(4, 3, 2, requires_grad=True), torch.empty(4, 2, 3)
     kernels.permute_into(dst, src, (0, 2, 1))  # under autograd: a recorded copy
     assert dst.requires_grad and not counted
-    monkeypatch.setenv("QCIRCUIT_COMPILE", "0")
+    monkeypatch.setattr(kernels, "enabled", lambda: False)
     with torch.no_grad():
         kernels.permute_into(dst, src, (0, 2, 1))
         kernels.permute_into(torch.empty(0, 2, 3), torch.empty(0, 3, 2), (0, 2, 1))
@@ -110,27 +110,29 @@ def test_schedule_with_the_kernel_matches_reference_with_gradients(counted, monk
     assert counted  # forward and backward permutes ran through the kernel
     want = x.detach() @ circuit_operator(c, gates).T
     assert (got[0] - want).abs().max() < 1e-12
-    monkeypatch.setenv("QCIRCUIT_COMPILE", "0")
+    monkeypatch.setattr(kernels, "enabled", lambda: False)
     for a, b in zip(got, step()):  # copies are exact: output and every gradient, bit for bit
         assert torch.equal(a, b)
-    monkeypatch.setenv("QCIRCUIT_COMPILE", "1")
+    monkeypatch.setattr(kernels, "enabled", lambda: True)
     assert torch.autograd.gradcheck(lambda x, *g: run_schedule(sched, x, g), (x, *gates))
 
 
 @pytest.mark.skipif(not HAVE_COMPILER, reason="building needs a C compiler")
 def test_build_falls_back_to_plainer_flags_and_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("QCIRCUIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("QCIRCUIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "FLAGS", (("-O3", "-fno-such-flag-at-all"), ("-O2",)))
     compiler = os.environ.get("CC") or "cc"
     built = kernels._build(compiler)
     stamp = built.stat().st_mtime_ns
-    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary left behind
+    # no temporary left behind (the lock file that serialises builds stays)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([built.name, "build.lock"])
     assert kernels._build(compiler) == built and built.stat().st_mtime_ns == stamp  # reused
     assert ctypes.CDLL(str(built)).qc_permute  # the plain build loads and exports the kernel
 
 
 def test_failed_build_falls_back_to_aten_with_one_warning(tmp_path, monkeypatch):
-    monkeypatch.setenv("QCIRCUIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("QCIRCUIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "enabled", lambda: True)  # about the build, not the switch
     monkeypatch.setenv("CC", shutil.which("false") or "false")  # a "compiler" that always fails
     kernels._library.cache_clear()
     kernels.shared_library.cache_clear()
@@ -141,7 +143,8 @@ def test_failed_build_falls_back_to_aten_with_one_warning(tmp_path, monkeypatch)
         assert torch.equal(dst, src.permute(0, 2, 1))
         with torch.no_grad():  # decided once: no second attempt, no second warning
             kernels.permute_into(dst, src + 1, (0, 2, 1))
-        assert torch.equal(dst, (src + 1).permute(0, 2, 1)) and not list(tmp_path.iterdir())
+        assert torch.equal(dst, (src + 1).permute(0, 2, 1))
+        assert not [p for p in tmp_path.iterdir() if p.name != "build.lock"]
     finally:
         kernels._library.cache_clear()
         kernels.shared_library.cache_clear()
@@ -151,7 +154,7 @@ def test_failed_build_falls_back_to_aten_with_one_warning(tmp_path, monkeypatch)
 def test_aten_copy_moves_kept_runs_as_wide_elements_bit_exactly(dtype, monkeypatch):
     """A permute whose innermost axis stays innermost (8 or 16 bytes) moves each run as one
     int64/complex128 element: every bit pattern, NaN payloads included, arrives unchanged."""
-    monkeypatch.setenv("QCIRCUIT_COMPILE", "0")
+    monkeypatch.setattr(kernels, "enabled", lambda: False)
     cases = [((3, 5, 2, 8, 4), (0, 3, 2, 1, 4)), ((6, 4, 1, 2), (1, 0, 2, 3)),
              ((2, 3, 5, 2), (2, 1, 0, 3)), ((4, 6, 3), (1, 0, 2)), ((5, 7), (1, 0))]
     isz = torch.empty((), dtype=dtype).element_size()
