@@ -8,8 +8,11 @@ attn.c_attn 64 -> 192, attn.c_proj 64 -> 64, mlp.c_fc 64 -> 256, mlp.c_proj 256 
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# route wisdom and the CPU kernel library go to a fresh folder, not the user's cache
+os.environ.setdefault("QCIRCUIT_CACHE_DIR", tempfile.mkdtemp(prefix="qc-tests-"))
 
 import pytest
 import torch
