@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -257,7 +258,7 @@ def check_not_shared(model: nn.Module, targets: tuple[Target, ...]) -> None:
 
 
 def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
-          generator: torch.Generator | None) -> Adapted:
+          generator: torch.Generator | None, warm_up: Sequence[int] = ()) -> Adapted:
     """Freeze the model and replace every target layer by an unfolded AdaptedLayer."""
     if not targets:
         raise QCError("the program applies no circuit to this model")
@@ -274,6 +275,10 @@ def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
         layers[t.module_name] = AdaptedLayer(
             model.get_submodule(t.module_name), t.circuit, init=init, scale=scale,
             dropout=dropout, generator=generator, plan=plans[t.circuit], name=t.module_name)
+    if warm_up:   # choose (and measure) each circuit's routes now, not in a forward
+        for layer in {id(layer.plan): layer for layer in layers.values()}.values():
+            gate = layer.adapter.gates[0]
+            layer.plan.warm_up(*warm_up, device=gate.device, dtype=gate.dtype)
     model.requires_grad_(False)
     for name, layer in layers.items():  # nothing is replaced until every layer was built
         parent, child = _split(name)
@@ -307,22 +312,24 @@ def _fold_all(adapted: Adapted) -> Adapted:
 
 
 def attach(model: nn.Module, program_or_path: Program | str | Path, *,
-           seed: int | None = None, fold: bool = True) -> Adapted:
+           seed: int | None = None, fold: bool = True, warm_up: Sequence[int] = ()) -> Adapted:
     """Wrap every layer the program matches, in place; only the adapter gates train.
 
     ``seed`` makes the gate initialisation reproducible (one generator, target order);
-    ``fold`` folds ``freeze_one`` layers now (see the module doc)."""
+    ``fold`` folds ``freeze_one`` layers now (see the module doc); ``warm_up`` names token
+    counts whose routes are chosen now (``Plan.warm_up``), so no forward plans."""
     program = _as_program(program_or_path)
     _check_fresh(model)
     targets = bind(model, program)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    adapted = _wrap(model, program, targets, generator)
+    adapted = _wrap(model, program, targets, generator, warm_up)
     return _fold_all(adapted) if fold else adapted
 
 
-def load(model: nn.Module, path: str | Path, *, fold: bool = True) -> Adapted:
+def load(model: nn.Module, path: str | Path, *, fold: bool = True,
+         warm_up: Sequence[int] = ()) -> Adapted:
     """Restore a saved adapter onto a fresh base model (the one it was trained on); like
-    ``attach``, fold ``freeze_one`` layers unless ``fold=False``."""
+    ``attach``, fold ``freeze_one`` layers unless ``fold=False``, and plan ``warm_up``."""
     config, tensors = checkpoint.read(path)   # schema, hashes, dtypes, finite values
     _check_fresh(model)
     program = checkpoint.program_of(config, str(path))   # includes disabled
@@ -336,7 +343,7 @@ def load(model: nn.Module, path: str | Path, *, fold: bool = True) -> Adapted:
     warning = checkpoint.dtype_warning(config, model)
     if warning:
         warnings.warn(warning, stacklevel=2)
-    adapted = _wrap(model, program, targets, generator=None)
+    adapted = _wrap(model, program, targets, None, warm_up)
     with torch.no_grad():
         for name, layer in adapted.layers.items():
             for i, g in enumerate(layer.adapter.gates):

@@ -1,6 +1,6 @@
 """``qcompile``: what a ``.qc`` adapter costs on a model, offline, in seconds.
 
-    qcompile adapter.qc --model llama-2-7b [--json] [--draw] [--seed N]
+    qcompile adapter.qc --model llama-2-7b [--json] [--draw] [--explain [--tokens N]] [--seed N]
                         [--out DIR [--force] [--max-bytes N]]
     qcompile --list-models
     qcompile import-reference CHECKPOINT --model NAME_OR_DIR --out DIR [--force]
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"default {DEFAULT_MAX_BYTES:,})")
     p.add_argument("--seed", type=_seed, default=0, help="seed for the initial gates of --out "
                    "(0 to 2**64-1, default 0)")
+    p.add_argument("--explain", action="store_true", help="show how each circuit's forward "
+                   "runs here: candidate routes, predicted and measured times, the winner")
+    p.add_argument("--tokens", type=_count, default=512, metavar="N",
+                   help="token count for --explain (default 512)")
     p.add_argument("--list-models", action="store_true", help="list the embedded models and exit")
     return p
 
@@ -132,12 +136,25 @@ def list_models() -> str:
     return "\n".join(lines)
 
 
-def diagrams(report) -> dict[tuple, str]:
-    """``(circuit name, circuit) -> diagram`` for every distinct bound circuit."""
+def per_circuit(report, describe) -> dict[tuple, str]:
+    """``(circuit name, circuit) -> describe(circuit)`` for every distinct bound circuit."""
     out: dict[tuple, str] = {}
     for r in report.rows:
-        out.setdefault((r.circuit_name, r.circuit), r.circuit.diagram())
+        key = (r.circuit_name, r.circuit)
+        if key not in out:
+            out[key] = describe(r.circuit)
     return out
+
+
+def diagrams(report) -> dict[tuple, str]:
+    return per_circuit(report, lambda c: c.diagram())
+
+
+def explanations(report, tokens: int) -> dict[tuple, str]:
+    """How each distinct circuit's forward runs at ``tokens`` on this machine's CPU: the
+    candidate routes, predicted and measured times, the winner."""
+    from qcircuit.compiler import compile as compile_circuit
+    return per_circuit(report, lambda c: compile_circuit(c).explain(tokens))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,12 +190,19 @@ def run(args: argparse.Namespace) -> int:
                 entry["diagram"] = pictures[(row.circuit_name, row.circuit)]
         if args.out:
             obj["out"] = os.path.abspath(args.out)
+        if args.explain:
+            texts = explanations(report, args.tokens)
+            for row, entry in zip(report.rows, obj["targets"]):
+                entry["explain"] = texts[(row.circuit_name, row.circuit)]
         print(json.dumps(obj, indent=2))
         return 0
     print(format_table(report))
     for (name, circuit), picture in pictures.items():
         print(f"\ncircuit {name}: {circuit.in_features} -> {circuit.out_features} features, "
               f"{circuit.num_params:,} parameters\n{picture}")
+    if args.explain:
+        for (name, _), text in explanations(report, args.tokens).items():
+            print(f"\ncircuit {name} at {args.tokens} tokens:\n{text}")
     if args.out:
         print(f"\nwrote an initialised adapter checkpoint to {args.out}")
     return 0

@@ -372,3 +372,20 @@ def test_gradcheck_inputs_and_gates(kind):
     layer.fold()
     assert layer.folded
     assert torch.autograd.gradcheck(f, (x, *gates))
+
+
+def test_attach_plans_the_named_token_counts_once_per_circuit(tiny_llama, monkeypatch):
+    from qcircuit.compiler.planning import Plan
+    calls = []
+    real = Plan.warm_up
+
+    def spy(self, *tokens, **kw):
+        calls.append((self.circuit, tokens, kw["dtype"]))
+        return real(self, *tokens, **kw)
+
+    monkeypatch.setattr(Plan, "warm_up", spy)
+    monkeypatch.setenv("QCIRCUIT_TUNE", "0")
+    adapted = attach(tiny_llama, llama_program(), warm_up=(16, 200))
+    assert sorted(map(str, (c for c, _, _ in calls))) == sorted(
+        map(str, {t.circuit for t in adapted.targets}))   # three circuits, each once
+    assert all(tokens == (16, 200) and dtype == torch.float32 for _, tokens, dtype in calls)

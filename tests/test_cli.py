@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import math
 import os
 import select
@@ -546,3 +547,16 @@ def test_a_bad_model_config_as_a_process(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("qcompile: error: ") and proc.stderr.count("\n") == 1
     assert "not UTF-8" in proc.stderr
+
+
+def test_explain_shows_each_circuits_routes_and_the_winner(capsys):
+    code, out, err = run(capsys, PAPER_UP, "-m", "llama-2-7b", "--explain",
+                         "--tokens", "16")
+    assert code == 0 and err == ""
+    for name in ("attn", "up"):
+        block = out.split(f"circuit {name} at 16 tokens:\n")[1]
+        assert "einsum" in block.split("chosen:")[0]   # the one expression is always a candidate
+        assert re.search(r"chosen: \w+", block)
+    code, out, _ = run(capsys, PAPER, "-m", "llama-2-7b", "--explain",
+                       "--tokens", "16", "--json")
+    assert code == 0 and "chosen:" in json.loads(out)["targets"][0]["explain"]
