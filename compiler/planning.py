@@ -192,13 +192,20 @@ def run_steps(steps: Sequence[Step], operands: Sequence[torch.Tensor]) -> torch.
 
 
 def einsum_executor(path: PathPlan, in_dims: tuple[int, ...], out_features: int) -> Executor:
-    """The default forward route: the bucket's opt_einsum path, step by step."""
-    steps = path.steps
+    """The one-expression route in eager mode: the bucket's opt_einsum path run by
+    opt_einsum's own dispatch (tensordot where a step is a BLAS product), which is the
+    reference implementation's method. Its contraction list depends on the equation and the
+    path only (the token count is one axis of ``x`` and of the intermediates that follow
+    it), so the expression built at the first call serves every token count."""
+    expression: list = []
 
     def run(x2d: torch.Tensor, gates: Sequence[torch.Tensor]) -> torch.Tensor:
         n = x2d.shape[0]
-        y = run_steps(steps, [x2d.reshape(n, *in_dims), *gates])
-        return y.reshape(n, out_features)
+        operands = [x2d.reshape(n, *in_dims), *gates]
+        if not expression:
+            expression.append(opt_einsum.contract_expression(
+                path.equation, *(op.shape for op in operands), optimize=list(path.path)))
+        return expression[0](*operands, backend="torch").reshape(n, out_features)
 
     return run
 
