@@ -74,6 +74,18 @@ def test_every_route_is_exact_and_differentiable(kind, circuit):
                 assert torch.autograd.gradcheck(lambda *g: run(g), tuple(gates))
 
 
+def test_one_forward_executor_serves_every_token_count_of_its_bucket():
+    """The einsum route builds its opt_einsum expression at the first call; later calls
+    with other token counts of the bucket (and the same call again) stay exact."""
+    plan = compile(SMALL)
+    gates = gates_for(SMALL)
+    want = circuit_operator(SMALL, gates)
+    run = routes.build(plan, routes.forced(plan, "forward", "einsum", 16, "cpu", torch.float64))
+    for n in (16, 9, 1, 16):
+        x = torch.randn(n, SMALL.in_features, dtype=torch.float64)
+        assert_close(run(x, gates), x @ want.T)
+
+
 @pytest.mark.parametrize("kind, times", [
     ("forward", {"einsum": 2.0, "schedule": 1.0}), ("forward", {"einsum": 1.0, "schedule": 2.0}),
     ("dense", {"einsum": 3.0, "schedule": 1.0, "lightcone": 2.0}),
