@@ -32,8 +32,13 @@ circuit up {
     gate (0, 1)
     gate (1, 2) 4x4 -> 43x1
 }
+circuit down {
+    qudits 4 43 -> 4 16
+    gate (0, 1) 4x43 -> 4x16
+}
 apply attn to q_proj, v_proj
 apply up to up_proj
+apply down to down_proj
 option init = %s
 """
 STEPS = 3

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import torch
 
+import dist_worker
 from qcircuit import parse
 from qcircuit.runtime import attach
 from test_adapter import rel_err
 
-PROGRAM = """
-circuit attn {
-    qudits 4 4 4
-    all_pairs
-}
-circuit up {
-    qudits 4 4 4 -> 4 43 1
-    gate (0, 1)
-    gate (1, 2) 4x4 -> 43x1
-}
-circuit down {
-    qudits 4 43 -> 4 16
-    gate (0, 1) 4x43 -> 4x16
-}
-apply attn to q_proj, v_proj
-apply up to up_proj
-apply down to down_proj
-"""
+PROGRAM = dist_worker.PROGRAM % "freeze_one"   # three distinct circuits
 
 
 def _train(model, adapted, step, lengths) -> list[float]:
