@@ -298,10 +298,11 @@ def dtype_warning(config: dict, model) -> str | None:
     saved, now = config["model"]["dtype"], _model_dtype(model)
     if saved is None or now is None or saved == now:
         return None
-    gates = sorted({rec["dtype"] for rec in config["tensors"].values()})
+    stored = "/".join(sorted({rec["dtype"] for rec in config["tensors"].values()}))
+    gates = "float64" if now == "float64" else "float32"   # layer.gate_dtype's rule
     return (f"this adapter was saved from a {saved} model and is loaded into a {now} model: "
-            f"its gates stay {'/'.join(gates)} and the adapter's output is cast to {now}, so "
-            f"the outputs will differ from the saved model's by {now} rounding")
+            f"its {stored} gates are loaded as {gates} and the base layers compute in {now}, "
+            f"so outputs differ from the saved model's by {now} rounding")
 
 
 # --- writing ------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def run(mode: str, init: str, dtype: torch.dtype, out: Path | None = None) -> di
     result = {"losses": losses, "grads": grads}
     if out is not None:
         with _gathered(mode, wrapped):
-            adapted.save(out / f"adapter-{init}")   # every rank calls; rank 0 writes
+            adapted.save(out / f"adapter-{init}-{str(dtype)[6:]}")   # every rank; rank 0 writes
         wrapped.eval()
         with torch.no_grad():
             logits = wrapped(input_ids=batch()).logits

@@ -192,13 +192,19 @@ def test_symlinked_checkpoint_files_load(tmp_path, tiny_llama):
 
 
 def test_dtype_warning_for_a_model_of_another_dtype(tmp_path, tiny_llama):
-    base = _fresh(tiny_llama)
+    base, base64 = _fresh(tiny_llama), _fresh(tiny_llama).double()
     attach(tiny_llama, llama_program()).save(tmp_path / "c")
     config, _ = checkpoint.read(tmp_path / "c")
     assert checkpoint.dtype_warning(config, base) is None
     text = checkpoint.dtype_warning(config, base.to(torch.bfloat16))
     assert "saved from a float32 model and is loaded into a bfloat16 model" in text
-    assert "gates stay float32" in text
+    assert "float32 gates are loaded as float32" in text
+    restored = pytest.warns(UserWarning, match="loaded into a bfloat16 model")
+    with restored:
+        adapted = load(base, tmp_path / "c")
+    assert {g.dtype for g in adapted.trainable_parameters()} == {torch.float32}
+    text = checkpoint.dtype_warning(config, base64)
+    assert "float32 gates are loaded as float64" in text
 
 
 def test_load_onto_an_adapted_model_is_refused(tmp_path, tiny_llama):

@@ -60,7 +60,7 @@ def test_wrapped_training_equals_one_process(mode, single, tmp_path):
             got = torch.cat([result[f"grad.{k}"].flatten() for k in keys])
             assert rel_err(got, torch.cat([want["grads"][k].flatten() for k in keys])) < tol
         # the checkpoint rank 0 wrote after training reloads into the trained model
-        got = dist_worker.reload_logits(tmp_path / f"adapter-{init}", torch.float32)
+        got = dist_worker.reload_logits(tmp_path / f"adapter-{init}-float32", torch.float32)
         result = load_file(str(tmp_path / f"result-{init}-float32.safetensors"))
         assert rel_err(got, result["logits"]) < 1e-5
         assert rel_err(result["merged"], result["logits"]) < 1e-5   # merge() on the wrapper
