@@ -7,12 +7,16 @@ attn.c_attn 64 -> 192, attn.c_proj 64 -> 64, mlp.c_fc 64 -> 256, mlp.c_proj 256 
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # route wisdom and the CPU kernel library go to a fresh folder, not the user's cache
-os.environ.setdefault("QCIRCUIT_CACHE_DIR", tempfile.mkdtemp(prefix="qc-tests-"))
+if "QCIRCUIT_CACHE_DIR" not in os.environ:
+    os.environ["QCIRCUIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="qc-tests-")
+    atexit.register(shutil.rmtree, os.environ["QCIRCUIT_CACHE_DIR"], ignore_errors=True)
 
 import pytest
 import torch
