@@ -2,8 +2,9 @@
 
 :func:`measure_machine` is a micro-benchmark bounded by ``BUDGET`` seconds, in float32 with
 torch's current thread count: per-op overhead (the intercept of two cache-resident copies
-that run on every thread, at least a tiny op's dispatch), contiguous copy bandwidth, GEMM throughput at a few widths (fitted to the model's peak and half-width,
-:func:`fit_gemm`) and the first-touch cost of freshly mapped memory. Each figure is the
+that run on every thread, at least a tiny op's dispatch), contiguous copy bandwidth, GEMM
+throughput at a few widths (fitted to the model's peak and half-width, :func:`fit_gemm`)
+and the first-touch cost of freshly mapped memory. Each figure is the
 fastest of a few repeats: noise on a shared machine only ever adds time.
 
 :func:`ensure` installs the result in :mod:`costmodel` before any planning
