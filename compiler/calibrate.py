@@ -92,8 +92,9 @@ def measure_machine(budget: float = BUDGET) -> cm.Machine:
     def until(done: int) -> float:  # a share of the budget for each part, in order
         return start + budget * done / parts
 
+    f32 = dict(dtype=torch.float32, device="cpu")  # whatever the defaults say
     with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
-        tiny, out = torch.ones(8, 8), torch.empty(8, 8)
+        tiny, out = torch.ones(8, 8, **f32), torch.empty(8, 8, **f32)
 
         def ops() -> None:
             for _ in range(TINY_OPS):
@@ -102,11 +103,11 @@ def measure_machine(budget: float = BUDGET) -> cm.Machine:
         # an op on every thread costs more to start: the intercept of two cached copies
         (n1, n2), times = SMALL_COPIES, []
         for i, n in enumerate(SMALL_COPIES):
-            src, dst = torch.rand(n), torch.empty(n)
+            src, dst = torch.rand(n, **f32), torch.empty(n, **f32)
             times.append(_fastest(lambda: dst.copy_(src), until(2 + i)))
         overhead = max(times[0] - (times[1] - times[0]) * n1 / (n2 - n1), serial)
 
-        src = torch.rand(COPY_NUMEL)
+        src = torch.rand(COPY_NUMEL, **f32)
         dst = torch.empty_like(src)
         t_copy = _fastest(lambda: dst.copy_(src), until(4)) - overhead
         copy_bandwidth = 2.0 * src.nbytes / t_copy
@@ -114,16 +115,16 @@ def measure_machine(budget: float = BUDGET) -> cm.Machine:
 
         rates = []
         for i, s in enumerate(WIDTHS):
-            x, w = torch.rand(GEMM_NUMEL // s, s), torch.rand(s, s)
-            y = torch.empty(GEMM_NUMEL // s, s)
+            x, w = torch.rand(GEMM_NUMEL // s, s, **f32), torch.rand(s, s, **f32)
+            y = torch.empty(GEMM_NUMEL // s, s, **f32)
             t = _fastest(lambda: torch.mm(x, w, out=y), until(5 + i)) - overhead
             rates.append(2.0 * GEMM_NUMEL * s / t)
         del x, w, y
         peak, half = fit_gemm(WIDTHS, tuple(rates))
 
-        warm = torch.empty(FRESH_NUMEL)
+        warm = torch.empty(FRESH_NUMEL, **f32)
         t_fill = _fastest(lambda: warm.fill_(1.0), until(parts - 1))
-        t_fresh = _fastest(lambda: torch.empty(FRESH_NUMEL).fill_(1.0), until(parts))
+        t_fresh = _fastest(lambda: torch.empty(FRESH_NUMEL, **f32).fill_(1.0), until(parts))
         fault = max(t_fresh - t_fill, 0.0) / warm.nbytes
 
     ratio = cm.SHIPPED.bandwidth / cm.SHIPPED.copy_bandwidth  # GEMM streams as copies do

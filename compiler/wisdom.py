@@ -12,6 +12,8 @@ then read its result — measuring on a CPU that other processes are also measur
 only time the contention. A file that does not parse is ignored with one warning (and
 replaced at the next write); a read-only directory keeps wisdom in memory only, with one
 warning. :func:`export_text` / :func:`import_text` carry wisdom between machines' caches.
+The cost model's calibration (:mod:`calibrate`) lives beside it, in its own file of the same
+directory, written the same way (:func:`read_file`, :func:`write_file`).
 """
 from __future__ import annotations
 
