@@ -1,46 +1,81 @@
 """A roofline cost model for the schedule planner, in predicted seconds.
 
 Every kernel the schedule runs is a dense GEMM, a batched GEMM or a strided copy, so a
-step costs ``flops / PEAK_FLOPS + bytes / BANDWIDTH + OVERHEAD`` (additive roofline),
-plus page-fault time for memory the step touches for the first time.
+step costs ``flops / peak + bytes / bandwidth + overhead`` (additive roofline), plus
+page-fault time for memory the step touches for the first time.
 
-GEMM time is a max-roofline: compute at ``s / (s + GEMM_HALF)`` of peak for a GEMM whose
+GEMM time is a max-roofline: compute at ``s / (s + gemm_half)`` of peak for a GEMM whose
 smallest dimension is ``s``, or its memory traffic, whichever is slower. Permutes that the
-C kernel takes (``kernels.py``: the token axis stays outermost) are priced apart. The
-constants are FIXED, measured once on the development machine (2-core Intel Xeon
-Sapphire Rapids KVM guest, ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE``,
-float32, torch 2.13 CPU, shared with other jobs) with micro-benchmarks of the kernels below
-at 2048 tokens of a 4096-wide layer (minimum of repeats). They are not recalibrated at
-import: plans stay deterministic. Absolute predictions on another machine will be off by a
-roughly constant factor; the planner needs the *ranking* of variants, which depends on the
-ratios between constants. Between routes the model only prunes: ``routes.py`` times the
-survivors on the machine and keeps the fastest.
+C kernel takes (``kernels.py``: the token axis stays outermost) are priced apart.
 
-Measured (ms, one 2048×4096 float32 activation, quiet machine): plain copy 5.5; permutes
-6 (innermost axis kept), 7 (few gather streams), 10 (innermost axis moved within a token),
-18 (short runs, token axis moved), 70 (token axis moved element-wise across the tensor);
-GEMM (2048·4096/K rows × K×K gate) K=32: 5.8, 64: 7, 128: 10.4, 256: 20, 512: 43.5; at 512
-tokens forward + both backward GEMMs (min of repeats) K=32: 4.2, 64: 6.5, 128: 11.5,
-256: 20.4 — which ``PEAK_FLOPS``/``GEMM_HALF`` fit to within 10 %; the same GEMM reading
-the activation transposed (prefix form) 1.0–1.7× slower; first touch of fresh memory ~0.3 ms
-per MB; the C permute kernel 4.0–5.2 (1.2–1.7× a plain copy measured beside it, quiet).
+The machine's constants — GEMM peak and half-width, bandwidths, per-op overhead, first-touch
+cost — are one :class:`Machine` value. :mod:`calibrate` measures them on the CPU with a
+short micro-benchmark, caches them beside the route wisdom and installs them once per process
+before any planning (:func:`install`); ``SHIPPED``, the values of one development machine,
+is the fallback where nothing is measured (``QCIRCUIT_TUNE=0``: reproducible plans). The
+dimensionless factors below (permute patterns against a copy, batched-GEMM penalties) are
+ratios measured once and shipped. Absolute predictions may be off by a roughly constant
+factor; the planner needs the *ranking* of variants, which the ratios between constants
+decide. Between routes the model only prunes: ``routes.py`` times the survivors on the
+machine and keeps the fastest. Every function is pure given the installed constants.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-PEAK_FLOPS = 1.85e11    # float32 GEMM throughput, 2 threads, large K (flop/s)
-GEMM_HALF = 30          # a GEMM whose smallest dimension is this wide runs at half of peak
-BANDWIDTH = 1.2e10      # effective streaming bandwidth for GEMM operands (bytes/s)
+
+@dataclass(frozen=True)
+class Machine:
+    """The model's machine constants, and what they were measured on."""
+
+    peak_flops: float       # float32 GEMM throughput for wide GEMMs (flop/s)
+    gemm_half: float        # a GEMM whose smallest dimension is this wide runs at half of peak
+    bandwidth: float        # effective streaming bandwidth for GEMM operands (bytes/s)
+    copy_bandwidth: float   # contiguous copy, read+write bytes/s
+    overhead: float         # dispatch cost of one torch op (s)
+    fault_per_byte: float   # first touch of freshly mapped memory (s/byte)
+    cpu: str = "shipped"    # the CPU model it holds for
+    threads: int = 0        # torch's thread count when measured
+    torch_version: str = ""
+
+
+SHIPPED = Machine(peak_flops=1.85e11, gemm_half=30.0, bandwidth=1.2e10, copy_bandwidth=1.2e10,
+                  overhead=1.5e-5, fault_per_byte=3.0e-10,
+                  cpu="shipped defaults (a 2-core Intel Xeon)", threads=2)
+_machine = SHIPPED
+
+# the constants of the installed Machine, also readable as module attributes (cm.PEAK_FLOPS)
+_FIELDS = {"PEAK_FLOPS": "peak_flops", "GEMM_HALF": "gemm_half", "BANDWIDTH": "bandwidth",
+           "COPY_BANDWIDTH": "copy_bandwidth", "OVERHEAD": "overhead",
+           "FAULT_PER_BYTE": "fault_per_byte"}
+
+
+def current() -> Machine:
+    """The constants the model prices with now."""
+    return _machine
+
+
+def install(machine: Machine) -> Machine:
+    """Price with ``machine`` from now on; returns the constants it replaces. Only
+    :mod:`calibrate` calls this, before planning (plans cached before keep their prices)."""
+    global _machine
+    previous, _machine = _machine, machine
+    return previous
+
+
+def __getattr__(name: str) -> float:
+    if name in _FIELDS:
+        return getattr(_machine, _FIELDS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 GEMM_SLOW_FORM = 1.35   # GEMMs reading the big operand transposed (prefix, rotations)
-COPY_BANDWIDTH = 1.2e10 # contiguous copy, read+write bytes/s
 PERMUTE_RUN = 1.1       # permute keeping the innermost axis: this many contiguous copies
 PERMUTE_LOCAL = 1.9     # innermost axis moves, but every gather stays in a small region
 PERMUTE_MID = 3.5       # short contiguous runs gathered from all over the tensor
 PERMUTE_FAR = 13.0      # gathers spread over the whole tensor (TLB-bound, e.g. moving tokens)
 LOCAL_BYTES = 1 << 18   # "small region" for a permute's gathers
-FAULT_PER_BYTE = 3.0e-10  # first touch of freshly mapped memory (s/byte)
-OVERHEAD = 1.5e-5       # dispatch cost of one torch op (s)
 BATCH_NARROW = 24       # batched GEMMs with narrower right matrices run this/n slower
 BATCH_FEW = 8           # batched GEMMs over fewer matrices run this/batch slower
 TRANSPOSED_OUT = 0.5    # extra output passes when a GEMM reads or writes transposed
@@ -54,12 +89,13 @@ SERIAL_NUMEL = 1 << 16  # a schedule whose activations are at most this many ele
 
 def gemm(m: int, n: int, k: int, itemsize: int = 4, transposed_out: bool = False) -> float:
     """(m×k)·(k×n): one BLAS call, the slower of its compute and its memory traffic. Compute
-    runs at ``s / (s + GEMM_HALF)`` of peak, ``s`` its smallest dimension (measured: 122, 141,
-    173 Gflop/s for 32-, 128-, 256-wide gates at 512 tokens)."""
+    runs at ``s / (s + gemm_half)`` of peak, ``s`` its smallest dimension."""
+    mc = _machine
     data = (m * k + k * n + m * n) * itemsize
     small = min(m, n, k)
-    t = max(2.0 * m * n * k / (PEAK_FLOPS * small / (small + GEMM_HALF)), data / BANDWIDTH)
-    return t * (GEMM_SLOW_FORM if transposed_out else 1.0) + OVERHEAD
+    t = max(2.0 * m * n * k / (mc.peak_flops * small / (small + mc.gemm_half)),
+            data / mc.bandwidth)
+    return t * (GEMM_SLOW_FORM if transposed_out else 1.0) + mc.overhead
 
 
 def batched_gemm(batch: int, m: int, n: int, k: int, itemsize: int = 4) -> float:
@@ -86,7 +122,7 @@ def batched_gram(batch: int, m: int, n: int, s: int, itemsize: int = 4) -> tuple
 
 def copy(numel: int, itemsize: int = 4, factor: float = PERMUTE_LOCAL) -> float:
     """Copy ``numel`` elements, ``factor`` times slower than a contiguous copy."""
-    return 2.0 * numel * itemsize / COPY_BANDWIDTH * factor + OVERHEAD
+    return 2.0 * numel * itemsize / _machine.copy_bandwidth * factor + _machine.overhead
 
 
 def gram_factor(width: int, rows: int) -> float:
@@ -117,7 +153,7 @@ def runs_serial(numel: int) -> bool:
 def kernel_copy(numel: int, itemsize: int = 4) -> float:
     """A permute within token slabs by the C kernel (:mod:`kernels`): measured 1.2–1.7× a
     plain copy beside it whatever the pattern (ATen: 2.4–6.8×); ``KERNEL_PERMUTE`` expresses
-    that against ``COPY_BANDWIDTH``, calibrated on a busier machine than those runs."""
+    that against the copy bandwidth, calibrated on a busier machine than those runs."""
     return copy(numel, itemsize, KERNEL_PERMUTE)
 
 
@@ -156,7 +192,7 @@ def permute_factor(shape: tuple[int, ...], perm: tuple[int, ...], itemsize: int 
 def fresh(numel: int, itemsize: int = 4) -> float:
     """Page faults for a freshly allocated buffer (large ones are mmapped and zeroed)."""
     nbytes = numel * itemsize
-    return nbytes * FAULT_PER_BYTE if nbytes >= (1 << 20) else 0.0
+    return nbytes * _machine.fault_per_byte if nbytes >= (1 << 20) else 0.0
 
 
 def small_matmuls(sizes: list[tuple[int, int, int]]) -> float:

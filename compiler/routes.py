@@ -38,6 +38,7 @@ from torch import Tensor
 
 from qcircuit.errors import QCError
 
+from . import calibrate
 from . import costmodel as cm
 from . import measure as measure_mod
 from . import wisdom
@@ -247,6 +248,8 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
     (see the module docstring). ``tune`` overrides ``QCIRCUIT_TUNE``; ``measure`` replaces
     the timer (``{route: thunk} -> {route: seconds}``; tests)."""
     tune = tuning() if tune is None else tune
+    if device_type == "cpu":
+        calibrate.ensure(tune)  # the cost model's constants, measured once per machine
     switches = _switches()  # builds the CPU kernels first (once per machine): not search time
     found, candidates, alive = _search(plan, kind, bucket, device_type, dtype)
 

@@ -12,6 +12,8 @@ then read its result — measuring on a CPU that other processes are also measur
 only time the contention. A file that does not parse is ignored with one warning (and
 replaced at the next write); a read-only directory keeps wisdom in memory only, with one
 warning. :func:`export_text` / :func:`import_text` carry wisdom between machines' caches.
+The cost model's calibration (:mod:`calibrate`) lives beside it, in its own file of the same
+directory, written the same way (:func:`read_file`, :func:`write_file`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -47,11 +49,9 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-@functools.lru_cache(maxsize=8)
-def machine(device_type: str) -> str:
-    """The hardware a measurement holds for: the CPU model (and core count), or the GPU's."""
-    if device_type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name and core count."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -59,7 +59,15 @@ def machine(device_type: str) -> str:
                          if line.startswith(("model name", "Model", "CPU part")))
     except (OSError, StopIteration):
         pass
-    return f"{model} x{os.cpu_count()} threads={torch.get_num_threads()}"
+    return f"{model} x{os.cpu_count()}"
+
+
+def machine(device_type: str) -> str:
+    """The hardware a measurement holds for: the GPU's model, or the CPU's with torch's
+    current thread count."""
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{cpu_model()} threads={torch.get_num_threads()}"
 
 
 def key(signature: str, kind: str, bucket: int | None, device_type: str, dtype: torch.dtype,
@@ -75,7 +83,11 @@ def _warn_once(what: str, message: str) -> None:
         warnings.warn(f"qcircuit: {message}", RuntimeWarning, stacklevel=3)
 
 
-def _read(path: Path) -> dict[str, dict]:
+def _is_choice(entry: object) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("route"), str)
+
+
+def _read(path: Path, valid: Callable[[object], bool] = _is_choice) -> dict[str, dict]:
     """The entries of a wisdom file; {} (with one warning) when it is corrupted."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -84,15 +96,14 @@ def _read(path: Path) -> dict[str, dict]:
     except (OSError, UnicodeDecodeError) as exc:
         _warn_once(f"read {path}", f"wisdom file {path} unreadable ({exc}); ignored")
         return {}
-    return _parse(text, str(path))
+    return _parse(text, str(path), valid)
 
 
-def _parse(text: str, where: str) -> dict[str, dict]:
+def _parse(text: str, where: str, valid: Callable[[object], bool] = _is_choice) -> dict[str, dict]:
     try:
         data = json.loads(text)
         entries = data["entries"] if data.get("version") == VERSION else None
-        if not isinstance(entries, dict) or not all(
-                isinstance(v, dict) and isinstance(v.get("route"), str) for v in entries.values()):
+        if not isinstance(entries, dict) or not all(map(valid, entries.values())):
             raise ValueError("not a qcircuit wisdom file of version 1")
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         _warn_once(f"parse {where}", f"wisdom in {where} is corrupted ({str(exc)[:80]}); ignored")
@@ -161,11 +172,12 @@ def measuring(wait: float = LOCK_WAIT) -> Iterator[bool]:
         yield held
 
 
-def _write(entries: dict[str, dict]) -> None:
-    """Merge ``entries`` into the file, atomically (the caller holds the lock)."""
+def _write(entries: dict[str, dict], name: str = FILE,
+           valid: Callable[[object], bool] = _is_choice) -> None:
+    """Merge ``entries`` into the file ``name``, atomically (the caller holds the lock)."""
     directory = cache_dir()
-    path = directory / FILE
-    merged = {**_read(path), **entries}
+    path = directory / name
+    merged = {**_read(path, valid), **entries}
     try:
         fd, tmp = tempfile.mkstemp(prefix=".wisdom-", suffix=".json", dir=directory)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -185,6 +197,18 @@ def record(k: str, entry: dict, locked: bool) -> None:
         _memory[k] = entry
     if locked:
         _write({k: entry})
+
+
+def read_file(name: str, valid: Callable[[object], bool]) -> dict[str, dict]:
+    """The entries of another file of the cache directory whose entries pass ``valid`` (the
+    cost model's calibration, :mod:`calibrate`); {} with one warning when it is corrupted."""
+    return _read(cache_dir() / name, valid)
+
+
+def write_file(name: str, entries: dict[str, dict], valid: Callable[[object], bool]) -> None:
+    """Merge ``entries`` into another file of the cache directory, atomically (the caller
+    holds :func:`measuring`'s lock)."""
+    _write(entries, name, valid)
 
 
 def export_text() -> str:
