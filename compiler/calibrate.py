@@ -191,23 +191,15 @@ def ensure(tune: bool = True, measure: Callable[[], cm.Machine] | None = None) -
                     entry = {"machine": dataclasses.asdict(machine or cm.SHIPPED)}
                     if machine is not None and locked:
                         wisdom.write_file(FILE, {k: entry}, _valid)
-        _install(cm.Machine(**entry["machine"]))
+        cm.install(cm.Machine(**entry["machine"]))   # the planner's memos key on it
         _installed_key = k
     return cm.current()
-
-
-def _install(machine: cm.Machine) -> None:
-    if cm.install(machine) != machine:
-        # cost-model prices memoised by the schedule planner hold the old constants
-        from . import schedule
-        schedule._permute_cost.cache_clear()
-        schedule.cached_schedule.cache_clear()
 
 
 def forget() -> None:
     """Reinstall the shipped constants; the next :func:`ensure` reads or measures again."""
     global _installed_key
     with _lock:
-        _install(cm.SHIPPED)
+        cm.install(cm.SHIPPED)
         _installed_key = None
         _warned.clear()

@@ -45,11 +45,6 @@ SHIPPED = Machine(peak_flops=1.85e11, gemm_half=30.0, bandwidth=1.2e10, copy_ban
                   cpu="shipped defaults (a 2-core Intel Xeon)", threads=2)
 _machine = SHIPPED
 
-# the constants of the installed Machine, also readable as module attributes (cm.PEAK_FLOPS)
-_FIELDS = {"PEAK_FLOPS": "peak_flops", "GEMM_HALF": "gemm_half", "BANDWIDTH": "bandwidth",
-           "COPY_BANDWIDTH": "copy_bandwidth", "OVERHEAD": "overhead",
-           "FAULT_PER_BYTE": "fault_per_byte"}
-
 
 def current() -> Machine:
     """The constants the model prices with now."""
@@ -62,12 +57,6 @@ def install(machine: Machine) -> Machine:
     global _machine
     previous, _machine = _machine, machine
     return previous
-
-
-def __getattr__(name: str) -> float:
-    if name in _FIELDS:
-        return getattr(_machine, _FIELDS[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 GEMM_SLOW_FORM = 1.35   # GEMMs reading the big operand transposed (prefix, rotations)

@@ -134,7 +134,7 @@ def _fold_starts(circuit: Circuit, sup: Rows, gate: int, dims0) -> dict[Rows, fl
     others = [q for q in sup if q not in g.qudits]
     numel = math.prod(dims_after(circuit, dims0, [gate])) * circuit.in_features
     k = math.prod(dims0[q] for q in g.qudits if q in sup)
-    cost = FOLD * cm.copy(numel, 4, 1.0) + 2.0 * numel * k / cm.PEAK_FLOPS
+    cost = FOLD * cm.copy(numel, 4, 1.0) + 2.0 * numel * k / cm.current().peak_flops
     return {qo + ro: cost for qo in itertools.permutations(g.qudits)
             for ro in itertools.permutations(others)}
 

@@ -287,12 +287,18 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
     return best + fresh, steps
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _permute_cost(src: Layout, dst: Layout, dims, tokens: int, isz: int, backward: bool,
                   kernel: bool = False, gather: bool = False) -> float:
     """Forward copy ``src -> dst``; backward copies the gradient ``dst -> src``. ``kernel``:
     copies within token slabs run as the C kernel (:mod:`kernels`), priced apart; ``gather``:
-    they run inside the fused gate kernel after them (:mod:`fused`)."""
+    they run inside the fused gate kernel after them (:mod:`fused`). Memoised per
+    cost-model machine (the constants it prices with)."""
+    return _priced_permute(src, dst, dims, tokens, isz, backward, kernel, gather, cm.current())
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _priced_permute(src: Layout, dst: Layout, dims, tokens: int, isz: int, backward: bool,
+                    kernel: bool, gather: bool, machine: cm.Machine) -> float:
     def one(shape, perm) -> float:
         if kernel and kernels.in_slabs(shape, perm):
             n = math.prod(shape)
@@ -366,10 +372,15 @@ def transpose_circuit(circuit: Circuit) -> Circuit:
     return Circuit(*circuit.out_dims, gates=gates)
 
 
-@functools.lru_cache(maxsize=256)
 def cached_schedule(circuit: Circuit, tokens: int, dense: bool = False,
                     dtype: torch.dtype = torch.float32) -> Schedule:
-    """:func:`build_schedule` with default options, memoised."""
+    """:func:`build_schedule` with default options, memoised per cost-model machine."""
+    return _cached_schedule(circuit, tokens, dense, dtype, cm.current())
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_schedule(circuit: Circuit, tokens: int, dense: bool, dtype: torch.dtype,
+                     machine: cm.Machine) -> Schedule:
     return build_schedule(circuit, tokens, dense=dense, dtype=dtype)
 
 
