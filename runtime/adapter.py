@@ -213,7 +213,10 @@ def _unwrapped_under_distributed(model: nn.Module) -> bool:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
-    from torch.distributed.fsdp import FSDPModule
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch before FSDP2's public name: nothing shards in place
+        return True
     return not isinstance(model, FSDPModule)
 
 
