@@ -182,10 +182,8 @@ class QuanTAModel(BaseTuner):
         out = {}
         for module_name, (full_name, layer) in layers.items():
             here = f"{full_name}.qc_adapters.{adapter_name}"
-            for i in range(len(layer.adapter.gates)):
-                out[f"{here}.adapter.gates.{i}"] = state_dict[f"{module_name}.gates.{i}"]
-                if layer.frozen is not None:
-                    out[f"{here}.frozen.gates.{i}"] = state_dict[f"{module_name}.init_gates.{i}"]
+            for key, (part, i) in layer.checkpoint_names(module_name).items():
+                out[f"{here}.{part}.gates.{i}"] = state_dict[key]
         return out
 
 

@@ -302,13 +302,11 @@ def _unwrap(adapted: Adapted) -> nn.Module:
 
 
 def _fold_all(adapted: Adapted) -> Adapted:
-    """Fold every layer that can; on any failure put the model back as it was."""
+    """Fold every layer that can; on any failure (``fold`` has already unfolded the layers
+    it folded) put the base layers back."""
     try:
         adapted.fold()
     except BaseException:
-        for layer in adapted.layers.values():
-            if layer.folded:
-                layer.unfold()
         _unwrap(adapted)
         raise
     return adapted
@@ -347,11 +345,6 @@ def load(model: nn.Module, path: str | Path, *, fold: bool = True,
     if warning:
         warnings.warn(warning, stacklevel=2)
     adapted = _wrap(model, program, targets, None, warm_up)
-    with torch.no_grad():
-        for name, layer in adapted.layers.items():
-            for i, g in enumerate(layer.adapter.gates):
-                g.copy_(tensors[f"{name}.gates.{i}"])
-            if layer.frozen is not None:
-                for i, g in enumerate(layer.frozen.gates):
-                    g.copy_(tensors[f"{name}.init_gates.{i}"])
+    for name, layer in adapted.layers.items():
+        layer.load_tensors(name, tensors)
     return _fold_all(adapted) if fold else adapted

@@ -206,22 +206,27 @@ class AdaptedLayer(nn.Module):
 
     def offset64(self) -> torch.Tensor:
         """``W − W0`` in the current state, float64 (out, in)."""
-        return torch.as_tensor(self._offset(self.state, self._operators()), dtype=torch.float64)
+        return torch.as_tensor(self._offset(self.state, self._operators(self.state)),
+                               dtype=torch.float64)
 
     def delta64(self) -> torch.Tensor:
         """The adapter's delta ``s·(T_θ − T_θ0)``, float64 (out, in)."""
-        return self._offset(LayerState.MERGED, self._operators())
+        return self._offset(LayerState.MERGED, self._operators(LayerState.MERGED))
 
-    def _operators(self) -> dict[str, torch.Tensor]:
-        dense = {"adapter": self._dense64(self.adapter, "gate")}
-        if self.frozen is not None:
+    def _operators(self, *states: LayerState) -> dict[str, torch.Tensor]:
+        """The dense operators that ``_offset`` needs for ``states``: ``T_θ`` for merged,
+        ``T_θ0`` for folded and merged (folding never multiplies out the trained gates)."""
+        dense = {}
+        if LayerState.MERGED in states:
+            dense["adapter"] = self._dense64(self.adapter, "gate")
+        if self.frozen is not None and any(s is not LayerState.UNFOLDED for s in states):
             dense["frozen"] = self._dense64(self.frozen, "frozen initial gate")
         return dense
 
     @torch.no_grad()
     def _move(self, new: LayerState) -> None:
         """``W ← W + offset(new) − offset(state)``, checked before anything is written."""
-        dense = self._operators()
+        dense = self._operators(new, self.state)
         step = self._offset(new, dense) - self._offset(self.state, dense)
         if not torch.is_tensor(step):
             self.state = new
@@ -255,17 +260,28 @@ class AdaptedLayer(nn.Module):
                 d = d - self.frozen(h)
         return y + (self.scale * d).to(y.dtype)
 
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Copies of the gates (and frozen initial gates) under stable names, whole, on the CPU (a
-        collective for DTensor gates: every rank must call)."""
+    def checkpoint_names(self, name: str) -> dict[str, tuple[str, int]]:
+        """Checkpoint tensor name -> (``adapter`` or ``frozen``, gate index), for this layer
+        saved as ``name``: ``<name>.gates.<i>`` and ``<name>.init_gates.<i>``. The one place
+        of the key scheme (native checkpoints and the PEFT door)."""
         out = {}
-        for kind, module in (("gates", self.adapter), ("init_gates", self.frozen)):
-            if module is None:
-                continue
-            for i, g in enumerate(module.gates):
-                key = f"{name}.{kind}.{i}"
-                out[key] = full_tensor(g, self.circuit.gates[i].shape, key).to("cpu", copy=True)
+        for kind, part in (("gates", "adapter"), ("init_gates", "frozen")):
+            if getattr(self, part) is not None:
+                out.update({f"{name}.{kind}.{i}": (part, i) for i in range(len(self.circuit.gates))})
         return out
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Copies of the gates (and frozen initial gates) under their checkpoint names,
+        whole, on the CPU (a collective for DTensor gates: every rank must call)."""
+        return {key: full_tensor(getattr(self, part).gates[i], self.circuit.gates[i].shape,
+                                 key).to("cpu", copy=True)
+                for key, (part, i) in self.checkpoint_names(name).items()}
+
+    @torch.no_grad()
+    def load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy checkpoint tensors (``tensors(name)``'s names) into the gates."""
+        for key, (part, i) in self.checkpoint_names(name).items():
+            getattr(self, part).gates[i].copy_(tensors[key])
 
     def extra_repr(self) -> str:
         c = self.circuit
