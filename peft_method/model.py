@@ -17,10 +17,9 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from qcircuit import QCError
-from qcircuit.compiler import compile as compile_circuit
-from qcircuit.runtime import AdaptedLayer, Target, bind
+from qcircuit.runtime import AdaptedLayer, bind
 from qcircuit.runtime import checkpoint
-from qcircuit.runtime.adapter import check_not_shared  # the native refusal of tied weights
+from qcircuit.runtime.adapter import build_layers, check_not_shared  # the native layer and refusal
 
 from .config import QuanTAConfig
 from .layer import QuanTALayer
@@ -105,7 +104,8 @@ class QuanTAModel(BaseTuner):
             shapes = checkpoint.expected_tensors(config.layers)  # tensors come later: shapes only
             checkpoint.check_layers("adapter config", _native(config), records,
                                     {k: torch.empty(s, device="meta") for k, s in shapes.items()})
-        self._pending = _build_layers(model, program, targets, config.seed)
+        generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
+        self._pending = build_layers(view, program, targets, generator)   # attach's order
         config.layers = records
         config.model = checkpoint.model_identity(model)
         config.target_modules = [t.module_name for t in targets]
@@ -199,22 +199,3 @@ def _native(config: QuanTAConfig) -> dict:
     return {"format": config.format, "format_version": config.format_version,
             "program": config.program, "options": config.options,
             "model": config.model or {}, "layers": config.layers}
-
-
-def _build_layers(model: nn.Module, program, targets: tuple[Target, ...],
-                  seed: int | None) -> dict[str, AdaptedLayer]:
-    """One unfolded ``AdaptedLayer`` per target, gates drawn in target order (``attach``'s order)."""
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    init, scale, dropout = (program.option(k) for k in ("init", "scale", "dropout"))
-    plans: dict = {}
-    layers = {}
-    for t in targets:
-        if t.circuit not in plans:
-            plans[t.circuit] = compile_circuit(t.circuit)
-        base = model.get_submodule(t.module_name)
-        if isinstance(base, QuanTALayer):
-            base = base.base_layer
-        layers[t.module_name] = AdaptedLayer(base, t.circuit, init=init, scale=scale,
-                                             dropout=dropout, generator=generator,
-                                             plan=plans[t.circuit], name=t.module_name)
-    return layers

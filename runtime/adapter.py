@@ -260,6 +260,23 @@ def check_not_shared(model: nn.Module, targets: tuple[Target, ...]) -> None:
                 "leave this module out of the program")
 
 
+def build_layers(model: nn.Module, program: Program, targets: tuple[Target, ...],
+                 generator: torch.Generator | None) -> dict[str, AdaptedLayer]:
+    """One unfolded ``AdaptedLayer`` per target (``model.get_submodule`` gives its base
+    layer), gates drawn in target order from ``generator``; one plan per distinct circuit.
+    Nothing in ``model`` changes (both front doors, native and PEFT, build layers here)."""
+    init, scale, dropout = (program.option(k) for k in ("init", "scale", "dropout"))
+    plans: dict[Circuit, object] = {}
+    layers: dict[str, AdaptedLayer] = {}
+    for t in targets:
+        if t.circuit not in plans:
+            plans[t.circuit] = compile_circuit(t.circuit)
+        layers[t.module_name] = AdaptedLayer(
+            model.get_submodule(t.module_name), t.circuit, init=init, scale=scale,
+            dropout=dropout, generator=generator, plan=plans[t.circuit], name=t.module_name)
+    return layers
+
+
 def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
           generator: torch.Generator | None, warm_up: Sequence[int] = ()) -> Adapted:
     """Freeze the model and replace every target layer by an unfolded AdaptedLayer."""
@@ -269,15 +286,7 @@ def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
         raise QCError("the model itself is a single layer: wrap it in a container first")
     check_not_shared(model, targets)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    init, scale, dropout = (program.option(k) for k in ("init", "scale", "dropout"))
-    plans: dict[Circuit, object] = {}  # one plan (and its path caches) per distinct circuit
-    layers: dict[str, AdaptedLayer] = {}
-    for t in targets:
-        if t.circuit not in plans:
-            plans[t.circuit] = compile_circuit(t.circuit)
-        layers[t.module_name] = AdaptedLayer(
-            model.get_submodule(t.module_name), t.circuit, init=init, scale=scale,
-            dropout=dropout, generator=generator, plan=plans[t.circuit], name=t.module_name)
+    layers = build_layers(model, program, targets, generator)
     if warm_up:   # choose (and measure) each circuit's routes now, not in a forward
         for layer in {id(layer.plan): layer for layer in layers.values()}.values():
             gate = layer.adapter.gates[0]
@@ -301,7 +310,7 @@ def _unwrap(adapted: Adapted) -> nn.Module:
     return model
 
 
-def _fold_all(adapted: Adapted) -> Adapted:
+def fold_all(adapted: Adapted) -> Adapted:
     """Fold every layer that can; on any failure (``fold`` has already unfolded the layers
     it folded) put the base layers back."""
     try:
@@ -324,7 +333,7 @@ def attach(model: nn.Module, program_or_path: Program | str | Path, *,
     targets = bind(model, program)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     adapted = _wrap(model, program, targets, generator, warm_up)
-    return _fold_all(adapted) if fold else adapted
+    return fold_all(adapted) if fold else adapted
 
 
 def load(model: nn.Module, path: str | Path, *, fold: bool = True,
@@ -347,4 +356,4 @@ def load(model: nn.Module, path: str | Path, *, fold: bool = True,
     adapted = _wrap(model, program, targets, None, warm_up)
     for name, layer in adapted.layers.items():
         layer.load_tensors(name, tensors)
-    return _fold_all(adapted) if fold else adapted
+    return fold_all(adapted) if fold else adapted

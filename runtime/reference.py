@@ -36,7 +36,7 @@ from torch import nn
 
 from qcircuit import Circuit, Program, QCError, parse
 
-from .adapter import Adapted, attach
+from .adapter import Adapted, fold_all, attach
 from .bind import layer_shape
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.quanta_weights(?P<frozen>2?)"
@@ -96,9 +96,9 @@ def _nonempty(state: dict, path: Path) -> dict:
 
 
 def _module_gates(module: str, gates: dict, frozen: dict
-                  ) -> tuple[tuple[int, ...], list, list, list[tuple[int, int]]]:
-    """Qudit dims, the trained and frozen gates and the gates' qudits, in circuit order,
-    of one module, after every check."""
+                  ) -> tuple[tuple[int, ...], list, list]:
+    """Qudit dims and the trained and frozen gates in circuit order (the fork's pair order
+    is ``all_pairs``) of one module, after every check."""
     pairs = list(gates)
     d = max(-min(p) for p in pairs)
     want = list(itertools.combinations(range(-1, -d - 1, -1), 2))
@@ -125,14 +125,13 @@ def _module_gates(module: str, gates: dict, frozen: dict
                 raise QCError(f"{module}: inconsistent gate shapes: qudit {qudit} has dim "
                               f"{dims[qudit]} in one gate and {dim} in gate '{i} {j}'")
             dims[qudit] = dim
-    order = [(d + j, d + i) for i, j in want]
-    return tuple(dims), [gates[p] for p in want], [frozen[p] for p in want], order
+    return tuple(dims), [gates[p] for p in want], [frozen[p] for p in want]
 
 
 def reference_program(model: nn.Module, state: dict[str, torch.Tensor]
-                      ) -> tuple[Program, dict[str, tuple[list, list]]]:
-    """The ``.qc`` program a reference state dict describes for ``model``, and each
-    module's (gates, frozen gates) in circuit order."""
+                      ) -> tuple[Program, dict[str, torch.Tensor]]:
+    """The ``.qc`` program a reference state dict describes for ``model``, and its gates
+    and frozen gates under qcircuit's checkpoint names (``AdaptedLayer.load_tensors``)."""
     found: dict[str, tuple[dict, dict]] = {}
     for key, tensor in state.items():
         m = _KEY.match(key)
@@ -154,16 +153,15 @@ def reference_program(model: nn.Module, state: dict[str, torch.Tensor]
         if n_in != n_out:
             raise QCError(f"{name}: {n_in} -> {n_out} features; only square layers can be "
                           "imported")
-        dims, trained, initial, order = _module_gates(name, gates, frozen)
+        dims, trained, initial = _module_gates(name, gates, frozen)
         if math.prod(dims) != n_in:
             raise QCError(f"{name}: qudits {'·'.join(map(str, dims))} = {math.prod(dims)} "
                           f"features but the layer has {n_in}: padded checkpoints cannot be "
                           "imported")
-        circuit = Circuit(*dims)
-        for qudits in order:
-            circuit = circuit.gate(qudits)
+        circuit = Circuit(*dims).all_pairs()
         circuits.setdefault(circuit, []).append(name)
-        tensors[name] = (trained, initial)
+        tensors.update({f"{name}.gates.{k}": t for k, t in enumerate(trained)})
+        tensors.update({f"{name}.init_gates.{k}": t for k, t in enumerate(initial)})
     blocks, rules = [], []
     for k, (circuit, names) in enumerate(circuits.items()):
         cname = f"reference{k}"
@@ -179,13 +177,6 @@ def import_reference(model: nn.Module, checkpoint: str | Path) -> Adapted:
     ``.save(dir)`` on the result to write a qcircuit/PEFT adapter."""
     program, tensors = reference_program(model, read_reference(checkpoint))
     adapted = attach(model, program, fold=False)
-    with torch.no_grad():
-        for name, layer in adapted.layers.items():
-            trained, initial = tensors[name]
-            for dst, src in zip(layer.adapter.gates, trained):
-                dst.copy_(src)
-            for dst, src in zip(layer.frozen.gates, initial):
-                dst.copy_(src)
-    if not any(layer.is_meta for layer in adapted.layers.values()):
-        adapted.fold()  # like attach and load: one circuit per forward
-    return adapted
+    for name, layer in adapted.layers.items():
+        layer.load_tensors(name, tensors)
+    return fold_all(adapted)  # like attach and load: one circuit per forward
