@@ -21,7 +21,6 @@ import dataclasses
 import math
 import threading
 import time
-import warnings
 from typing import Callable
 
 import torch
@@ -48,7 +47,6 @@ PLAUSIBLE = {"peak_flops": (1e9, 1e14), "gemm_half": (0.0, 4096.0), "bandwidth":
 
 _lock = threading.Lock()
 _installed_key: str | None = None   # the key whose constants are installed
-_warned: set[str] = set()
 
 
 def key() -> str:
@@ -148,22 +146,16 @@ def _valid(entry: object) -> bool:
         return False
 
 
-def _warn_once(what: str, message: str) -> None:
-    if what not in _warned:
-        _warned.add(what)
-        warnings.warn(f"qcircuit: {message}", RuntimeWarning, stacklevel=4)
-
-
 def _measured(measure: Callable[[], cm.Machine] | None) -> cm.Machine | None:
     try:
         machine = (measure or measure_machine)()
     except Exception as exc:  # noqa: BLE001 - anything that cannot measure keeps the defaults
-        _warn_once("failed", f"cost model calibration failed ({type(exc).__name__}: {exc}); "
-                   "the shipped constants stay")
+        wisdom.warn_once("calibrate:failed", f"cost model calibration failed "
+                         f"({type(exc).__name__}: {exc}); the shipped constants stay", 4)
         return None
     if not plausible(machine):
-        _warn_once("implausible", "cost model calibration measured implausible constants "
-                   f"(a busy machine?): {machine}; the shipped constants stay")
+        wisdom.warn_once("calibrate:implausible", "cost model calibration measured implausible "
+                         f"constants (a busy machine?): {machine}; the shipped constants stay", 4)
         return None
     return machine
 
@@ -202,4 +194,4 @@ def forget() -> None:
     with _lock:
         cm.install(cm.SHIPPED)
         _installed_key = None
-        _warned.clear()
+        wisdom.forget_warnings("calibrate:")

@@ -16,7 +16,6 @@ kept innermost run of 8 or 16 bytes as one int64/complex128 element (2.5–5× f
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -32,6 +31,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from . import wisdom
 
 # the library: the fused gate kernel (gate_kernel.c, see fused.py), which includes permute.c
 SOURCE = Path(__file__).with_name("gate_kernel.c")
@@ -92,8 +93,7 @@ def enabled() -> bool:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("QCIRCUIT_CACHE_DIR") or os.environ.get("QCIRCUIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcircuit")
+    root = wisdom.cache_dir()
     try:
         os.makedirs(root, exist_ok=True)
     except OSError:
@@ -126,28 +126,11 @@ def _build(compiler: str) -> Path:
     cached = [target for _, target in targets if target.exists()]
     if cached:
         return cached[0]
-    with _build_lock(directory):
+    with wisdom.flock(directory / "build.lock"):  # one process builds, the others wait
         cached = [target for _, target in targets if target.exists()]  # built meanwhile
         if cached:
             return cached[0]
         return _compile(compiler, targets, directory)
-
-
-@contextlib.contextmanager
-def _build_lock(directory: Path):
-    """An exclusive ``fcntl`` lock on ``build.lock`` in the cache (none where it cannot be
-    made): one process builds, the others wait and then load its library."""
-    try:
-        import fcntl
-        fd = os.open(directory / "build.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def _compile(compiler: str, targets, directory: Path) -> Path:

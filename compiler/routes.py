@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -42,7 +41,8 @@ from . import calibrate
 from . import costmodel as cm
 from . import measure as measure_mod
 from . import wisdom
-from .planning import MAX_DENSE_NUMEL, einsum_dense_executor, einsum_executor, plan_path
+from .planning import (MAX_DENSE_NUMEL, einsum_dense_executor, einsum_executor, plan_path,
+                       token_bucket)
 
 if TYPE_CHECKING:
     from .planning import Plan
@@ -168,8 +168,7 @@ ROUTES: tuple[Route, ...] = (
           lambda plan, sched, bucket, dtype: sched.cost, _schedule_make),
     Route("einsum", "dense", None, lambda plan, bucket, dtype, deadline: plan.dense_path(),
           lambda plan, path, bucket, dtype: None,  # priced in choose(), see there
-          lambda plan, path: einsum_dense_executor(plan.dense_network, path, plan.out_features,
-                                                   plan.in_features)),
+          lambda plan, path: _einsum_dense_make(plan, path)),
     Route("schedule", "dense", ("cpu", "cuda"),
           lambda plan, bucket, dtype, deadline: _schedule_search(plan, bucket, dtype, deadline, True),
           lambda plan, sched, bucket, dtype: sched.cost, _dense_schedule_make),
@@ -192,23 +191,15 @@ def tuning() -> bool:
     return os.environ.get("QCIRCUIT_TUNE", "1") != "0"
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(what: str, message: str) -> None:
-    if what not in _warned:
-        _warned.add(what)
-        warnings.warn(f"qcircuit: {message}", RuntimeWarning, stacklevel=4)
-
-
 def _search(plan: "Plan", kind: str, bucket: int | None, device_type: str,
             dtype: torch.dtype) -> tuple[dict[str, Any], list[Candidate], list[str]]:
     """Plan every route within ``PLAN_BUDGET``: (steps by route, candidates with their
     predictions and notes, the routes the cost model keeps — ``einsum`` always)."""
     routes = routes_for(kind, device_type)
     if plan.num_gates > MAX_TUNED_GATES:
-        _warn_once(f"big {plan.signature}", f"the circuit has {plan.num_gates} gates; above "
-                   f"{MAX_TUNED_GATES} only opt_einsum's path is planned (greedy above 12 operands)")
+        wisdom.warn_once(f"routes:big {plan.signature}", f"the circuit has {plan.num_gates} gates; "
+                         f"above {MAX_TUNED_GATES} only opt_einsum's path is planned (greedy "
+                         "above 12 operands)", 4)
         routes = routes[:1]
     deadline = time.monotonic() + PLAN_BUDGET
     found: dict[str, Any] = {}
@@ -348,24 +339,38 @@ def _executor(plan: "Plan", kind: str, bucket: int | None, device_type: str,
     return run
 
 
+def _einsum_dense_make(plan: "Plan", path) -> Callable:
+    return einsum_dense_executor(plan.dense_network, path, plan.out_features, plan.in_features)
+
+
 @torch.compiler.disable
 def _dense_einsum(plan: "Plan") -> Callable:
-    run = _built[(plan.signature, "dense einsum")] = einsum_dense_executor(
-        plan.dense_network, plan.dense_path(), plan.out_features, plan.in_features)
+    run = _built[(plan.signature, "dense einsum")] = _einsum_dense_make(plan, plan.dense_path())
     return run
+
+
+def _cached_executor(plan: "Plan", kind: str, bucket: int | None, device_type: str,
+                     dtype: torch.dtype) -> Callable:
+    """The built executor: a dict lookup once built (the hot path), else :func:`_executor`."""
+    run = _built.get((plan.signature, kind, bucket, device_type, dtype))
+    return run if run is not None else _executor(plan, kind, bucket, device_type, dtype)
 
 
 def forward_executor(plan: "Plan", tokens: int, device_type: str, dtype: torch.dtype) -> Callable:
     """``run(x2d, gates)`` for ``tokens`` rows (chosen for its bucket at the first call)."""
-    from .planning import token_bucket
-    bucket = token_bucket(tokens)
-    run = _built.get((plan.signature, "forward", bucket, device_type, dtype))
-    return run if run is not None else _executor(plan, "forward", bucket, device_type, dtype)
+    return _cached_executor(plan, "forward", token_bucket(tokens), device_type, dtype)
+
+
+_traced: dict[str, object] = {}
 
 
 def trace_path(plan: "Plan"):
-    """The ``einsum`` path planned at ``TRACE_BUCKET`` tokens: what traced code runs."""
-    return plan_path(plan.forward_network, TRACE_BUCKET)
+    """The ``einsum`` path planned at ``TRACE_BUCKET`` tokens: what traced code runs (one
+    per circuit: every module of that circuit shares it)."""
+    path = _traced.get(plan.signature)
+    if path is None:
+        path = _traced[plan.signature] = plan_path(plan.forward_network, TRACE_BUCKET)
+    return path
 
 
 _wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
@@ -400,4 +405,4 @@ def dense(plan: "Plan", gates: Sequence[Tensor]) -> Tensor:
     if recording or torch.compiler.is_compiling() or not plain(*gates):
         run = _built.get((plan.signature, "dense einsum"))
         return (run if run is not None else _dense_einsum(plan))(gates)
-    return _executor(plan, "dense", None, like.device.type, like.dtype)(gates)
+    return _cached_executor(plan, "dense", None, like.device.type, like.dtype)(gates)

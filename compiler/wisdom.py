@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import platform
 import tempfile
@@ -42,9 +43,10 @@ _thread_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
-    """``$QCIRCUIT_CACHE_DIR``, else ``~/.cache/qcircuit`` (read at each planning, not per
-    forward: tests point it at a temporary directory)."""
-    root = os.environ.get("QCIRCUIT_CACHE_DIR") or os.path.join(
+    """``$QCIRCUIT_CACHE_DIR`` (or the older ``$QCIRCUIT_CACHE``), else
+    ``~/.cache/qcircuit``: route wisdom, calibration and the CPU kernels (read at each
+    planning, not per forward: tests point it at a temporary directory)."""
+    root = os.environ.get("QCIRCUIT_CACHE_DIR") or os.environ.get("QCIRCUIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcircuit")
     return Path(root)
 
@@ -77,10 +79,17 @@ def key(signature: str, kind: str, bucket: int | None, device_type: str, dtype: 
                      f"torch {torch.__version__}", machine(device_type), extra])
 
 
-def _warn_once(what: str, message: str) -> None:
+def warn_once(what: str, message: str, stacklevel: int = 3) -> None:
+    """One ``RuntimeWarning`` per ``what`` and process (keys start with the warning
+    module's name, so each module's ``forget`` resets only its own)."""
     if what not in _warned:
         _warned.add(what)
-        warnings.warn(f"qcircuit: {message}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"qcircuit: {message}", RuntimeWarning, stacklevel=stacklevel)
+
+
+def forget_warnings(prefix: str) -> None:
+    """Warn again about the keys that start with ``prefix``."""
+    _warned.difference_update({w for w in _warned if w.startswith(prefix)})
 
 
 def _is_choice(entry: object) -> bool:
@@ -94,7 +103,7 @@ def _read(path: Path, valid: Callable[[object], bool] = _is_choice) -> dict[str,
     except (FileNotFoundError, NotADirectoryError):
         return {}
     except (OSError, UnicodeDecodeError) as exc:
-        _warn_once(f"read {path}", f"wisdom file {path} unreadable ({exc}); ignored")
+        warn_once(f"wisdom:read {path}", f"wisdom file {path} unreadable ({exc}); ignored")
         return {}
     return _parse(text, str(path), valid)
 
@@ -106,7 +115,7 @@ def _parse(text: str, where: str, valid: Callable[[object], bool] = _is_choice) 
         if not isinstance(entries, dict) or not all(map(valid, entries.values())):
             raise ValueError("not a qcircuit wisdom file of version 1")
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-        _warn_once(f"parse {where}", f"wisdom in {where} is corrupted ({str(exc)[:80]}); ignored")
+        warn_once(f"wisdom:parse {where}", f"wisdom in {where} is corrupted ({str(exc)[:80]}); ignored")
         return {}
     return entries
 
@@ -131,37 +140,42 @@ def _writable(directory: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(directory: Path, wait: float) -> Iterator[bool]:
-    """An exclusive lock on the directory's lock file; yields False when it is not writable
-    or the lock was not had within ``wait`` seconds."""
-    import fcntl
-    if not _writable(directory):
-        _warn_once(f"ro {directory}", f"wisdom directory {directory} is not writable; "
-                   "measured choices are kept in memory only")
-        yield False
-        return
+def flock(path: Path, wait: float = math.inf) -> Iterator[bool]:
+    """An exclusive ``fcntl`` lock on the file ``path`` (created if needed); yields whether
+    it is held: False when the file cannot be opened or the lock was not had in ``wait`` s."""
     try:
-        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
+        import fcntl
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
         yield False
         return
     try:
         end = time.monotonic() + wait
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait == math.inf else fcntl.LOCK_NB))
                 break
             except BlockingIOError:
                 if time.monotonic() > end:
                     yield False
                     return
                 time.sleep(0.02)
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield True
     finally:
-        os.close(fd)
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def _file_lock(directory: Path, wait: float) -> Iterator[bool]:
+    """The wisdom directory's lock; yields False when it is not writable or the lock was
+    not had within ``wait`` seconds."""
+    if not _writable(directory):
+        warn_once(f"wisdom:ro {directory}", f"wisdom directory {directory} is not writable; "
+                  "measured choices are kept in memory only")
+        yield False
+        return
+    with flock(directory / LOCK, wait) as held:
+        yield held
 
 
 @contextlib.contextmanager
@@ -184,7 +198,7 @@ def _write(entries: dict[str, dict], name: str = FILE,
             json.dump({"version": VERSION, "entries": merged}, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError as exc:
-        _warn_once(f"write {directory}", f"cannot write wisdom to {directory} ({exc}); "
+        warn_once(f"wisdom:write {directory}", f"cannot write wisdom to {directory} ({exc}); "
                    "kept in memory only")
         with contextlib.suppress(OSError, UnboundLocalError):
             os.unlink(tmp)
@@ -234,4 +248,4 @@ def forget() -> None:
     """Drop this process's in-memory wisdom (the file stays)."""
     with _thread_lock:
         _memory.clear()
-        _warned.clear()
+        forget_warnings("wisdom:")
