@@ -63,11 +63,23 @@ def _shifted(span: Span | None, by: int) -> Span | None:
 
 @dataclass(frozen=True)
 class ApplyRule:
-    """``apply CIRCUIT to PATTERN, …``."""
+    """``apply CIRCUIT to PATTERN, … [with KEY = VALUE, …]``.
+
+    ``options`` are this rule's own values (checked, normalised, read-only); a key it does
+    not set falls back to the program's ``option`` and then to the default
+    (``Program.options_for``)."""
 
     circuit: str
     patterns: tuple[Pattern, ...]
     span: Span | None = field(default=None, compare=False, repr=False)
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        checked = {k: check_option(k, v, self.span) for k, v in dict(self.options).items()}
+        object.__setattr__(self, "options", MappingProxyType(checked))
+
+    def __hash__(self) -> int:
+        return hash((self.circuit, self.patterns, tuple(sorted(self.options.items()))))
 
 
 def check_option(key: str, value: object, span: Span | None = None) -> object:
@@ -108,8 +120,13 @@ class Program:
         object.__setattr__(self, "options", MappingProxyType(options))
 
     def option(self, key: str) -> object:
-        """The option's value, or its default."""
+        """The program-wide option's value, or its default."""
         return self.options.get(key, OPTION_DEFAULTS[key])
+
+    def options_for(self, rule: ApplyRule) -> dict[str, object]:
+        """Every option as ``rule`` sees it: its own value, else the program's, else the
+        default."""
+        return {k: rule.options.get(k, self.option(k)) for k in OPTION_DEFAULTS}
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Program):

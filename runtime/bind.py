@@ -3,7 +3,9 @@
 ``bind(model, program)`` walks the ``apply`` rules in order; each pattern (a dotted-name
 suffix or a ``/regex/``) selects modules by name. Every selected module must be an
 ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 style: weight stored ``(in, out)``),
-must be selected once only, and must fit its circuit: ``qudits auto N`` circuits are
+may be selected by several rules (its update is then the sum of their circuits, one
+*branch* per rule, in rule order) but never twice by the same circuit, and must fit each
+of its circuits: ``qudits auto N`` circuits are
 factorised for the layer, concrete circuits must have the layer's in/out features.
 Any violation is a ``QCError`` naming the module, its shape and the circuit's dims,
 located at the pattern in the ``.qc`` text when there is one.
@@ -11,12 +13,13 @@ located at the pattern in the ``.qc`` text when there is one.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 from torch import nn
 
 from qcircuit.errors import QCError, Span
-from qcircuit.ir import ApplyRule, Circuit, Pattern, Program
+from qcircuit.ir import OPTION_DEFAULTS, ApplyRule, Circuit, Pattern, Program
 
 try:  # transformers' GPT-2 style linear layer
     from transformers.pytorch_utils import Conv1D
@@ -26,7 +29,8 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 
 @dataclass(frozen=True)
 class Target:
-    """One layer to adapt, with the concrete circuit it gets."""
+    """One branch of one adapted layer: the concrete circuit a rule gives the layer, and
+    the options it runs with (the rule's own, else the program's, else the defaults)."""
 
     module_name: str
     pattern: str
@@ -35,6 +39,18 @@ class Target:
     in_features: int
     out_features: int
     kind: str  # "linear" | "conv1d"
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def option(self, key: str) -> object:
+        return self.options.get(key, OPTION_DEFAULTS[key])
+
+
+def by_layer(targets: Sequence[Target]) -> dict[str, tuple[Target, ...]]:
+    """Module name -> its branches, layers in first-match order, branches in rule order."""
+    out: dict[str, list[Target]] = {}
+    for t in targets:
+        out.setdefault(t.module_name, []).append(t)
+    return {name: tuple(branches) for name, branches in out.items()}
 
 
 def layer_shape(module: nn.Module) -> tuple[str, int, int] | None:
@@ -58,16 +74,18 @@ def linear_layers(model: nn.Module) -> dict[str, tuple[str, int, int]]:
 
 
 def bind(model: nn.Module, program: Program) -> tuple[Target, ...]:
-    """The layers ``program``'s rules select in ``model``, each with its resolved circuit."""
+    """The branches ``program``'s rules put on ``model``'s layers (rule order), each with
+    its resolved circuit and options; ``by_layer`` groups them per layer."""
     if not program.rules:
         raise QCError("the program has no 'apply' rule: nothing to bind",
                       expected="a line like: apply NAME to q_proj, v_proj")
     modules = dict(model.named_modules())
-    claimed: dict[str, str] = {}  # module name -> pattern text that took it
+    claimed: dict[tuple[str, str], str] = {}  # (module, circuit) -> pattern that took it
     resolved: dict[tuple[str, int, int], Circuit] = {}
     targets = []
     for rule in program.rules:
         circuit = program.circuits[rule.circuit]
+        options = program.options_for(rule)
         for pattern in rule.patterns:
             span = pattern.span or rule.span
             try:
@@ -84,18 +102,19 @@ def bind(model: nn.Module, program: Program) -> tuple[Target, ...]:
                         f"{type(modules[name]).__name__}, not a linear layer "
                         "(nn.Linear or Conv1D)", span,
                         expected="a pattern naming linear layers only (anchor a regex with $)")
-                if name in claimed:
+                if (name, rule.circuit) in claimed:
                     raise QCError(
-                        f"module {name!r} is matched twice: by {claimed[name]!r} and by "
-                        f"{str(pattern)!r} (apply {rule.circuit})", span,
-                        expected="each layer matched by one pattern")
-                claimed[name] = str(pattern)
+                        f"circuit {rule.circuit!r} is applied twice to module {name!r}: by "
+                        f"{claimed[name, rule.circuit]!r} and by {str(pattern)!r}", span,
+                        expected="each circuit applied once per layer (a sum takes "
+                                 "different circuits)")
+                claimed[name, rule.circuit] = str(pattern)
                 kind, n_in, n_out = shape
                 key = (rule.circuit, n_in, n_out)
                 if key not in resolved:
                     resolved[key] = _resolve(circuit, rule.circuit, name, shape, span)
                 targets.append(Target(name, str(pattern), rule.circuit, resolved[key],
-                                      n_in, n_out, kind))
+                                      n_in, n_out, kind, options))
     return tuple(targets)
 
 

@@ -9,6 +9,7 @@ from qcircuit import QCError
 from qcircuit.errors import Span
 from qcircuit.ir import ApplyRule, Circuit, Pattern, Program
 from qcircuit.runtime import Target, bind
+from qcircuit.runtime.bind import by_layer
 
 
 def program(rules, **circuits):
@@ -102,12 +103,22 @@ def test_pattern_matching_a_non_linear_module(tiny_llama):
         bind(tiny_llama, program([("c", [r"/mlp/"])], c=Circuit(8, 8).all_pairs()))
 
 
-def test_module_matched_twice(tiny_llama):
+def test_same_circuit_twice_on_a_layer(tiny_llama):
     c = Circuit(8, 8).all_pairs()
-    with pytest.raises(QCError, match=r"'model.layers.0.self_attn.q_proj' is matched twice"):
-        bind(tiny_llama, program([("c", ["q_proj"]), ("d", [r"/[qk]_proj$/"])], c=c, d=c))
-    with pytest.raises(QCError, match="matched twice"):
+    with pytest.raises(QCError, match=r"circuit 'c' is applied twice to module "
+                                      r"'model.layers.0.self_attn.q_proj'"):
         bind(tiny_llama, program([("c", ["q_proj", "self_attn.q_proj"])], c=c))
+    with pytest.raises(QCError, match="applied twice"):
+        bind(tiny_llama, program([("c", ["q_proj"]), ("c", [r"/[qk]_proj$/"])], c=c))
+
+
+def test_different_circuits_on_a_layer_are_branches(tiny_llama):
+    c = Circuit(8, 8).all_pairs()
+    targets = bind(tiny_llama, program([("c", ["q_proj"]), ("d", [r"/[qk]_proj$/"])], c=c, d=c))
+    layers = by_layer(targets)
+    q = "model.layers.0.self_attn.q_proj"
+    assert [t.circuit_name for t in layers[q]] == ["c", "d"]
+    assert [t.circuit_name for t in layers["model.layers.0.self_attn.k_proj"]] == ["d"]
 
 
 def test_circuit_that_does_not_fit(tiny_llama):
