@@ -55,7 +55,9 @@ class _Layout:
 
 
 def _dim_labels(gate: Gate) -> tuple[str, ...]:
-    if not gate.in_dims:  # auto circuit: dims not known yet
+    if not gate.in_dims:  # auto circuit: input dims not known yet, outputs maybe written
+        if gate.out_dims:
+            return tuple(f"{_UNKNOWN}→{o}" for o in gate.out_dims)
         return (_UNKNOWN,) * gate.arity
     return tuple(str(i) if i == o else f"{i}→{o}" for i, o in zip(gate.in_dims, gate.out_dims))
 

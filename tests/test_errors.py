@@ -46,7 +46,7 @@ CASES = [
     ("all_pairs on one qudit", "circuit c { qudits 4\n all_pairs }", 2, 2, "at least 2 qudits",
      None),
     ("dims in auto circuit", "circuit c { qudits auto 2 gate (0, 1) 4x4 }", 1, 39,
-     "takes its dims from the layer", None),
+     "takes its input dims from the layer", None),
     ("auto count zero", "circuit c { qudits auto 0 gate (0) }", 1, 25, "at least 1", None),
     ("unknown option", "option lr = 3", 1, 8, "unknown option 'lr'", "init or scale or dropout"),
     ("bad init", "option init = ones", 1, 15, "unknown init mode 'ones'", "freeze_one"),
