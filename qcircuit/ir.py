@@ -92,9 +92,10 @@ def _check_auto_outputs(circuit: "Circuit", ins: Dims, outs: Dims, out_features:
                           "it", circuit.span, expected=f"a gate on qudit {q}")
         if g is not None and g.out_dims and g.out_dims[g.qudits.index(q)] != outs[q]:
             wrote = g.out_dims[g.qudits.index(q)]
+            split = f" ({' x '.join(map(str, outs))})" if len(outs) > 1 else ""
             raise QCError(f"the last gate on qudit {q} writes output dim {wrote}, but the layer's "
-                          f"{out_features} output features give qudit {q} dim {outs[q]} "
-                          f"({' x '.join(map(str, outs))})", g.span or circuit.span,
+                          f"{out_features} output features{split} give qudit {q} dim {outs[q]}",
+                          g.span or circuit.span,
                           expected="no output dims on the last gate of each qudit")
 
 
