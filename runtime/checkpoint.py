@@ -261,9 +261,23 @@ def _dims(rec: dict) -> str:
     return f"{rec['in']} -> {rec['out']} features"
 
 
-def _branches(rec: dict) -> str:
-    return " + ".join(f"{b['circuit']!r} (gate shapes {b['gates']}, init {b['init']}, scale "
-                      f"{b['scale']:g}, dropout {b['dropout']:g})" for b in rec["branches"])
+def _branch_difference(saved: list[dict], bound: list[dict]) -> str:
+    """What differs between a layer's saved and bound branches, in a few words."""
+    names = ([b["circuit"] for b in saved], [b["circuit"] for b in bound])
+    if names[0] != names[1]:
+        return (f"the checkpoint has circuits {' + '.join(names[0])}, the model binds "
+                f"{' + '.join(names[1])}")
+    for a, b in zip(saved, bound):
+        if a["gates"] != b["gates"]:
+            return (f"circuit {a['circuit']!r}: the checkpoint has gate shapes {a['gates']}, "
+                    f"the model binds {b['gates']}")
+        if a["qc"] != b["qc"]:
+            return f"circuit {a['circuit']!r} is defined differently in the checkpoint"
+        for key in ("init", "scale", "dropout", "frozen"):
+            if a[key] != b[key]:
+                return (f"circuit {a['circuit']!r}: the checkpoint has {key} "
+                        f"{json.dumps(a[key])}, the model binds {json.dumps(b[key])}")
+    return "the branches differ"
 
 
 def check_layers(where: str, config: dict, current: Mapping[str, dict],
@@ -276,7 +290,7 @@ def check_layers(where: str, config: dict, current: Mapping[str, dict],
                 for name in saved if name not in current]
     problems += [f"module {name} of the model matches the program but is not in the checkpoint"
                  for name in current if name not in saved]
-    for name in saved.keys() & current.keys():
+    for name in (n for n in saved if n in current):
         a, b = saved[name], current[name]
         if (a["in"], a["out"]) != (b["in"], b["out"]):
             problems.append(f"module {name}: shape mismatch: checkpoint {_dims(a)}, "
@@ -285,8 +299,8 @@ def check_layers(where: str, config: dict, current: Mapping[str, dict],
             problems.append(f"module {name}: checkpoint adapts a {a['kind']}, model has a "
                             f"{b['kind']}")
         elif a["branches"] != b["branches"]:
-            problems.append(f"module {name}: different circuits: checkpoint has "
-                            f"{_branches(a)}, the model binds {_branches(b)}")
+            problems.append(f"module {name}: different circuits: "
+                            f"{_branch_difference(a['branches'], b['branches'])}")
     if not problems and tensors is not None:
         want = expected_tensors(saved)
         problems += [f"tensor {key} is missing from {WEIGHTS_NAME}"

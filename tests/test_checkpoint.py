@@ -142,7 +142,7 @@ def test_load_refuses_a_different_circuit(tmp_path, tiny_llama):
     up = config["layers"]["model.layers.0.mlp.up_proj"]
     up["branches"][0]["qc"] = up["branches"][0]["qc"].replace("gate (0, 1)", "gate (1, 0)")
     config_path.write_text(json.dumps(config))
-    with pytest.raises(QCError, match=r"up_proj: different circuits: checkpoint has 'up'"):
+    with pytest.raises(QCError, match=r"up_proj: different circuits: circuit 'up' is defined differently"):
         load(base, tmp_path / "c")
 
 
