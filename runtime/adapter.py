@@ -173,7 +173,7 @@ class Adapted:
         sums = sum(len(layer.branches) > 1 for layer in layers.values())
         lines = [f"QuanTA adapter on {type(self.model).__name__}: {len(layers)} layers"
                  + (f", {sums} of them sums of circuits" if sums else ""),
-                 fmt.format(*titles)]
+                 fmt.format(*titles).rstrip()]
         lines += [fmt.format(*r).rstrip() for r in rows]
         lines.append(f"trainable parameters: {self.num_trainable:,} of {self.num_base:,} "
                      f"({pct:.4f} %)")
