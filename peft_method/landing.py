@@ -63,7 +63,9 @@ class Arrivals:
         """Why the adapter cannot run on this layer, for the refusal."""
         head = f"adapter {self.adapter_name!r} on {self.module_name}"
         if self.failure is not None:
-            return f"{head} failed to load: {self.failure}"
+            return (f"{head} failed to load, so it cannot run: {self.failure}\n(delete the "
+                    f"adapter, e.g. peft.functional.delete_adapter(model, "
+                    f"{self.adapter_name!r}, prefix='quanta_'), or start from a fresh model)")
         missing = sorted(self.records.keys() - self.received.keys())
         return (f"{head} was injected for a saved checkpoint whose tensors never arrived "
                 f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}): load it with "

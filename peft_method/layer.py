@@ -48,6 +48,7 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         self._active_adapter: list[str] = []
         # adapters injected for a checkpoint whose tensors have not all arrived (landing.py)
         self.qc_pending: dict[str, Arrivals] = {}
+        self.register_state_dict_post_hook(_hide_pending)
 
     def add(self, adapter_name: str, layer: AdaptedLayer) -> None:
         """Install ``layer`` (built on this module's base layer) as ``adapter_name``."""
@@ -144,3 +145,13 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         rows += [f"({name}): AdaptedLayer({layer.extra_repr()})"
                  for name, layer in self.qc_adapters.items()]
         return "quanta.QuanTALayer(\n  " + "\n  ".join(rows) + "\n)"
+
+
+def _hide_pending(layer: QuanTALayer, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A pending adapter's state is its landing slots: its gates (still their random init)
+    are left out, so no loader reports them missing and no save writes them."""
+    for name in layer.qc_pending:
+        heads = tuple(f"{prefix}{container}.{name}." for container in
+                      layer.adapter_layer_names + layer.other_param_names)
+        for key in [k for k in state_dict if k.startswith(heads)]:
+            del state_dict[key]
