@@ -68,10 +68,14 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         if adapter_name in self.qc_pending:
             raise QCError(self.qc_pending[adapter_name].why())
 
-    def delete_adapter(self, adapter_name: str) -> None:
+    def settle(self, adapter_name: str) -> None:
+        """Stop waiting for ``adapter_name``'s tensors (a loader is handing them over)."""
         pending = self.qc_pending.pop(adapter_name, None)
         if pending is not None:
             remove_slots(self, pending)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.settle(adapter_name)
         super().delete_adapter(adapter_name)
 
     # --- PEFT's named state changes ----------------------------------------------------------

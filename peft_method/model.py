@@ -196,7 +196,8 @@ class QuanTAModel(BaseTuner):
                                            adapter_name: str, state_dict: dict[str, torch.Tensor]
                                            ) -> dict[str, torch.Tensor]:
         """qcircuit names -> this model's parameter names, after checking that the
-        tensors are exactly the ones the adapter's layers need."""
+        tensors are exactly the ones the adapter's layers need (and, where the config
+        records them, the very tensors that were saved)."""
         layers = adapted_layers(model, adapter_name)
         checkpoint.check_layers("adapter", _native(config), config.layers, state_dict)
         if config.tensors is not None:  # PEFT read the file as it is: check what it holds
@@ -206,6 +207,8 @@ class QuanTAModel(BaseTuner):
             here = f"{full_name}.qc_adapters.{adapter_name}"
             for key, path in layer.checkpoint_names(module_name).items():
                 out[f"{here}.{path}"] = state_dict[key]
+        for _, (full_name, _) in layers.items():  # inject_adapter_in_model's landing slots:
+            model.get_submodule(full_name).settle(adapter_name)  # PEFT copies these in next
         return out
 
 
@@ -253,6 +256,9 @@ def _await_checkpoint(model: nn.Module, config: QuanTAConfig, adapter_name: str)
     """Landing slots on each layer of ``adapter_name`` for its recorded tensors."""
     for module_name, (full_name, layer) in adapted_layers(model, adapter_name).items():
         keys = layer.checkpoint_names(module_name)
+        unrecorded = sorted(keys - config.tensors.keys())
+        if unrecorded:
+            raise QCError(f"adapter config of {adapter_name!r} records no tensor {unrecorded[0]}")
         owner = model.get_submodule(full_name)
         arrivals = Arrivals(owner, adapter_name, module_name,
                             {k: config.tensors[k] for k in keys})

@@ -465,6 +465,39 @@ def test_transformers_load_adapter_trainable_and_gpt2(tiny_gpt2_config, token_id
     assert len(trainable) == 2 * 3  # 2 blocks, 3 gates
 
 
+def test_transformers_from_pretrained_of_an_adapter_directory(make_llama, token_ids, tmp_path):
+    """``AutoModelForCausalLM.from_pretrained(adapter_dir)`` loads the base model the adapter
+    names, then calls ``load_adapter`` with its own load settings (here a bfloat16 dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    make_llama().save_pretrained(tmp_path / "base")
+    def base(**kw):
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", **kw).eval()
+    trained = get_peft_model(base(), QuanTAConfig(program=PROGRAM, seed=5))
+    perturb(trained)
+    trained.save_pretrained(tmp_path / "adapter")
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=dtype).eval()
+        assert list(model.peft_config) == ["default"] and not landing_left(model)
+        native = load(base(dtype=dtype), tmp_path / "adapter", fold=False)
+        assert torch.equal(logits(model, token_ids), logits(native, token_ids))  # the same ops
+
+
+def test_inject_adapter_in_model_then_set_peft_model_state_dict(saved, make_llama, token_ids):
+    """PEFT's functional door, as transformers 4.x's load_adapter and diffusers use it: the
+    tuner's hooks run, so the landing slots are settled by the verified tensors."""
+    from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = inject_adapter_in_model(PeftConfig.from_pretrained(saved[0]), make_llama())
+    with pytest.raises(QCError, match="never arrived"):
+        model(token_ids)
+    set_peft_model_state_dict(model, load_file(saved[0] / "adapter_model.safetensors"))
+    assert not landing_left(model)
+    native = load(make_llama(), saved[0], fold=False)
+    assert rel(logits(model, token_ids), logits(native, token_ids)) <= F32
+
+
 def test_transformers_load_adapter_in_a_fresh_process(saved, make_llama, token_ids, tmp_path):
     script = f"""
 import torch
