@@ -447,6 +447,19 @@ def test_transformers_load_adapter_matches_native_load(saved, which, make_llama,
     assert not any(p.requires_grad for p in model.parameters())  # inference by default
 
 
+def test_transformers_load_adapter_of_a_sum(make_llama, token_ids, tmp_path):
+    """Two circuits on q_proj: its keys name the circuit (``<module>.<circuit>.gates.<i>``)."""
+    program = PROGRAM + "circuit small {\n    qudits 8 8\n    gate (0, 1)\n}\napply small to q_proj\n"
+    native = attach(make_llama(), parse(program), seed=4)
+    perturb(native.model, seed=8)
+    native.save(tmp_path)
+    model = make_llama()
+    info = model.load_adapter(str(tmp_path))
+    assert not info.unexpected_keys and not info.missing_keys and not landing_left(model)
+    expected = logits(load(make_llama(), tmp_path, fold=False), token_ids)
+    assert rel(logits(model, token_ids), expected) <= F32
+
+
 def test_transformers_load_adapter_trainable_and_gpt2(tiny_gpt2_config, token_ids, tmp_path):
     from transformers import GPT2LMHeadModel
 
