@@ -7,9 +7,10 @@ an entry of ``model.state_dict()`` is cast to that entry's dtype and set with ``
 on the module holding it; other keys are logged as unexpected and dropped. No PEFT hook
 runs, so the tuner's key mapping (``_remap_adapter_state_dict_for_load``) is skipped.
 
-So each layer of an adapter injected through that door gets *landing slots*: tensors on
-the meta device (no memory) at exactly the checkpoint's key paths (``<module>.gates.<i>``
-is buffer ``i`` of a ``gates`` child of the module's ``QuanTALayer``). A slot hands what
+So each layer of an adapter injected through that door gets *landing slots*: empty
+buffers, gate-sized, with the recorded dtype, at exactly the checkpoint's key paths
+(``<module>.gates.<i>`` is buffer ``i`` of a ``gates`` child of the module's
+``QuanTALayer``; a sum's ``<module>.<circuit>.gates.<i>`` one level deeper). A slot hands what
 it is given to the layer's :class:`Arrivals`; when the layer's last tensor has come, the
 set is checked against the config's records (:func:`check_tensors`: what
 ``checkpoint.read`` checks) and copied into the gates (``AdaptedLayer.load_tensors``), and
@@ -94,7 +95,7 @@ class Arrivals:
 
 
 class Slot(nn.Module):
-    """A node of the landing paths: meta buffers to be *set* (never read) by a loader."""
+    """A node of the landing paths: buffers to be *set* (never read) by a loader."""
 
     def __init__(self, arrivals: Arrivals, prefix: str):
         super().__init__()
@@ -115,6 +116,7 @@ def add_slots(owner: nn.Module, arrivals: Arrivals) -> None:
     """Landing slots on ``owner`` (the ``QuanTALayer`` of ``arrivals.module_name``) at each
     recorded key's path below it."""
     module_name = arrivals.module_name
+    device = owner.base_layer.weight.device   # real, gate-sized: the model still moves
     for key, rec in arrivals.records.items():
         *path, leaf = key.removeprefix(module_name + ".").split(".")
         node, prefix = owner, module_name + "."
@@ -134,7 +136,7 @@ def add_slots(owner: nn.Module, arrivals: Arrivals) -> None:
                               f"which is taken (another adapter still pending there?)")
             node = child
         node.register_buffer(leaf, torch.empty(rec["shape"], dtype=getattr(torch, rec["dtype"]),
-                                               device="meta"))
+                                               device=device))
 
 
 def remove_slots(owner: nn.Module, arrivals: Arrivals) -> None:

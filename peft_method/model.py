@@ -6,6 +6,10 @@ order from one generator, exactly as ``attach`` builds them, and installed into
 ``QuanTALayer`` containers. Checkpoint tensors use qcircuit's names
 (``AdaptedLayer.tensors``: ``<module>.gates.<i>``, ``<module>.init_gates.<i>``), so one
 directory serves both front doors.
+
+Loading goes through PEFT's hooks (``_remap_adapter_state_dict_for_load``, which also
+checks each tensor's sha256), except behind ``inject_adapter_in_model`` when the loader is
+transformers 5's own: there a saved adapter waits in landing slots (landing.py).
 """
 from __future__ import annotations
 
