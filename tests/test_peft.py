@@ -570,6 +570,11 @@ def test_transformers_second_adapter_and_state_calls(saved, make_llama, token_id
     assert rel(logits(model, token_ids), second) <= F32
     with pytest.raises(QCError, match="one adapter at a time"):
         model.set_adapter(["default", "other"])
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    assert list(model.peft_config) == ["default"] and model.active_adapters() == ["default"]
+    assert not any(isinstance(m, QuanTALayer) and "other" in m.qc_adapters for m in model.modules())
+    assert torch.equal(logits(model, token_ids), first)
 
 
 def test_peft_model_load_adapter_second_named_adapter(saved, make_llama, token_ids):
@@ -627,6 +632,16 @@ def test_load_adapter_refuses_to_run_with_a_missing_tensor(saved, make_llama, to
     delete_adapter(model, "default", prefix=QuanTAModel.prefix)
     assert not landing_left(model)
     assert torch.equal(logits(model, token_ids), logits(make_llama(), token_ids))
+
+
+def test_load_adapter_refuses_a_reshaped_gate(saved, make_llama, token_ids):
+    key = "model.layers.0.self_attn.v_proj.gates.0"
+    rewrite_tensors(saved[0], lambda t: t.update({key: t[key].reshape(16, 16)}))
+    model = make_llama()
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' refusal
+        model.load_adapter(str(saved[0]))
+    with pytest.raises(QCError, match=r"v_proj was injected .* never arrived"):
+        model(token_ids)
 
 
 def test_load_adapter_refuses_a_bad_config(saved, make_llama):
