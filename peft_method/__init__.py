@@ -20,7 +20,7 @@ __all__ = ["QuanTAConfig", "QuanTAModel", "QuanTALayer", "QUANTA", "register"]
 
 
 #: PEFT internals this module relies on besides the three maps: the tuner hooks that map
-#: checkpoint keys, and the flag that closes ``inject_adapter_in_model``.
+#: checkpoint keys, and the flag that keeps ``inject_adapter_in_model`` open to the tuner.
 _TUNER_HOOKS = ("_get_adapter_state_dict", "_remap_adapter_state_dict_for_load",
                 "_remove_adapter_name_from_key", "uses_shared_state")
 

@@ -22,6 +22,8 @@ from torch import nn
 from qcircuit import QCError
 from qcircuit.runtime import AdaptedLayer
 
+from .landing import Arrivals, remove_slots
+
 
 class QuanTALayer(nn.Module, BaseTunerLayer):
     """A base ``nn.Linear``/``Conv1D`` with one ``AdaptedLayer`` per named adapter."""
@@ -44,6 +46,9 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter: list[str] = []
+        # adapters injected for a checkpoint whose tensors have not all arrived (landing.py)
+        self.qc_pending: dict[str, Arrivals] = {}
+        self.register_state_dict_post_hook(_hide_pending)
 
     def add(self, adapter_name: str, layer: AdaptedLayer) -> None:
         """Install ``layer`` (built on this module's base layer) as ``adapter_name``."""
@@ -53,6 +58,25 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
             raise QCError(f"{layer.name}: adapter {adapter_name!r} already exists")
         self.qc_adapters[adapter_name] = layer
         self.qc_gates[adapter_name] = nn.ModuleList(b.adapter for b in layer.branches)
+
+    def await_tensors(self, arrivals: Arrivals) -> None:
+        """Keep ``arrivals.adapter_name`` pending until its checkpoint tensors arrive."""
+        self.qc_pending[arrivals.adapter_name] = arrivals
+
+    def check_loaded(self, adapter_name: str) -> None:
+        """QCError if ``adapter_name`` still waits for (or failed) its checkpoint tensors."""
+        if adapter_name in self.qc_pending:
+            raise QCError(self.qc_pending[adapter_name].why())
+
+    def settle(self, adapter_name: str) -> None:
+        """Stop waiting for ``adapter_name``'s tensors (a loader is handing them over)."""
+        pending = self.qc_pending.pop(adapter_name, None)
+        if pending is not None:
+            remove_slots(self, pending)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.settle(adapter_name)
+        super().delete_adapter(adapter_name)
 
     # --- PEFT's named state changes ----------------------------------------------------------
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
@@ -77,6 +101,8 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         (what ``safe_merge`` asks for); on a failure the adapters merged here are undone."""
         # an adapter need not cover every layer: layers without it have nothing to merge
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.qc_adapters]
+        for name in names:
+            self.check_loaded(name)
         done = []
         try:
             for name in names:
@@ -112,6 +138,7 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         if len(self.active_adapters) > 1:
             raise QCError(f"QuanTA layers run one adapter at a time, {self.active_adapters} "
                           "are active")
+        self.check_loaded(self.active_adapters[0])
         layer = self.qc_adapters[self.active_adapters[0]] \
             if self.active_adapters[0] in self.qc_adapters else None
         return self.base_layer(x, *args, **kwargs) if layer is None else layer(x)
@@ -122,3 +149,13 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         rows += [f"({name}): AdaptedLayer({layer.extra_repr()})"
                  for name, layer in self.qc_adapters.items()]
         return "quanta.QuanTALayer(\n  " + "\n  ".join(rows) + "\n)"
+
+
+def _hide_pending(layer: QuanTALayer, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A pending adapter's state is its landing slots: its gates (still their random init)
+    are left out, so no loader reports them missing and no save writes them."""
+    for name in layer.qc_pending:
+        heads = tuple(f"{prefix}{container}.{name}." for container in
+                      layer.adapter_layer_names + layer.other_param_names)
+        for key in [k for k in state_dict if k.startswith(heads)]:
+            del state_dict[key]

@@ -6,6 +6,10 @@ order from one generator, exactly as ``attach`` builds them, and installed into
 ``QuanTALayer`` containers. Checkpoint tensors use qcircuit's names
 (``AdaptedLayer.tensors``: ``<module>.gates.<i>``, ``<module>.init_gates.<i>``), so one
 directory serves both front doors.
+
+Loading goes through PEFT's hooks (``_remap_adapter_state_dict_for_load``, which also
+checks each tensor's sha256), except behind ``inject_adapter_in_model`` when the loader is
+transformers 5's own: there a saved adapter waits in landing slots (landing.py).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
+from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
@@ -20,9 +25,11 @@ from qcircuit import QCError
 from qcircuit.runtime import AdaptedLayer, bind
 from qcircuit.runtime.bind import by_layer
 from qcircuit.runtime import checkpoint
+from qcircuit.runtime.checkpoint_schema import check_config
 from qcircuit.runtime.adapter import build_layers, check_not_shared  # the native layer and refusal
 
 from .config import QuanTAConfig
+from .landing import Arrivals, add_slots, check_tensors
 from .layer import QuanTALayer
 
 _PEFT_PREFIX = "base_model.model."
@@ -64,7 +71,8 @@ def adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, 
 def checkpoint_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors under qcircuit's checkpoint names (``AdaptedLayer.tensors``)."""
     tensors: dict[str, torch.Tensor] = {}
-    for module_name, (_, layer) in adapted_layers(model, adapter_name).items():
+    for module_name, (full_name, layer) in adapted_layers(model, adapter_name).items():
+        model.get_submodule(full_name).check_loaded(adapter_name)
         if layer.merged:
             raise QCError("unmerge before saving: the checkpoint stores the unmerged adapter")
         tensors.update(layer.tensors(module_name))
@@ -75,13 +83,23 @@ class QuanTAModel(BaseTuner):
     """Creates QuanTA adapters on a model from a :class:`QuanTAConfig` (a qcircuit program)."""
 
     prefix: str = "quanta_"
-    # Checkpoints use qcircuit's tensor names, which only this class's hooks translate;
-    # loaders that bypass them (transformers' ``model.load_adapter``) would leave the gates
-    # at their random init without a word. The flag makes PEFT refuse
-    # ``inject_adapter_in_model``, the door such loaders use.
-    uses_shared_state: bool = True
+    # All state lives in the layers, so PEFT's ``inject_adapter_in_model`` (the door of
+    # transformers' ``load_adapter``/``add_adapter``) may build this tuner. Loaders behind
+    # that door skip this class's key-mapping hooks: an adapter injected there for a saved
+    # checkpoint waits for its tensors in landing slots (landing.py) and refuses to run
+    # until they have all arrived and been verified.
+    uses_shared_state: bool = False
     tuner_layer_cls = QuanTALayer
     target_module_mapping: dict = {}
+
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str,
+                 low_cpu_mem_usage: bool = False,
+                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        # PeftModel hands the tuner a dict of configs and loads through the hooks below;
+        # inject_adapter_in_model hands it one config and returns only the model.
+        self._bare_door = isinstance(peft_config, PeftConfig)
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                         state_dict=state_dict)
 
     # --- injection -------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
@@ -96,6 +114,7 @@ class QuanTAModel(BaseTuner):
             raise QCError("QuanTA adapters do not support low_cpu_mem_usage=True (gates are "
                           "drawn and checked on real tensors)")
         program = config.to_program()
+        saved = self._bare_door and _check_saved(config)
         view = _BaseView(model)
         targets = bind(view, program)
         check_not_shared(view, targets)
@@ -110,11 +129,15 @@ class QuanTAModel(BaseTuner):
         config.layers = records
         config.model = checkpoint.model_identity(model)
         config.target_modules = [t.module_name for t in targets]
+        if self._bare_door:  # new layers run what the model's other QuanTA layers run
+            self.active_adapter = _model_active(model) or adapter_name
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=False, state_dict=None)
         finally:
             self._pending = {}
+        if saved:
+            _await_checkpoint(model, config, adapter_name)
 
     @staticmethod
     def _prepare_adapter_config(peft_config: QuanTAConfig, model_config: dict) -> QuanTAConfig:
@@ -177,14 +200,19 @@ class QuanTAModel(BaseTuner):
                                            adapter_name: str, state_dict: dict[str, torch.Tensor]
                                            ) -> dict[str, torch.Tensor]:
         """qcircuit names -> this model's parameter names, after checking that the
-        tensors are exactly the ones the adapter's layers need."""
+        tensors are exactly the ones the adapter's layers need (and, where the config
+        records them, the very tensors that were saved)."""
         layers = adapted_layers(model, adapter_name)
         checkpoint.check_layers("adapter", _native(config), config.layers, state_dict)
+        if config.tensors is not None:  # PEFT read the file as it is: check what it holds
+            check_tensors(f"checkpoint of adapter {adapter_name!r}", config.tensors, state_dict)
         out = {}
         for module_name, (full_name, layer) in layers.items():
             here = f"{full_name}.qc_adapters.{adapter_name}"
             for key, path in layer.checkpoint_names(module_name).items():
                 out[f"{here}.{path}"] = state_dict[key]
+        for _, (full_name, _) in layers.items():  # inject_adapter_in_model's landing slots:
+            model.get_submodule(full_name).settle(adapter_name)  # PEFT copies these in next
         return out
 
 
@@ -200,3 +228,43 @@ def _native(config: QuanTAConfig) -> dict:
     return {"format": config.format, "format_version": config.format_version,
             "program": config.program, "options": config.options,
             "model": config.model or {}, "layers": config.layers}
+
+
+def _model_active(model: nn.Module) -> list[str]:
+    """The adapters the model's QuanTA layers run (the first layer's), if it has any."""
+    for module in model.modules():
+        if isinstance(module, QuanTALayer):
+            return list(module.active_adapters)
+    return []
+
+
+def _check_saved(config: QuanTAConfig) -> bool:
+    """True if ``config`` was read from a checkpoint (it records the saved tensors), after
+    checking it like ``checkpoint.read`` checks ``adapter_config.json``."""
+    if config.tensors is None:
+        if config.layers is not None:
+            raise QCError("this QuanTAConfig describes adapted layers but records no tensor "
+                          "hashes: a checkpoint written without them cannot be verified (save "
+                          "it again with this qcircuit); for a new adapter pass a fresh "
+                          "QuanTAConfig(program=...)")
+        return False
+    native = {**_native(config), "tensors": config.tensors,
+              "qcircuit_version": config.qcircuit_version, "peft_type": str.__str__(config.peft_type)}
+    where = f"{checkpoint.CONFIG_NAME} (as read by PeftConfig.from_pretrained)"
+    check_config(native, where)
+    checkpoint.program_of(native, where)
+    return True
+
+
+def _await_checkpoint(model: nn.Module, config: QuanTAConfig, adapter_name: str) -> None:
+    """Landing slots on each layer of ``adapter_name`` for its recorded tensors."""
+    for module_name, (full_name, layer) in adapted_layers(model, adapter_name).items():
+        keys = layer.checkpoint_names(module_name)
+        unrecorded = sorted(keys - config.tensors.keys())
+        if unrecorded:
+            raise QCError(f"adapter config of {adapter_name!r} records no tensor {unrecorded[0]}")
+        owner = model.get_submodule(full_name)
+        arrivals = Arrivals(owner, adapter_name, module_name,
+                            {k: config.tensors[k] for k in keys})
+        add_slots(owner, arrivals)
+        owner.await_tensors(arrivals)

@@ -1,0 +1,146 @@
+"""Checkpoint tensors that arrive through a loader that only knows parameter names.
+
+transformers 5's ``model.load_adapter(dir)`` injects the adapter with PEFT's
+``inject_adapter_in_model`` and then fills the model from ``adapter_model.safetensors``
+with its own loader (``convert_and_load_state_dict_in_model``): each file key that names
+an entry of ``model.state_dict()`` is cast to that entry's dtype and set with ``setattr``
+on the module holding it; other keys are logged as unexpected and dropped. No PEFT hook
+runs, so the tuner's key mapping (``_remap_adapter_state_dict_for_load``) is skipped.
+
+So each layer of an adapter injected through that door gets *landing slots*: empty
+buffers, gate-sized, with the recorded dtype, at exactly the checkpoint's key paths
+(``<module>.gates.<i>`` is buffer ``i`` of a ``gates`` child of the module's
+``QuanTALayer``; a sum's ``<module>.<circuit>.gates.<i>`` one level deeper). A slot hands what
+it is given to the layer's :class:`Arrivals`; when the layer's last tensor has come, the
+set is checked against the config's records (:func:`check_tensors`: what
+``checkpoint.read`` checks) and copied into the gates (``AdaptedLayer.load_tensors``), and
+the slots go away. Until then the adapter is *pending* on that layer and the layer
+refuses to run, merge or save it: a tensor the file lacks, one the loader renamed, or one
+that fails its hash never leaves random gates in use.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from qcircuit import QCError
+from qcircuit.runtime import checkpoint
+
+
+def check_tensors(where: str, records: Mapping[str, dict], tensors: Mapping[str, torch.Tensor]
+                  ) -> None:
+    """Refuse tensors that are not exactly the recorded ones: the same names, dtype,
+    shape and sha256, finite and within ``MAX_GATE_ABS`` (``checkpoint.read``'s checks)."""
+    if tensors.keys() != records.keys():
+        missing, extra = sorted(records.keys() - tensors.keys()), sorted(tensors.keys() - records.keys())
+        raise QCError(f"{where}: the tensors differ from the config's: missing "
+                      f"{missing[:5] or 'none'}, unexpected {extra[:5] or 'none'}")
+    for name in sorted(tensors):
+        rec, t = records[name], tensors[name].detach().to("cpu").contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype != rec["dtype"] or list(t.shape) != rec["shape"]:
+            raise QCError(f"{where}: tensor {name} arrived as {dtype} {list(t.shape)}, the "
+                          f"config says {rec['dtype']} {rec['shape']}")
+        # the two helpers of checkpoint.read (see the report: a public check there is asked for)
+        if checkpoint._sha256(t) != rec["sha256"]:
+            raise QCError(f"{where}: tensor {name} does not match its sha256 in "
+                          f"{checkpoint.CONFIG_NAME}: the file was changed or damaged")
+        checkpoint._check_values(name, t, where)
+
+
+class Arrivals:
+    """The checkpoint tensors one ``AdaptedLayer`` of a pending adapter waits for."""
+
+    def __init__(self, owner: nn.Module, adapter_name: str, module_name: str,
+                 records: Mapping[str, dict]):
+        self.owner, self.adapter_name, self.module_name = owner, adapter_name, module_name
+        self.records = dict(records)
+        self.received: dict[str, torch.Tensor] = {}
+        self.failure: str | None = None
+
+    def why(self) -> str:
+        """Why the adapter cannot run on this layer, for the refusal."""
+        head = f"adapter {self.adapter_name!r} on {self.module_name}"
+        if self.failure is not None:
+            return (f"{head} failed to load, so it cannot run: {self.failure}\n(delete the "
+                    f"adapter, e.g. peft.functional.delete_adapter(model, "
+                    f"{self.adapter_name!r}, prefix='quanta_'), or start from a fresh model)")
+        missing = sorted(self.records.keys() - self.received.keys())
+        return (f"{head} was injected for a saved checkpoint whose tensors never arrived "
+                f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}): load it with "
+                f"load_adapter(dir) or PeftModel.from_pretrained(model, dir), whose files "
+                f"qcircuit verifies; delete it to go on without it")
+
+    def receive(self, key: str, tensor: torch.Tensor) -> None:
+        if key not in self.records or key in self.received:
+            raise QCError(f"{self.module_name}: checkpoint tensor {key} "
+                          f"{'delivered twice' if key in self.received else 'not expected'}")
+        self.received[key] = tensor.detach()
+        if len(self.received) == len(self.records):
+            self._complete()
+
+    def _complete(self) -> None:
+        where = f"checkpoint of adapter {self.adapter_name!r} ({self.module_name})"
+        owner, tensors, self.received = self.owner, self.received, {}
+        remove_slots(owner, self)
+        try:
+            check_tensors(where, self.records, tensors)
+            owner.qc_adapters[self.adapter_name].load_tensors(self.module_name, tensors)
+        except QCError as e:
+            self.failure = str(e)
+            raise
+        del owner.qc_pending[self.adapter_name]
+
+
+class Slot(nn.Module):
+    """A node of the landing paths: buffers to be *set* (never read) by a loader."""
+
+    def __init__(self, arrivals: Arrivals, prefix: str):
+        super().__init__()
+        object.__setattr__(self, "_arrivals", arrivals)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__.get("_buffers", {}) and isinstance(value, torch.Tensor):
+            self._arrivals.receive(self._prefix + name, value)
+            return
+        super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        return f"landing for {self._arrivals.adapter_name!r}: {sorted(self._buffers)}"
+
+
+def add_slots(owner: nn.Module, arrivals: Arrivals) -> None:
+    """Landing slots on ``owner`` (the ``QuanTALayer`` of ``arrivals.module_name``) at each
+    recorded key's path below it."""
+    module_name = arrivals.module_name
+    device = owner.base_layer.weight.device   # real, gate-sized: the model still moves
+    for key, rec in arrivals.records.items():
+        *path, leaf = key.removeprefix(module_name + ".").split(".")
+        node, prefix = owner, module_name + "."
+        for part in path:
+            prefix += part + "."
+            child = node._modules.get(part)
+            if child is None:
+                if hasattr(node, part):
+                    raise QCError(f"{module_name}: checkpoint key {key} would land on "
+                                  f"{type(node).__name__}.{part}, which is taken: this "
+                                  f"adapter cannot be loaded with transformers' load_adapter; "
+                                  f"use PeftModel.from_pretrained")
+                child = Slot(arrivals, prefix)
+                node.add_module(part, child)
+            elif not isinstance(child, Slot) or child._arrivals is not arrivals:
+                raise QCError(f"{module_name}: checkpoint key {key} would land on {prefix}, "
+                              f"which is taken (another adapter still pending there?)")
+            node = child
+        node.register_buffer(leaf, torch.empty(rec["shape"], dtype=getattr(torch, rec["dtype"]),
+                                               device=device))
+
+
+def remove_slots(owner: nn.Module, arrivals: Arrivals) -> None:
+    """Drop the landing children ``add_slots`` made on ``owner`` for ``arrivals``."""
+    for name, child in list(owner._modules.items()):
+        if isinstance(child, Slot) and child._arrivals is arrivals:
+            del owner._modules[name]
