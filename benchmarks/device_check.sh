@@ -23,7 +23,7 @@ step() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
 
 step "environment"
 {
-    timeout 60 "$PY" -c 'import sys, torch
+    timeout 45 "$PY" -c 'import sys, torch
 print(sys.version.split()[0], sys.executable)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
@@ -37,10 +37,10 @@ if torch.cuda.is_available():
 step "install (no network)"
 {
     if ls .whl/*.whl >/dev/null 2>&1; then
-        timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        timeout 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --upgrade --target /tmp/qc-site .whl/*.whl && export PYTHONPATH=/tmp/qc-site${PYTHONPATH:+:$PYTHONPATH}
     fi
-    if ! timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
+    if ! timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
         echo "editable install failed: qcircuit through links in /tmp/qc-src"
         rm -rf /tmp/qc-src && mkdir -p /tmp/qc-src/qcircuit
         ln -s "$PWD"/qcircuit/* /tmp/qc-src/qcircuit/
@@ -50,7 +50,7 @@ step "install (no network)"
         export PYTHONPATH=/tmp/qc-src${PYTHONPATH:+:$PYTHONPATH}
     fi
     # -P: the repo root (whose qcircuit/ lacks the compiler) is not put on sys.path
-    (cd /tmp && timeout 60 "$PY" -P -c 'import qcircuit, qcircuit.compiler, lark, opt_einsum, networkx
+    (cd /tmp && timeout 30 "$PY" -P -c 'import qcircuit, qcircuit.compiler, lark, opt_einsum, networkx
 print("qcircuit from", qcircuit.__file__)
 try:
     import qcircuit.runtime
@@ -64,12 +64,12 @@ cat "$OUT/install.txt"   # the group ran in this shell: its PYTHONPATH exports h
 step "tests/test_cuda.py"
 FLAGS=(-q -rfEs --durations=25 -p no:cacheprovider)
 "$PY" -c 'import pytest_timeout' 2>/dev/null && FLAGS+=(--timeout=180)
-QCIRCUIT_CACHE_DIR=/tmp/qc-cache-tests timeout -k 10 250 "$PY" -P -m pytest "${FLAGS[@]}" \
+QCIRCUIT_CACHE_DIR=/tmp/qc-cache-tests timeout -k 10 240 "$PY" -P -m pytest "${FLAGS[@]}" \
     tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt"
 TEST_RC=${PIPESTATUS[0]}
 
 step "benchmarks/adapter_speed.py --device cuda"
-QCIRCUIT_CACHE_DIR=/tmp/qc-cache-bench timeout -k 10 190 "$PY" -P benchmarks/adapter_speed.py \
+QCIRCUIT_CACHE_DIR=/tmp/qc-cache-bench timeout -k 10 180 "$PY" -P benchmarks/adapter_speed.py \
     --device cuda --output "$OUT/adapter_speed_cuda.txt" 2>&1 | tee "$OUT/bench.txt"
 BENCH_RC=${PIPESTATUS[0]}
 cp /tmp/qc-cache-bench/wisdom.json "$OUT/wisdom_cuda.json" 2>/dev/null

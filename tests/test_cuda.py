@@ -105,6 +105,11 @@ def bound(dtype: torch.dtype, circuit: Circuit) -> float:
     return tolerance(dtype, terms=max(circuit.in_features, circuit.out_features))
 
 
+def grad_bound(dtype: torch.dtype, circuit: Circuit, tokens: int) -> float:
+    """A gate's gradient also sums over the tokens."""
+    return tolerance(dtype, terms=max(circuit.in_features, circuit.out_features, tokens))
+
+
 def on(t: torch.Tensor, dtype: torch.dtype, grad: bool = False) -> torch.Tensor:
     """A fresh copy on the device (never the cached reference tensor itself)."""
     return t.to(DEVICE, dtype, copy=True).requires_grad_(grad)
@@ -122,7 +127,7 @@ def test_explicit_reference_agrees_with_the_numpy_one():
 @pytest.mark.parametrize("name", CIRCUITS)
 def test_module_forward_and_gradients(name, tokens, dtype):
     """``plan.module()`` on the device, the route chosen for the bucket; gradients to the
-    input and every gate (for the paper circuit at 7 and 512 tokens: its gate reference is
+    input and every gate (for the paper circuit at 512 tokens only: its gate reference is
     1.4 TFLOP of CPU work per token count)."""
     circuit, plan, gates, t = case(name)
     x64, gy64 = inputs(name, tokens)
@@ -137,10 +142,10 @@ def test_module_forward_and_gradients(name, tokens, dtype):
     assert rel_err(y, x64 @ t.T) <= tol
     (y * on(gy64, dtype)).sum().backward()
     assert rel_err(x.grad, gy64 @ t) <= tol
-    if name != "paper" or tokens in (7, 512):
+    if name != "paper" or tokens == 512:
         for k, (p, want) in enumerate(zip(m.gates, gate_grads(name, tokens))):
             err = rel_err(p.grad, want)
-            assert err <= tolerance(dtype, terms=tokens * circuit.in_features), (k, err)
+            assert err <= grad_bound(dtype, circuit, tokens), (k, err)
     assert rel_err(m.matrix(), t) <= tol
 
 
@@ -179,8 +184,7 @@ def test_every_route_forced_on_the_device(kind, name, dtype):
             grads = torch.autograd.grad(operator(circuit, leaves), leaves, grad_outputs=gt) \
                 if name != "paper" else ()
         for k, want in enumerate(grads):
-            assert rel_err(g[k].grad, want) <= tolerance(dtype, terms=300 * circuit.in_features), \
-                (route, k)
+            assert rel_err(g[k].grad, want) <= grad_bound(dtype, circuit, 300), (route, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
