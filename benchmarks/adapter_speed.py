@@ -26,8 +26,15 @@ step that builds the plan and the workspace, freed and trimmed); the peak reside
 set (``VmHWM``) is reset through ``/proc/self/clear_refs`` after setup, one step runs, and the
 growth of ``VmHWM`` over the resident size before the step is reported.
 
-Usage: ``python benchmarks/adapter_speed.py [--quick] [--output FILE]``; the table is written
-to ``benchmarks/adapter_speed.txt`` unless ``--output`` names another file.
+On CUDA (``--device cuda``): every tensor lives on the GPU, each timed call is bracketed by
+``torch.cuda.synchronize()`` (the time is the GPU's work, not the launch), token counts run to
+8192, the kernel-less rows are left out (the C kernels are CPU code), and peak memory is the
+growth of ``torch.cuda.max_memory_allocated`` over one step, in this process. The cost
+model is the CPU's: on the GPU its prediction only ranks, and measurement decides.
+
+Usage: ``python benchmarks/adapter_speed.py [--device cpu|cuda] [--quick] [--output FILE]``;
+the table is written to ``benchmarks/adapter_speed.txt`` (``adapter_speed_cuda.txt`` on
+CUDA) unless ``--output`` names another file.
 """
 from __future__ import annotations
 
@@ -57,14 +64,22 @@ from qcircuit.compiler import routes, token_bucket  # noqa: E402
 THREADS = 2
 # rounds per token count: a 16-token step takes milliseconds, so its median is taken over
 # many more rounds (host noise moves single rounds by ±20 %); a 2048-token round takes ~4 s
-ROUNDS = {16: 201, 512: 61, 2048: 9}
+# on the CPU; on the GPU every step takes milliseconds at most
+ROUNDS = {"cpu": {16: 201, 512: 61, 2048: 9},
+          "cuda": {16: 201, 512: 201, 2048: 101, 8192: 51}}
 CIRCUIT = Circuit(16, 8, 8, 4).all_pairs()
 APART_ROW = "sched, permutes apart"  # without the fused permute + gate kernel
 ATEN_ROW = "sched, ATen copies"  # the same planner without any C kernel
-OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapter_speed.txt")
+OUTPUT = {d: os.path.join(os.path.dirname(os.path.abspath(__file__)), f"adapter_speed{s}.txt")
+          for d, s in (("cpu", ""), ("cuda", "_cuda"))}
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    if device == "cuda":
+        return (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
+                f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, float32, host "
+                f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, load average "
+                f"{os.getloadavg()[0]:.1f} at start")
     model = platform.processor() or "unknown cpu"
     try:
         with open("/proc/cpuinfo") as f:
@@ -87,18 +102,25 @@ def cpu_ticks() -> tuple[int, int] | None:
     return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
 
 
-def make_gates(c: Circuit, grad: bool = True) -> list[torch.Tensor]:
-    """The module's own Kaiming init (seed 0), as plain leaf tensors."""
-    return [g.detach().clone().requires_grad_(grad)
+def make_gates(c: Circuit, grad: bool = True, device: str = "cpu") -> list[torch.Tensor]:
+    """The module's own Kaiming init (seed 0), as plain leaf tensors on ``device``."""
+    return [g.detach().to(device, copy=True).requires_grad_(grad)
             for g in compile_circuit(c).module(seed=0).gates]
 
 
-def variants(tokens: int, extra: bool = True) -> dict:
-    """name -> (step function, predicted seconds or None); ``extra``: the kernel-less rows."""
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work (nothing on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def variants(tokens: int, extra: bool = True, device: str = "cpu") -> dict:
+    """name -> (step function, predicted seconds or None); ``extra``: the kernel-less rows
+    (CPU only: the C kernels do not run on the GPU)."""
     c = CIRCUIT
-    gates = make_gates(c)
-    x = torch.randn(tokens, c.in_features, requires_grad=True)
-    gy = torch.randn(tokens, c.out_features)
+    gates = make_gates(c, device=device)
+    x = torch.randn(tokens, c.in_features, device=device, requires_grad=True)
+    gy = torch.randn(tokens, c.out_features, device=device)
     eq = compile_circuit(c).forward_network.equation
     shapes = [(tokens,) + c.in_dims] + [g.shape for g in c.gates]
     path, _ = oe.contract_path(eq, (100,) + c.in_dims, *shapes[1:], shapes=True, optimize="optimal")
@@ -115,14 +137,15 @@ def variants(tokens: int, extra: bool = True) -> dict:
     out = {"reference": (reference, cm.einsum_reference(tokens, c.in_dims, c.gates))}
     plan = compile_circuit(c)
     for route in ("einsum", "schedule"):
-        rp = routes.forced(plan, "forward", route, token_bucket(tokens), "cpu", torch.float32)
+        rp = routes.forced(plan, "forward", route, token_bucket(tokens), device, torch.float32)
         runner = routes.build(plan, rp)
 
         def run(runner=runner):
             runner(x, gates).backward(gy)
             clear(x, *gates)
         out[f"route {route}"] = (run, rp.candidates[0].predicted)
-    for row, switch in ((APART_ROW, "QCIRCUIT_FUSE"), (ATEN_ROW, "QCIRCUIT_COMPILE"))[:2 if extra else 0]:
+    for row, switch in ((APART_ROW, "QCIRCUIT_FUSE"), (ATEN_ROW, "QCIRCUIT_COMPILE"))[
+            :2 if extra and device == "cpu" else 0]:
         with switched_off(switch):
             sched, ws = build_schedule(c, tokens), Workspace()
 
@@ -131,22 +154,26 @@ def variants(tokens: int, extra: bool = True) -> dict:
                 run_schedule(sched, x, gates, ws).backward(gy)
             clear(x, *gates)
         out[row] = (run, sched.cost)
-    module = plan.module()
+    module = plan.module(device=device)
     module_params = list(module.parameters())
-    chosen = plan.warm_up(tokens).route(tokens)  # chosen (measured) before any timing
+    # chosen (measured) before any timing
+    chosen = plan.warm_up(tokens, device=device).route(tokens, device)
 
     def run_module():
         module(x).backward(gy)
         clear(x, *module_params)
     out[f"module [{chosen.route}, {chosen.how}]"] = (run_module, None)
-    base = torch.nn.Linear(c.in_features, c.out_features).requires_grad_(False)
+    base = torch.nn.Linear(c.in_features, c.out_features, device=device).requires_grad_(False)
 
     def run_base():
         base(x).backward(gy)
         clear(x)
     gemm = cm.gemm(tokens, c.out_features, c.in_features)
     out["base layer (frozen)"] = (run_base, 2 * gemm)
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:  # the row is context only
+        return out
 
     class Layer(torch.nn.Module):
         def __init__(self):
@@ -155,7 +182,7 @@ def variants(tokens: int, extra: bool = True) -> dict:
 
         def forward(self, h):
             return self.proj(h)
-    lora = get_peft_model(Layer(), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    lora = get_peft_model(Layer(), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"])).to(device)
     lora_params = [p for p in lora.parameters() if p.requires_grad]
 
     def run_lora():
@@ -187,32 +214,34 @@ def switched_off(variable: str):
         reread()
 
 
-def interleaved(funcs: dict, rounds: int) -> dict[str, float]:
+def interleaved(funcs: dict, rounds: int, device: str = "cpu") -> dict[str, float]:
     for f in funcs.values():
-        f()  # warm-up: plans, caches, workspaces
+        f()  # warm-up: plans, caches, workspaces (and on the GPU its kernels' first loads)
     times: dict[str, list[float]] = {k: [] for k in funcs}
     names = list(funcs)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
             t0 = time.perf_counter()
             funcs[name]()
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def dense_variants() -> tuple[dict, dict]:
+def dense_variants(device: str = "cpu") -> tuple[dict, dict]:
     c = CIRCUIT
-    gates = make_gates(c, grad=False)
+    gates = make_gates(c, grad=False, device=device)
     plan = compile_circuit(c)
     eq = plan.dense_network.equation
     expr = oe.contract_expression(eq, *[g.shape for g in c.gates], optimize="optimal")
     exact = expr(*[g.double() for g in gates], backend="torch").reshape(c.out_features, -1)
-    module = plan.module(seed=0).requires_grad_(False)
-    chosen = plan.warm_up(device="cpu", dtype=torch.float32)
-    chosen = routes.dense_plan(plan, "cpu", torch.float32)
+    module = plan.module(seed=0, device=device).requires_grad_(False)
+    plan.warm_up(device=device, dtype=torch.float32)
+    chosen = routes.dense_plan(plan, device, torch.float32)
     out = {"reference (one expression)": (lambda: expr(*gates, backend="torch"), None)}
     for route in ("einsum", "schedule", "lightcone"):
-        rp = routes.forced(plan, "dense", route, None, "cpu", torch.float32)
+        rp = routes.forced(plan, "dense", route, None, device, torch.float32)
         out[f"route {route}"] = (functools.partial(routes.build(plan, rp), gates),
                                  rp.candidates[0].predicted)
     out[f"m.matrix() [{chosen.route}, {chosen.how}]"] = (module.matrix, None)
@@ -241,6 +270,24 @@ def memory_child(name: str, tokens: int) -> None:
     print((_status("VmHWM") - before) * 1024)
 
 
+def cuda_peak_memory(name: str, tokens: int) -> int:
+    """Growth of ``torch.cuda.max_memory_allocated`` over one step, after a throwaway step
+    that builds the plan and the workspace (in this process: the allocator is the GPU's)."""
+    funcs = variants(tokens, extra=False, device="cuda")
+    step = funcs[name][0]
+    step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del funcs, step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
 def _status(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
@@ -257,19 +304,26 @@ def peak_memory(name: str, tokens: int) -> int | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where every tensor lives (default cpu)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds, memory at 512 tokens only")
-    ap.add_argument("--output", default=OUTPUT, help="write the table to this file (atomically; "
-                    "default benchmarks/adapter_speed.txt)")
+    ap.add_argument("--output", help="write the table to this file (atomically; default "
+                    "benchmarks/adapter_speed.txt, or adapter_speed_cuda.txt on cuda)")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         memory_child(args.memory_child[0], int(args.memory_child[1]))
         return
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("adapter_speed: --device cuda, but torch sees no CUDA device")
+    output = args.output or OUTPUT[device]
     torch.set_num_threads(THREADS)
     ticks0 = cpu_ticks()
-    lines = [f"# adapter_speed: {machine()}",
+    lines = [f"# adapter_speed: {machine(device)}",
              f"# circuit 16·8·8·4 all_pairs (4096 -> 4096), {CIRCUIT.num_params} parameters; "
-             "forward+backward; medians of interleaved rounds"]
+             f"forward+backward on {device}; medians of interleaved rounds"
+             + ("; predicted: the CPU cost model" if device == "cuda" else "")]
 
     def emit(s: str = "") -> None:
         lines.append(s)
@@ -277,18 +331,19 @@ def main() -> None:
     for s in lines:
         print(s, flush=True)
     emit(f"{'tokens':>6}  {'variant':26s} {'time ms':>9} {'vs ref':>7} {'vs base':>8} {'predicted ms':>13}")
-    for tokens in (16, 512, 2048):
-        rounds = ROUNDS[tokens] // (3 if args.quick else 1)
-        funcs = variants(tokens, extra=not args.quick)
-        med = interleaved({k: f for k, (f, _) in funcs.items()}, rounds)
+    for tokens, rounds in ROUNDS[device].items():
+        rounds //= 3 if args.quick else 1
+        funcs = variants(tokens, extra=not args.quick, device=device)
+        med = interleaved({k: f for k, (f, _) in funcs.items()}, rounds, device)
         ref, base = med["reference"], med["base layer (frozen)"]
         for name, (_, pred) in funcs.items():
             p = f"{pred * 1e3:13.1f}" if pred is not None else f"{'-':>13}"
             emit(f"{tokens:>6}  {name:26s} {med[name] * 1e3:9.2f} {ref / med[name]:6.2f}x "
                  f"{med[name] / base:7.2f}x {p}")
         emit()
-    funcs, err = dense_variants()
-    med = interleaved({k: f for k, (f, _) in funcs.items()}, 5 if args.quick else 31)
+        del funcs
+    funcs, err = dense_variants(device)
+    med = interleaved({k: f for k, (f, _) in funcs.items()}, 5 if args.quick else 31, device)
     ref = med["reference (one expression)"]
     emit("dense delta (4096×4096), forward only; normwise relative error vs float64: "
          + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
@@ -296,10 +351,16 @@ def main() -> None:
         p = f"{pred * 1e3:13.1f}" if pred is not None else f"{'-':>13}"
         emit(f"        {name:26s} {med[name] * 1e3:9.2f} {ref / med[name]:6.2f}x {'':>8} {p}")
     emit()
-    emit("peak memory of one training step (VmHWM growth, fresh process per variant)")
-    for tokens in ((512,) if args.quick else (512, 2048)):
+    del funcs
+    sizes = (512,) if args.quick else (512, 2048) + ((8192,) if device == "cuda" else ())
+    emit("peak memory of one training step " + ("(torch.cuda.max_memory_allocated growth)"
+         if device == "cuda" else "(VmHWM growth, fresh process per variant)"))
+    for tokens in sizes:
         for name in ("reference", "route schedule", "base + LoRA r=8 (peft)"):
-            mem = peak_memory(name, tokens)
+            try:
+                mem = cuda_peak_memory(name, tokens) if device == "cuda" else peak_memory(name, tokens)
+            except KeyError:  # no peft here
+                mem = None
             emit(f"{tokens:>6}  {name:26s} " + (f"{mem / 2**20:9.1f} MiB" if mem is not None else "failed"))
     ticks1 = cpu_ticks()
     if ticks0 and ticks1 and ticks1[1] > ticks0[1]:
@@ -307,15 +368,14 @@ def main() -> None:
         emit(f"# CPU steal (time the hypervisor gave these cores to other guests): "
              f"{100 * steal:.0f} % during the run")
     with torch.no_grad():
-        for tokens in (16, 512, 2048):
+        for tokens in ROUNDS[device]:
             emit(f"# route choice at {tokens} tokens:")
-            for row in compile_circuit(CIRCUIT).explain(tokens).splitlines():
+            for row in compile_circuit(CIRCUIT).explain(tokens, device).splitlines():
                 emit("#   " + row)
-    if args.output:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.output)) or ".")
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, args.output)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)) or ".")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, output)
 
 
 if __name__ == "__main__":
