@@ -17,6 +17,10 @@ model's prediction beside the measurement.
   (``QCIRCUIT_FUSE=0``), ``sched, ATen copies`` without any C kernel (``QCIRCUIT_COMPILE=0``).
 * context: the frozen base layer (``nn.Linear`` 4096×4096, weight frozen, grad to input) and
   PEFT LoRA r=8 on that same layer (base included).
+* adapted layers (base included, folded as ``attach`` leaves them): ``qcircuit layer: QuanTA``
+  is the circuit above as an ``AdaptedLayer``; ``qcircuit layer: QuanTA + LoRA r=8`` adds a
+  ``low_rank 8`` branch (``zero_last``) to the same layer — a hybrid, both branches in one
+  call of the layer.
 
 Dense delta: the one expression over the gates, each dense route, and ``m.matrix()`` with the
 route chosen for it (forward only, no grad).
@@ -170,6 +174,7 @@ def variants(tokens: int, extra: bool = True, device: str = "cpu") -> dict:
         clear(x)
     gemm = cm.gemm(tokens, c.out_features, c.in_features)
     out["base layer (frozen)"] = (run_base, 2 * gemm)
+    out.update(adapted_layers(x, gy, plan, tokens, device, clear))
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:  # the row is context only
@@ -189,6 +194,33 @@ def variants(tokens: int, extra: bool = True, device: str = "cpu") -> dict:
         lora(x).backward(gy)
         clear(x, *lora_params)
     out["base + LoRA r=8 (peft)"] = (run_lora, None)
+    return out
+
+
+def adapted_layers(x, gy, plan, tokens: int, device: str, clear) -> dict:
+    """The paper's layer as qcircuit's runtime runs it: one branch, and QuanTA + LoRA r=8."""
+    from qcircuit.runtime import AdaptedLayer
+    from qcircuit.runtime.branch import Branch
+    c = CIRCUIT
+    low = Circuit.low_rank(8, c.in_features, c.out_features)
+    out = {}
+    for row, hybrid in (("qcircuit layer: QuanTA", False), ("qcircuit layer: QuanTA + LoRA r=8", True)):
+        base = torch.nn.Linear(c.in_features, c.out_features, device=device).requires_grad_(False)
+        branches = [Branch("attn", c, base.weight, init="freeze_one", scale=1.0, dropout=0.0,
+                           plan=plan)]
+        if hybrid:
+            branches.append(Branch("lora", low, base.weight, init="zero_last", scale=2.0,
+                                   dropout=0.0))
+        layer = AdaptedLayer(base, branches)
+        layer.fold()
+        for b in branches:   # routes chosen (measured) before any timing
+            b.plan.warm_up(tokens, device=device)
+        params = layer.gate_parameters()
+
+        def run(layer=layer, params=params):
+            layer(x).backward(gy)
+            clear(x, *params)
+        out[row] = (run, None)
     return out
 
 
