@@ -15,8 +15,11 @@ planned within ``PLAN_BUDGET`` seconds of search; the cost model prunes those pr
 slower than the best; the survivors — always including ``einsum`` — are timed on the device
 with real tensors (:mod:`measure`: the fastest of interleaved runs, bounded time) and the
 fastest wins. The
-winner is remembered in :mod:`wisdom`. With ``QCIRCUIT_TUNE=0`` (read once) the cost model's
-prediction decides instead. The result is a :class:`RoutePlan`, a plain value; executors are
+winner is remembered in :mod:`wisdom`. With ``QCIRCUIT_TUNE=0`` (read once), or for
+activations too large to time, the cost model's prediction decides instead — on the CPU,
+whose constants it was calibrated with. On any other device the CPU's model neither prunes
+nor decides: every route that plans is timed, and where nothing can be timed the
+device-neutral ``einsum`` route runs. The result is a :class:`RoutePlan`, a plain value; executors are
 built from it by :func:`build` and cached at this edge, keyed by everything that changes them.
 
 Inputs a chosen route cannot take go the ``einsum`` way: under ``torch.compile`` (a path
@@ -80,7 +83,7 @@ class RoutePlan:
     route: str
     steps: Any = field(repr=False)
     candidates: tuple[Candidate, ...] = ()
-    how: str = "model"      # "measured", "wisdom", "model" or "only"
+    how: str = "model"      # "measured", "wisdom", "model", "default" or "only"
 
     def explain(self) -> str:
         """The candidates, their predicted and measured times, and the winner, as text."""
@@ -194,7 +197,8 @@ def tuning() -> bool:
 def _search(plan: "Plan", kind: str, bucket: int | None, device_type: str,
             dtype: torch.dtype) -> tuple[dict[str, Any], list[Candidate], list[str]]:
     """Plan every route within ``PLAN_BUDGET``: (steps by route, candidates with their
-    predictions and notes, the routes the cost model keeps — ``einsum`` always)."""
+    predictions and notes, the routes worth timing — ``einsum`` always; on the CPU only
+    those the cost model keeps)."""
     routes = routes_for(kind, device_type)
     if plan.num_gates > MAX_TUNED_GATES:
         wisdom.warn_once(f"routes:big {plan.signature}", f"the circuit has {plan.num_gates} gates; "
@@ -226,7 +230,8 @@ def _search(plan: "Plan", kind: str, bucket: int | None, device_type: str,
     priced = [c.predicted for c in candidates if c.predicted is not None and c.route in found]
     best = min(priced) if priced else None
     alive = [c.route for c in candidates if c.route in found and (
-        c.route == "einsum" or best is None or c.predicted is None or c.predicted <= PRUNE * best)]
+        c.route == "einsum" or best is None or c.predicted is None or device_type != "cpu"
+        or c.predicted <= PRUNE * best)]
     for i, c in enumerate(candidates):
         if c.route in found and c.route not in alive:
             candidates[i] = Candidate(c.route, c.predicted, None, "pruned by the cost model")
@@ -252,10 +257,11 @@ def choose(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype:
 
     if len(alive) == 1:
         return result(alive[0], "only")
-    model = min(alive, key=lambda n: _predicted(candidates, n))
     numel = max(plan.in_features, plan.out_features) * (bucket if kind == "forward" else plan.in_features)
     if not tune or numel > MEASURE_MAX_NUMEL:
-        return result(model, "model")
+        if device_type != "cpu":   # the cost model knows the CPU only
+            return result("einsum", "default")
+        return result(min(alive, key=lambda n: _predicted(candidates, n)), "model")
     k = wisdom.key(plan.signature, kind, bucket, device_type, dtype, switches)
     known = wisdom.lookup(k)
     if known is not None and known["route"] in alive:

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +275,18 @@ def test_a_first_forward_under_inference_mode_measures_and_runs():
         y, t = m(x), m.matrix()
     assert_close(y, x @ circuit_operator(m.plan.circuit, m.gates).T)
     assert_close(t, circuit_operator(m.plan.circuit, m.gates))
+
+
+def test_off_the_cpu_the_cpu_cost_model_neither_prunes_nor_decides():
+    """The cost model's constants are the CPU's: on another device every planned route is
+    timed, and where none can be (too large, or tuning off) the device-neutral einsum runs."""
+    plan = compile(Circuit(16, 8, 8, 4).all_pairs())
+    routes._switches()   # as choose does: the CPU kernels' build is not search time
+    found, _, alive = routes._search(plan, "forward", 16, "cuda", torch.float32)
+    assert set(alive) == set(found) and {"einsum", "schedule"} <= set(alive)
+    big = routes.choose(plan, "forward", 8192, "cuda", torch.float32, tune=True)
+    assert (big.route, big.how) == ("einsum", "default")
+    untuned = routes.choose(plan, "forward", 16, "cuda", torch.float32, tune=False)
+    assert (untuned.route, untuned.how) == ("einsum", "default")
+    on_cpu = routes.choose(plan, "forward", 8192, "cpu", torch.float32, tune=True)
+    assert on_cpu.how == "model"
