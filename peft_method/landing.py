@@ -12,7 +12,7 @@ buffers, gate-sized, with the recorded dtype, at exactly the checkpoint's key pa
 (``<module>.gates.<i>`` is buffer ``i`` of a ``gates`` child of the module's
 ``QuanTALayer``; a sum's ``<module>.<circuit>.gates.<i>`` one level deeper). A slot hands what
 it is given to the layer's :class:`Arrivals`; when the layer's last tensor has come, the
-set is checked against the config's records (:func:`check_tensors`: what
+set is checked against the config's records (``checkpoint.check_tensors``: what
 ``checkpoint.read`` checks) and copied into the gates (``AdaptedLayer.load_tensors``), and
 the slots go away. Until then the adapter is *pending* on that layer and the layer
 refuses to run, merge or save it: a tensor the file lacks, one the loader renamed, or one
@@ -27,27 +27,6 @@ from torch import nn
 
 from qcircuit import QCError
 from qcircuit.runtime import checkpoint
-
-
-def check_tensors(where: str, records: Mapping[str, dict], tensors: Mapping[str, torch.Tensor]
-                  ) -> None:
-    """Refuse tensors that are not exactly the recorded ones: the same names, dtype,
-    shape and sha256, finite and within ``MAX_GATE_ABS`` (``checkpoint.read``'s checks)."""
-    if tensors.keys() != records.keys():
-        missing, extra = sorted(records.keys() - tensors.keys()), sorted(tensors.keys() - records.keys())
-        raise QCError(f"{where}: the tensors differ from the config's: missing "
-                      f"{missing[:5] or 'none'}, unexpected {extra[:5] or 'none'}")
-    for name in sorted(tensors):
-        rec, t = records[name], tensors[name].detach().to("cpu").contiguous()
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype != rec["dtype"] or list(t.shape) != rec["shape"]:
-            raise QCError(f"{where}: tensor {name} arrived as {dtype} {list(t.shape)}, the "
-                          f"config says {rec['dtype']} {rec['shape']}")
-        # the two helpers of checkpoint.read (see the report: a public check there is asked for)
-        if checkpoint._sha256(t) != rec["sha256"]:
-            raise QCError(f"{where}: tensor {name} does not match its sha256 in "
-                          f"{checkpoint.CONFIG_NAME}: the file was changed or damaged")
-        checkpoint._check_values(name, t, where)
 
 
 class Arrivals:
@@ -86,7 +65,7 @@ class Arrivals:
         owner, tensors, self.received = self.owner, self.received, {}
         remove_slots(owner, self)
         try:
-            check_tensors(where, self.records, tensors)
+            checkpoint.check_tensors(where, self.records, tensors)
             owner.qc_adapters[self.adapter_name].load_tensors(self.module_name, tensors)
         except QCError as e:
             self.failure = str(e)

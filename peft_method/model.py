@@ -29,7 +29,7 @@ from qcircuit.runtime.checkpoint_schema import check_config
 from qcircuit.runtime.adapter import build_layers, check_not_shared  # the native layer and refusal
 
 from .config import QuanTAConfig
-from .landing import Arrivals, add_slots, check_tensors
+from .landing import Arrivals, add_slots
 from .layer import QuanTALayer
 
 _PEFT_PREFIX = "base_model.model."
@@ -205,7 +205,8 @@ class QuanTAModel(BaseTuner):
         layers = adapted_layers(model, adapter_name)
         checkpoint.check_layers("adapter", _native(config), config.layers, state_dict)
         if config.tensors is not None:  # PEFT read the file as it is: check what it holds
-            check_tensors(f"checkpoint of adapter {adapter_name!r}", config.tensors, state_dict)
+            checkpoint.check_tensors(f"checkpoint of adapter {adapter_name!r}", config.tensors,
+                                     state_dict)
         out = {}
         for module_name, (full_name, layer) in layers.items():
             here = f"{full_name}.qc_adapters.{adapter_name}"

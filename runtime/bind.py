@@ -151,6 +151,7 @@ def _no_match(model: nn.Module, rule: ApplyRule, pattern: Pattern, span: Span | 
     example = next(iter(layers), None)
     hint = f"linear layer names end in: {', '.join(leaves[:12])}" if leaves else "it has no linear layers"
     where = f" (e.g. {example!r})" if example else ""
+    shown = getattr(model, "_model", model)   # the PEFT door binds through a view of the model
     return QCError(f"pattern {str(pattern)!r} (apply {rule.circuit}) matches no module of "
-                   f"{type(model).__name__}; {hint}{where}", span,
+                   f"{type(shown).__name__}; {hint}{where}", span,
                    expected="a module-name suffix or a /regex/ matching linear layers")

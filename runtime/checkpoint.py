@@ -46,7 +46,8 @@ from .checkpoint_schema import (FORMAT, FORMAT_VERSION, IDENTITY_KEYS, PEFT_TYPE
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "FORMAT_VERSION", "MAX_CONFIG_BYTES",
            "MAX_GATE_ABS", "layer_record", "model_identity", "tensor_records", "build_config",
-           "write", "read", "program_of", "check_layers", "dtype_warning", "expected_tensors"]
+           "write", "read", "program_of", "check_layers", "check_tensors", "dtype_warning",
+           "expected_tensors"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -217,8 +218,30 @@ def _read_config(path: Path, folder: Path) -> object:
         raise QCError(f"{path}: not valid JSON: {e}") from None
 
 
+def check_tensors(where: str, records: Mapping[str, dict],
+                  tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors that are not exactly the recorded ones (a config's ``tensors``
+    section): the same names, dtype, shape and sha256, finite and within ``MAX_GATE_ABS``.
+    ``read`` applies it to a file; the PEFT door to tensors another loader hands over."""
+    if tensors.keys() != records.keys():
+        missing, extra = sorted(records.keys() - tensors.keys()), sorted(tensors.keys() - records.keys())
+        raise QCError(f"{where}: the tensors differ from the config's: missing "
+                      f"{missing[:5] or 'none'}, unexpected {extra[:5] or 'none'}")
+    for name in sorted(tensors):
+        rec, t = records[name], tensors[name].detach().to("cpu").contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype != rec["dtype"] or list(t.shape) != rec["shape"]:
+            raise QCError(f"{where}: tensor {name} is {dtype} {list(t.shape)}, the config "
+                          f"says {rec['dtype']} {rec['shape']}")
+        if _sha256(t) != rec["sha256"]:
+            raise QCError(f"{where}: tensor {name} does not match its sha256 in "
+                          f"{CONFIG_NAME}: the file was changed or damaged")
+        _check_values(name, t, where)
+
+
 def _read_tensors(path: Path, folder: Path, records: Mapping[str, dict]) -> dict[str, torch.Tensor]:
-    """The tensors, each checked against its record before and after it is read."""
+    """The tensors, each header checked against its record before it is read (nothing
+    larger than recorded is read), then every tensor checked whole (``check_tensors``)."""
     os.close(_open_regular(path, folder))
     tensors = {}
     try:
@@ -235,14 +258,10 @@ def _read_tensors(path: Path, folder: Path, records: Mapping[str, dict]) -> dict
                     raise QCError(f"{path}: tensor {name} is stored as {dtype} "
                                   f"{list(part.get_shape())}, the config says {rec['dtype']} "
                                   f"{rec['shape']}")
-                t = f.get_tensor(name)
-                if _sha256(t) != rec["sha256"]:
-                    raise QCError(f"{path}: tensor {name} does not match its sha256 in "
-                                  f"{CONFIG_NAME}: the file was changed or damaged")
-                _check_values(name, t, str(path))
-                tensors[name] = t
+                tensors[name] = f.get_tensor(name)
     except (SafetensorError, OSError) as e:
         raise QCError(f"cannot read {path}: {e}") from None
+    check_tensors(str(path), records, tensors)
     return tensors
 
 
