@@ -68,3 +68,14 @@ def tiny_gpt2(tiny_gpt2_config):
 def token_ids():
     """A small batch of token ids valid for both tiny models: shape (2, 7)."""
     return torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture
+def make_llama(tiny_llama_config):
+    """A factory of identical tiny LLaMAs (the same seeded weights on every call)."""
+    from transformers import LlamaForCausalLM
+
+    def make():
+        torch.manual_seed(1)
+        return LlamaForCausalLM(tiny_llama_config).eval()
+    return make
