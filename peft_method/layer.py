@@ -52,7 +52,7 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         if adapter_name in self.qc_adapters:
             raise QCError(f"{layer.name}: adapter {adapter_name!r} already exists")
         self.qc_adapters[adapter_name] = layer
-        self.qc_gates[adapter_name] = layer.adapter
+        self.qc_gates[adapter_name] = nn.ModuleList(b.adapter for b in layer.branches)
 
     # --- PEFT's named state changes ----------------------------------------------------------
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:

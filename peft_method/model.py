@@ -18,6 +18,7 @@ from torch import nn
 
 from qcircuit import QCError
 from qcircuit.runtime import AdaptedLayer, bind
+from qcircuit.runtime.bind import by_layer
 from qcircuit.runtime import checkpoint
 from qcircuit.runtime.adapter import build_layers, check_not_shared  # the native layer and refusal
 
@@ -98,14 +99,14 @@ class QuanTAModel(BaseTuner):
         view = _BaseView(model)
         targets = bind(view, program)
         check_not_shared(view, targets)
-        records = {t.module_name: checkpoint.layer_record(t, program.option("init") == "freeze_one")
-                   for t in targets}
+        records = {name: checkpoint.layer_record(branches)
+                   for name, branches in by_layer(targets).items()}
         if config.layers is not None:  # a loaded config: it must describe these very layers
             shapes = checkpoint.expected_tensors(config.layers)  # tensors come later: shapes only
             checkpoint.check_layers("adapter config", _native(config), records,
                                     {k: torch.empty(s, device="meta") for k, s in shapes.items()})
         generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
-        self._pending = build_layers(view, program, targets, generator)   # attach's order
+        self._pending = build_layers(view, targets, generator)   # attach's order
         config.layers = records
         config.model = checkpoint.model_identity(model)
         config.target_modules = [t.module_name for t in targets]
@@ -182,8 +183,8 @@ class QuanTAModel(BaseTuner):
         out = {}
         for module_name, (full_name, layer) in layers.items():
             here = f"{full_name}.qc_adapters.{adapter_name}"
-            for key, (part, i) in layer.checkpoint_names(module_name).items():
-                out[f"{here}.{part}.gates.{i}"] = state_dict[key]
+            for key, path in layer.checkpoint_names(module_name).items():
+                out[f"{here}.{path}"] = state_dict[key]
         return out
 
 

@@ -55,9 +55,24 @@ class _Layout:
 
 
 def _dim_labels(gate: Gate) -> tuple[str, ...]:
-    if not gate.in_dims:  # auto circuit: dims not known yet
-        return (_UNKNOWN,) * gate.arity
     return tuple(str(i) if i == o else f"{i}→{o}" for i, o in zip(gate.in_dims, gate.out_dims))
+
+
+def _auto_labels(circuit: Circuit) -> list[tuple[str, ...]]:
+    """Labels of an auto circuit's gates: ``?`` until the layer is known, except dims a gate
+    writes (``gate (0) -> 8``) and what the wires carry after them; the last gate on a qudit
+    gives it the layer's (unknown) output dim."""
+    current = [_UNKNOWN] * circuit.num_qudits
+    last = {q: k for k, g in enumerate(circuit.gates) for q in g.qudits}
+    labels = []
+    for k, g in enumerate(circuit.gates):
+        outs = [str(o) for o in g.out_dims] or [
+            _UNKNOWN if last[q] == k else current[q] for q in g.qudits]
+        labels.append(tuple(i if i == o else f"{i}→{o}"
+                            for i, o in zip((current[q] for q in g.qudits), outs)))
+        for q, o in zip(g.qudits, outs):
+            current[q] = o
+    return labels
 
 
 def _layout(circuit: Circuit) -> _Layout:
@@ -78,7 +93,8 @@ def _layout(circuit: Circuit) -> _Layout:
         ins = tuple(map(str, circuit.in_dims))
         outs = tuple(map(str, circuit.out_dims))
     return _Layout(n, tuple(g.qudits for g in circuit.gates), tuple(columns),
-                   tuple(_dim_labels(g) for g in circuit.gates), ins, outs)
+                   tuple(_auto_labels(circuit) if circuit.is_auto
+                         else (_dim_labels(g) for g in circuit.gates)), ins, outs)
 
 
 def _runs(qudits: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -30,7 +30,8 @@ def as_int(value: object) -> int | None:
 
 @dataclass(frozen=True)
 class Gate:
-    """A dense gate on ``qudits``. In an auto circuit (dims unknown yet) both dims are ``()``."""
+    """A dense gate on ``qudits``. In an auto circuit (dims unknown until bound) ``in_dims`` is
+    ``()``, and so is ``out_dims`` unless the gate names its output dims (``gate (0) -> 8``)."""
 
     qudits: tuple[int, ...]
     in_dims: Dims
@@ -45,7 +46,7 @@ class Gate:
         for dims in (self.in_dims, self.out_dims):
             if (not isinstance(dims, tuple) or len(dims) not in (0, len(qs))
                     or any(as_int(d) is None or d <= 0 for d in dims)
-                    or len(self.in_dims) != len(self.out_dims)):
+                    or (self.in_dims and len(self.in_dims) != len(self.out_dims))):
                 raise QCError(f"gate on {qs} has bad dims {self.in_dims!r} -> {self.out_dims!r}",
                               self.span, expected=f"{len(qs)} positive dims in and out")
 

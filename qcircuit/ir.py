@@ -79,6 +79,26 @@ def _check_gates(dims: tuple, gates: tuple, auto: int | None,
             current[q] = o
     return tuple(current)
 
+def _check_auto_outputs(circuit: "Circuit", ins: Dims, outs: Dims, out_features: int) -> None:
+    """In an auto circuit the last gate on a qudit gives it the layer's output dim: one that
+    writes another, or a qudit that must change dim with no gate on it, is an error here."""
+    last: dict[int, Gate] = {}
+    for g in circuit.gates:
+        last.update((q, g) for q in g.qudits)
+    for q in range(circuit.num_qudits):
+        g = last.get(q)
+        if g is None and ins[q] != outs[q]:
+            raise QCError(f"qudit {q} must go from dim {ins[q]} to {outs[q]} but no gate acts on "
+                          "it", circuit.span, expected=f"a gate on qudit {q}")
+        if g is not None and g.out_dims and g.out_dims[g.qudits.index(q)] != outs[q]:
+            wrote = g.out_dims[g.qudits.index(q)]
+            split = f" ({' x '.join(map(str, outs))})" if len(outs) > 1 else ""
+            raise QCError(f"the last gate on qudit {q} writes output dim {wrote}, but the layer's "
+                          f"{out_features} output features{split} give qudit {q} dim {outs[q]}",
+                          g.span or circuit.span,
+                          expected="no output dims on the last gate of each qudit")
+
+
 def _one_dim(d: object, span: Span | None) -> int:
     dims = parse_dims(d, span)  # type: ignore[arg-type]
     if len(dims) != 1:
@@ -186,11 +206,11 @@ class Circuit:
             raise QCError(f"too many gates (at most {MAX_GATES} per circuit)")
         if self.auto is not None:
             for s in specs:
-                if s.in_dims is not None or s.out_dims is not None:
-                    raise QCError("an auto circuit takes its dims from the layer: write gates "
-                                  "without dims", s.span)
-                build_gates([1] * self.auto, [s])  # checks qudits only
-            new = tuple(Gate(tuple(s.qudits), (), (), s.span) for s in specs)
+                if s.in_dims is not None:
+                    raise QCError("an auto circuit takes its input dims from the layer: give a "
+                                  "gate no dims, or output dims only (out=8)", s.span)
+                build_gates([1] * self.auto, [s])  # checks qudits and the output dims' count
+            new = tuple(Gate(tuple(s.qudits), (), s.out_dims or (), s.span) for s in specs)
             return Circuit(gates=self.gates + new, auto=self.auto, span=self.span, _wires=())
         wires = list(self.out_dims_partial())
         if self.learns:  # Circuit(): qudits appear as gates name them
@@ -254,10 +274,25 @@ class Circuit:
             return self
         ins = _auto_dims(in_features, self.auto, self.span)
         outs = _auto_dims(out_features, self.auto, self.span)
-        specs = [GateSpec(g.qudits, None, None, g.span) for g in self.gates]
-        dims, gates = build_gates(list(ins), specs, outs if outs != ins else None)
+        _check_auto_outputs(self, ins, outs, out_features)
+        specs = [GateSpec(g.qudits, None, g.out_dims or None, g.span) for g in self.gates]
+        dims, gates = build_gates(list(ins), specs, outs)
         check_params(gates, self.span)
         return Circuit(*dims, gates=gates, span=self.span)
+
+    @classmethod
+    def low_rank(cls, rank: int, in_dim: int | None = None,
+                 out_dim: int | None = None) -> "Circuit":
+        """LoRA's form on one qudit: ``in -> rank -> out`` (``low_rank R`` in text). Without
+        ``in_dim`` the dims come from the layer (``qudits auto 1``); ``out_dim`` defaults to
+        ``in_dim``."""
+        rank = _one_dim(rank, None)
+        if in_dim is None:
+            if out_dim is not None:
+                raise QCError("Circuit.low_rank: give in_dim with out_dim (or neither)")
+            return cls.auto_dims(1).gate(0, out=rank).gate(0)
+        out_dim = in_dim if out_dim is None else out_dim
+        return cls(in_dim).gate(0, out=rank).gate(0, out=out_dim)
 
     # --- views -------------------------------------------------------------------------
     def to_qc(self, name: str = "c") -> str:

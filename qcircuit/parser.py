@@ -2,7 +2,12 @@
 
 Decisions worth knowing:
 
-- A circuit must have a ``qudits`` line (the grammar requires it) and at least one gate.
+- A circuit must have a ``qudits`` line (the grammar requires it, unless the circuit is a
+  bare ``low_rank R``) and at least one gate.
+- ``low_rank R`` is a whole circuit of one qudit (``gate (0) -> R``, ``gate (0)``); with other
+  statements, or on several qudits, it is an error (no sum or product is guessed).
+- An apply rule's ``with`` options are checked like ``option`` ones; a key twice in one
+  ``with`` is an error.
 - Names are unique: a circuit or an option defined twice (also across includes) is an error.
 - ``apply`` may name a circuit defined later in the program.
 - ``include "f.qc"`` is read relative to the including file (or ``base_dir``/cwd for a
@@ -24,8 +29,8 @@ from .ir import all_pairs_qudits, build_gates, check_option, check_params
 from .limits import (MAX_DIM, MAX_GATES, MAX_INCLUDE_DEPTH, MAX_INCLUDES, MAX_QUDITS, MAX_REPEAT,
                      MAX_REPEAT_DEPTH, MAX_TOTAL_BYTES)
 from .sources import check_size, decode, read_file
-from .syntax import (AllPairsNode, ApplyNode, CircuitNode, GateNode, IncludeNode, OptionNode,
-                     QuditsAuto, RepeatNode, Tok, parse_ast)
+from .syntax import (AllPairsNode, ApplyNode, CircuitNode, GateNode, IncludeNode, LowRankNode,
+                     OptionNode, QuditsAuto, QuditsFixed, RepeatNode, Tok, parse_ast)
 
 __all__ = ["parse", "parse_file", "MAX_DIM", "MAX_QUDITS", "MAX_REPEAT", "MAX_GATES"]
 
@@ -96,31 +101,63 @@ def _wire(tok: Tok) -> int:
 
 def _circuit(node: CircuitNode) -> Circuit:
     name = node.name.text
-    if isinstance(node.qudits, QuditsAuto):
-        n = _int(node.qudits.count, "the qudit count", 1, MAX_QUDITS)
-        ins = outs = out_spans = None
-    else:
-        if len(node.qudits.ins) > MAX_QUDITS:
-            raise QCError(f"too many qudits (at most {MAX_QUDITS})",
-                          node.qudits.ins[MAX_QUDITS].span)
-        ins = [_wire(t) for t in node.qudits.ins]
-        outs, out_spans, n = None, None, len(ins)
-        if node.qudits.outs is not None:
-            out_toks = node.qudits.outs
-            if len(out_toks) != n:
-                where = out_toks[min(n, len(out_toks) - 1)].span
-                raise QCError(f"{len(out_toks)} output dims declared for {n} qudits", where,
-                              expected=f"{n} output dims")
-            outs = [_wire(t) for t in out_toks]
-            out_spans = [t.span for t in out_toks]
+    if isinstance(node.qudits, LowRankNode) or any(isinstance(s, LowRankNode) for s in node.body):
+        return _low_rank(node)
+    n, ins, outs, out_spans = _qudits(node.qudits)
     specs = _expand(node.body, n, ins is None, 0)
     if not specs:
         raise QCError(f"circuit {quoted(name)} has no gates", node.name.span,
-                      expected="'gate', 'all_pairs' or 'repeat' in its body")
+                      expected="'gate', 'all_pairs', 'repeat' or 'low_rank' in its body")
     if ins is None:
-        gates = tuple(Gate(s.qudits, (), (), s.span) for s in specs)
+        gates = tuple(Gate(s.qudits, (), s.out_dims or (), s.span) for s in specs)
         return Circuit(gates=gates, auto=n, span=node.span)
     dims, gates = build_gates(ins, specs, outs, out_spans)
+    check_params(gates, node.span)
+    return Circuit(*dims, gates=gates, span=node.span)
+
+
+def _qudits(node: QuditsFixed | QuditsAuto) -> tuple[int, list | None, list | None, list | None]:
+    """The qudits line: ``(count, input dims, output dims, spans of the output dims)``;
+    dims are ``None`` for ``qudits auto N`` (and outputs when none are declared)."""
+    if isinstance(node, QuditsAuto):
+        return _int(node.count, "the qudit count", 1, MAX_QUDITS), None, None, None
+    if len(node.ins) > MAX_QUDITS:
+        raise QCError(f"too many qudits (at most {MAX_QUDITS})", node.ins[MAX_QUDITS].span)
+    ins = [_wire(t) for t in node.ins]
+    n = len(ins)
+    if node.outs is None:
+        return n, ins, None, None
+    if len(node.outs) != n:
+        where = node.outs[min(n, len(node.outs) - 1)].span
+        raise QCError(f"{len(node.outs)} output dims declared for {n} qudits", where,
+                      expected=f"{n} output dims")
+    return n, ins, [_wire(t) for t in node.outs], [t.span for t in node.outs]
+
+
+def _low_rank(node: CircuitNode) -> Circuit:
+    """``low_rank R``: one qudit, ``gate (0) -> R`` then ``gate (0)`` (in -> R -> out). It is
+    the whole circuit: alone, or after ``qudits auto 1`` or a one-qudit ``qudits D [-> E]``."""
+    if isinstance(node.qudits, LowRankNode):
+        stmt, others, head = node.qudits, node.body, None
+    else:
+        stmt = next(s for s in node.body if isinstance(s, LowRankNode))
+        others, head = tuple(s for s in node.body if s is not stmt), node.qudits
+    if others:
+        raise QCError("low_rank is a whole circuit (gate (0) -> R, then gate (0)) and cannot be "
+                      "mixed with other statements", others[0].span,
+                      expected="'}' after 'low_rank R', or the gates written out on "
+                               "'qudits auto 1'")
+    n, ins, outs, out_spans = (1, None, None, None) if head is None else _qudits(head)
+    if n != 1:
+        raise QCError(f"low_rank needs a circuit of one qudit (the whole layer), this one has "
+                      f"{n}", stmt.span, expected="no qudits line, 'qudits auto 1' or "
+                      "'qudits D -> E' before 'low_rank R'")
+    rank = _int(stmt.rank, "the rank", 1, MAX_DIM)
+    specs = [GateSpec((0,), None, (rank,), stmt.span), GateSpec((0,), None, None, stmt.span)]
+    if ins is None:
+        return Circuit(gates=[Gate((0,), (), (rank,), stmt.span), Gate((0,), (), (), stmt.span)],
+                       auto=1, span=node.span)
+    dims, gates = build_gates(ins, specs, outs or ins, out_spans)
     check_params(gates, node.span)
     return Circuit(*dims, gates=gates, span=node.span)
 
@@ -150,6 +187,9 @@ def _expand(body: tuple, n: int, auto: bool, depth: int) -> list[GateSpec]:
                 raise QCError(f"too many gates: {len(specs)} + {k} x {len(inner)} (at most "
                               f"{MAX_GATES} per circuit after repeat)", stmt.count.span)
             specs += inner * k
+        elif isinstance(stmt, LowRankNode):
+            raise QCError("low_rank is a whole circuit and cannot go inside repeat", stmt.span,
+                          expected="'gate', 'all_pairs' or 'repeat'")
         if len(specs) > MAX_GATES:
             raise QCError(f"too many gates (at most {MAX_GATES} per circuit)", stmt.span)
     return specs
@@ -166,9 +206,9 @@ def _gate(node: GateNode, n: int, auto: bool) -> GateSpec:
             raise QCError(f"qudit {q} repeated in one gate", tok.span, expected="distinct qudits")
         qudits.append(q)
     written = [t for t in (node.ins, node.outs) if t is not None]
-    if auto and written:
-        raise QCError("a 'qudits auto' circuit takes its dims from the layer: write the gate "
-                      "without dims", written[0].span)
+    if auto and node.ins is not None:
+        raise QCError("a 'qudits auto' circuit takes its input dims from the layer: write the "
+                      "gate without dims, or with output dims only ('-> 8')", node.ins.span)
     dims = []
     for tok in (node.ins, node.outs):
         d = None if tok is None else _dims(tok)
@@ -199,7 +239,8 @@ class _State:
                 self.add_circuit(item)
             elif isinstance(item, ApplyNode):
                 self.rules.append(ApplyRule(item.name.text,
-                                            tuple(_pattern(p) for p in item.patterns), item.span))
+                                            tuple(_pattern(p) for p in item.patterns), item.span,
+                                            _rule_options(item.options)))
             elif isinstance(item, OptionNode):
                 self.add_option(item)
             elif isinstance(item, IncludeNode):
@@ -215,14 +256,10 @@ class _State:
 
     def add_option(self, node: OptionNode) -> None:
         key = node.key.text
-        if key not in OPTION_DEFAULTS:
-            raise QCError(f"unknown option {quoted(key)}", node.key.span,
-                          expected=" or ".join(OPTION_DEFAULTS))
         if key in self.options:
             raise QCError(f"option {quoted(key)} is already set (at {self.options[key][1].at()})",
                           node.key.span)
-        value: object = float(node.value.text) if node.numeric else node.value.text
-        self.options[key] = (check_option(key, value, node.value.span), node.key.span)
+        self.options[key] = (_option_value(node), node.key.span)
 
     def include(self, node: IncludeNode, base_dir: str) -> None:
         span = node.path.span
@@ -264,6 +301,31 @@ class _State:
     def program(self) -> Program:
         return Program({k: c for k, (c, _) in self.circuits.items()}, tuple(self.rules),
                        {k: v for k, (v, _) in self.options.items()})
+
+
+def _option_value(node: OptionNode) -> object:
+    """``KEY = VALUE`` checked: errors point at the key (unknown) or at the value (bad)."""
+    key = node.key.text
+    if key not in OPTION_DEFAULTS:
+        raise QCError(f"unknown option {quoted(key)}", node.key.span,
+                      expected=" or ".join(OPTION_DEFAULTS))
+    text = node.value.text
+    value: object = float(text) if node.numeric and key != "init" else text
+    return check_option(key, value, node.value.span)
+
+
+def _rule_options(nodes: tuple[OptionNode, ...]) -> dict[str, object]:
+    """An apply rule's ``with KEY = VALUE, …``: each key once."""
+    options: dict[str, object] = {}
+    first: dict[str, Span] = {}
+    for node in nodes:
+        key = node.key.text
+        if key in first:
+            raise QCError(f"option {quoted(key)} is given twice in this rule (first at "
+                          f"{first[key].at()})", node.key.span, expected="each key once")
+        options[key] = _option_value(node)
+        first[key] = node.key.span
+    return options
 
 
 def _pattern(tok: Tok) -> Pattern:

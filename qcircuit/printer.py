@@ -3,7 +3,10 @@
 Canonical form: a gate's dims are written exactly when it changes dims (``16x16 ->
 16x43``); square gates take theirs from the wires. A circuit whose dims change declares
 its output dims on the ``qudits`` line. Runs of gates equal to ``all_pairs`` print as
-``all_pairs``, and repeated sequences of statements as ``repeat K { … }``.
+``all_pairs``, and repeated sequences of statements as ``repeat K { … }``. A one-qudit
+circuit ``gate (0) -> R``, ``gate (0)`` on ``qudits auto 1`` prints as ``low_rank R``, and so
+does a concrete ``D -> R -> E`` with ``R < min(D, E)``. Rule options print as
+`` with KEY = VALUE, …`` in ``OPTION_DEFAULTS`` order.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import math
 import re
 
 from .errors import QCError
-from .ir import Circuit, Gate, Pattern, Program, all_pairs_qudits
+from .ir import OPTION_DEFAULTS, Circuit, Gate, Pattern, Program, all_pairs_qudits
 from .limits import MAX_REPEAT
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -32,7 +35,22 @@ def _gate_line(g: Gate) -> str:
     line = f"gate ({', '.join(map(str, g.qudits))})"
     if g.in_dims and not g.is_square:
         line += f" {_dims(g.in_dims)} -> {_dims(g.out_dims)}"
+    elif not g.in_dims and g.out_dims:  # auto circuit: output dims only
+        line += f" -> {_dims(g.out_dims)}"
     return line
+
+
+def _low_rank(circuit: Circuit) -> int | None:
+    """R when the circuit is what ``low_rank R`` means: one qudit, ``gate (0) -> R`` then
+    ``gate (0)`` on ``qudits auto 1``, or ``D -> R -> E`` with ``R`` below both ``D`` and ``E``."""
+    gates = circuit.gates
+    if circuit.num_qudits != 1 or len(gates) != 2:
+        return None
+    first, last = gates
+    if circuit.is_auto:
+        return first.out_dims[0] if first.out_dims and not last.out_dims else None
+    rank = first.out_dims[0]
+    return rank if rank < min(first.in_dims[0], last.out_dims[0]) else None
 
 
 def _statements(circuit: Circuit) -> list[str]:
@@ -85,6 +103,7 @@ def circuit_to_qc(circuit: Circuit, name: str = "c") -> str:
     if not circuit.gates:
         raise QCError(f"circuit {name!r} has no gates: a .qc circuit needs at least one",
                       expected="a circuit with gates")
+    rank = _low_rank(circuit)
     if circuit.is_auto:
         header = f"qudits auto {circuit.auto}"
     else:
@@ -92,6 +111,9 @@ def circuit_to_qc(circuit: Circuit, name: str = "c") -> str:
         header = "qudits " + " ".join(map(str, ins))
         if outs != ins:
             header += " -> " + " ".join(map(str, outs))
+    if rank is not None:
+        body = [f"low_rank {rank}"] if circuit.is_auto else [header, f"low_rank {rank}"]
+        return "\n".join([f"circuit {name} {{"] + [INDENT + line for line in body] + ["}"]) + "\n"
     lines = [f"circuit {name} {{", INDENT + header]
     lines += [INDENT + line for line in _fold(_statements(circuit))]
     return "\n".join(lines + ["}"]) + "\n"
@@ -122,11 +144,17 @@ def _value(value: object) -> str:
     return repr(value)
 
 
+def _options(options) -> str:
+    """`` with KEY = VALUE, …`` in ``OPTION_DEFAULTS`` order, or nothing."""
+    pairs = [f"{k} = {_value(options[k])}" for k in OPTION_DEFAULTS if k in options]
+    return " with " + ", ".join(pairs) if pairs else ""
+
+
 def program_to_qc(program: Program) -> str:
     """The program as canonical text: circuits, then apply rules, then options."""
     blocks = [circuit_to_qc(c, name) for name, c in program.circuits.items()]
     tail = [f"apply {r.circuit} to " + ", ".join(_pattern(p) for p in r.patterns)
-            for r in program.rules]
+            + _options(r.options) for r in program.rules]
     tail += [f"option {k} = {_value(v)}" for k, v in program.options.items()]
     if tail:
         blocks.append("\n".join(tail) + "\n")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
@@ -101,11 +101,30 @@ def check_option(key: str, value: object, span: Span | None = None) -> object:
     return float(value)
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+def as_pattern(pattern: object) -> Pattern:
+    """A builder's pattern: a ``Pattern``, ``"/regex/"`` or a dotted suffix ``"q_proj"``."""
+    if isinstance(pattern, Pattern):
+        return pattern
+    if isinstance(pattern, str) and len(pattern) >= 2 and pattern[0] == pattern[-1] == "/":
+        return Pattern(pattern[1:-1], regex=True)
+    if isinstance(pattern, str) and _PATH.fullmatch(pattern):
+        return Pattern(pattern)
+    raise QCError(f"bad module pattern {quoted(pattern)}",
+                  expected="a module-name suffix like 'q_proj' or 'self_attn.q_proj', "
+                           "a '/regex/' or a Pattern")
+
+
 @dataclass(frozen=True)
 class Program:
-    """Named circuits, the rules that apply them to modules, and options."""
+    """Named circuits, the rules that apply them to modules, and options; also the builder
+    (``Program().define("lora", c).apply("lora", "q_proj", scale=2)``), whose methods each
+    return a new ``Program``."""
 
-    circuits: Mapping[str, Circuit]
+    circuits: Mapping[str, Circuit] = field(default_factory=dict)
     rules: tuple[ApplyRule, ...] = ()
     options: Mapping[str, object] = field(default_factory=dict)
 
@@ -118,6 +137,33 @@ class Program:
         object.__setattr__(self, "circuits", MappingProxyType(dict(self.circuits)))
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "options", MappingProxyType(options))
+
+    def define(self, name: str, circuit: Circuit) -> "Program":
+        """This program with one more circuit, ``name`` (a new name, as in text)."""
+        from .ir import Circuit
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise QCError(f"bad circuit name {quoted(name)}", expected="a name like attn or lora")
+        if name in self.circuits:
+            raise QCError(f"circuit {quoted(name)} is already defined", expected="a new name")
+        if not isinstance(circuit, Circuit):
+            raise QCError(f"define({name!r}, …) takes a Circuit, got {type(circuit).__name__}")
+        return replace(self, circuits={**self.circuits, name: circuit})
+
+    def apply(self, circuit: str, *patterns: str | Pattern, **options: object) -> "Program":
+        """This program with one more rule: ``apply CIRCUIT to PATTERN, … with KEY = VALUE, …``.
+        Patterns are suffixes (``"q_proj"``), ``"/regex/"`` text or ``Pattern`` objects."""
+        if circuit not in self.circuits:
+            raise QCError(f"apply names unknown circuit {quoted(circuit)}",
+                          expected=" or ".join(self.circuits) or "a circuit defined first")
+        if not patterns:
+            raise QCError(f"apply {circuit}: give at least one module pattern",
+                          expected="a module-name suffix like 'q_proj' or a '/regex/'")
+        rule = ApplyRule(circuit, tuple(as_pattern(p) for p in patterns), options=options)
+        return replace(self, rules=self.rules + (rule,))
+
+    def with_options(self, **options: object) -> "Program":
+        """This program with program-wide options set (``option KEY = VALUE``)."""
+        return replace(self, options={**self.options, **options})
 
     def option(self, key: str) -> object:
         """The program-wide option's value, or its default."""

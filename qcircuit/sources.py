@@ -7,6 +7,7 @@ ever read.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import stat
 
@@ -88,7 +89,10 @@ def decode(data: bytes, file: str | None, limit: int = MAX_TEXT_BYTES) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        text = data.decode("utf-8", "replace")  # same offsets up to the first bad byte
-        where = position(text, len(data[:err.start].decode("utf-8")), file)
+        # located as the parser locates: after a byte-order mark (it is not text); the
+        # replacing decode keeps the offsets up to the first bad byte
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+        text = data[bom:].decode("utf-8", "replace")
+        where = position(text, len(data[bom:err.start].decode("utf-8")), file)
         raise QCError("the file is not UTF-8 text", where, expected="UTF-8 text") from None
 

@@ -57,10 +57,26 @@ class RepeatNode:
 
 
 @dataclass(frozen=True)
+class LowRankNode:
+    rank: Tok
+    span: Span
+
+
+@dataclass(frozen=True)
 class CircuitNode:
     name: Tok
-    qudits: QuditsFixed | QuditsAuto
+    qudits: QuditsFixed | QuditsAuto | LowRankNode  # a bare ``low_rank R`` has no qudits line
     body: tuple
+    span: Span
+
+
+@dataclass(frozen=True)
+class OptionNode:
+    """``option KEY = VALUE``, or one ``KEY = VALUE`` of an apply rule's ``with``."""
+
+    key: Tok
+    value: Tok
+    numeric: bool
     span: Span
 
 
@@ -69,14 +85,7 @@ class ApplyNode:
     name: Tok
     patterns: tuple[Tok, ...]  # PATH text, or REGEX text with its slashes
     span: Span
-
-
-@dataclass(frozen=True)
-class OptionNode:
-    key: Tok
-    value: Tok
-    numeric: bool
-    span: Span
+    options: tuple[OptionNode, ...] = ()  # after ``with``, as written
 
 
 @dataclass(frozen=True)
@@ -137,10 +146,21 @@ class _Builder(Transformer):
         keyword, count, *body = children
         return RepeatNode(self.tok(count), tuple(body), self.tok(keyword).span)
 
+    def low_rank(self, children):
+        keyword, rank = children
+        return LowRankNode(self.tok(rank), self.tok(keyword).span)
+
     def apply(self, children):
-        _, name, *patterns = children
+        _, name, *rest = children
         name = self.tok(name)
-        return ApplyNode(name, tuple(patterns), name.span)
+        patterns = tuple(c for c in rest if isinstance(c, Tok))
+        options = tuple(c for c in rest if isinstance(c, OptionNode))
+        return ApplyNode(name, patterns, name.span, options)
+
+    def setting(self, children):
+        key, value = children
+        key = self.tok(key)
+        return OptionNode(key, self.tok(value), value.type == "NUMBER", key.span)
 
     def pattern(self, children):
         return self.tok(children[0])

@@ -28,10 +28,11 @@ from qcircuit import Circuit, Program, QCError, parse_file
 from qcircuit.compiler import compile as compile_circuit
 
 from . import checkpoint
-from .bind import Target, bind
+from .bind import Target, bind, by_layer
+from .branch import Branch
 from .layer import AdaptedLayer, LayerState
 
-__all__ = ["Adapted", "AdaptedLayer", "LayerState", "attach", "load"]
+__all__ = ["Adapted", "AdaptedLayer", "Branch", "LayerState", "attach", "load"]
 
 
 def _as_program(program_or_path: Program | str | Path) -> Program:
@@ -146,33 +147,32 @@ class Adapted:
 
     # --- parameters ----------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapter gates, in target order (what an optimizer should get)."""
-        return [g for layer in self._live().values() for g in layer.adapter.gates]
+        """The adapter gates, layer by layer, branch by branch (what an optimizer should get)."""
+        return [g for layer in self._live().values() for g in layer.gate_parameters()]
 
     @property
     def num_trainable(self) -> int:
-        return sum(c.num_params for c in (layer.circuit for layer in self._live().values()))
+        return sum(layer.num_params for layer in self._live().values())
 
     @property
     def num_base(self) -> int:
         """Parameters of the base model (adapter and frozen gates excluded)."""
-        extra = {id(p) for layer in self._live().values() for m in (layer.adapter, layer.frozen)
-                 if m is not None for p in m.parameters()}
+        extra = {id(p) for layer in self._live().values() for p in layer.branches.parameters()}
         return sum(p.numel() for p in self.model.parameters() if id(p) not in extra)
 
     def summary(self) -> str:
         layers = self._live()
-        head = next(iter(layers.values()))
         rows = [(t.module_name, f"{t.in_features} -> {t.out_features}", t.circuit_name,
-                 f"{t.circuit.num_params:,}", layers[t.module_name].state.value)
-                for t in self.targets]
-        titles = ("module", "in -> out", "circuit", "params", "state")
-        widths = [max(len(r[i]) for r in rows + [titles]) for i in range(5)]
-        fmt = "  {:<%d}  {:>%d}  {:<%d}  {:>%d}  {:<%d}" % tuple(widths)
+                 _options_text(t), f"{t.circuit.num_params:,}",
+                 layers[t.module_name].state.value)
+                for branches in by_layer(self.targets).values() for t in branches]
+        titles = ("module", "in -> out", "circuit", "options", "params", "state")
+        widths = [max(len(r[i]) for r in rows + [titles]) for i in range(6)]
+        fmt = "  {:<%d}  {:>%d}  {:<%d}  {:<%d}  {:>%d}  {:<%d}" % tuple(widths)
         pct = 100.0 * self.num_trainable / max(self.num_base, 1)
-        lines = [f"QuanTA adapter on {type(self.model).__name__}: {len(layers)} layers, "
-                 f"init {head.init_mode}, scale {head.scale:g}, "
-                 f"dropout {self.program.option('dropout'):g}",
+        sums = sum(len(layer.branches) > 1 for layer in layers.values())
+        lines = [f"QuanTA adapter on {type(self.model).__name__}: {len(layers)} layers"
+                 + (f", {sums} of them sums of circuits" if sums else ""),
                  fmt.format(*titles)]
         lines += [fmt.format(*r).rstrip() for r in rows]
         lines.append(f"trainable parameters: {self.num_trainable:,} of {self.num_base:,} "
@@ -200,11 +200,15 @@ class Adapted:
             tensors.update(layer.tensors(name))
         config = checkpoint.build_config(
             self.program, self.model,
-            {t.module_name: checkpoint.layer_record(t, layers[t.module_name].frozen is not None,
-                                                    layers[t.module_name].state.value)
-             for t in self.targets},
+            {name: checkpoint.layer_record(branches, layers[name].state.value)
+             for name, branches in by_layer(self.targets).items()},
             version=qcircuit.__version__)
         checkpoint.write(path, config, tensors, overwrite=overwrite)
+
+
+def _options_text(target: Target) -> str:
+    return ", ".join(f"{k} {target.option(k):g}" if k != "init" else target.option(k)
+                     for k in ("init", "scale", "dropout"))
 
 
 def _unwrapped_under_distributed(model: nn.Module) -> bool:
@@ -260,21 +264,24 @@ def check_not_shared(model: nn.Module, targets: tuple[Target, ...]) -> None:
                 "leave this module out of the program")
 
 
-def build_layers(model: nn.Module, program: Program, targets: tuple[Target, ...],
+def build_layers(model: nn.Module, targets: tuple[Target, ...],
                  generator: torch.Generator | None) -> dict[str, AdaptedLayer]:
-    """One unfolded ``AdaptedLayer`` per target (``model.get_submodule`` gives its base
-    layer), gates drawn in target order from ``generator``; one plan per distinct circuit.
-    Nothing in ``model`` changes (both front doors, native and PEFT, build layers here)."""
-    init, scale, dropout = (program.option(k) for k in ("init", "scale", "dropout"))
+    """One unfolded ``AdaptedLayer`` per adapted module (``model.get_submodule`` gives its
+    base layer) with one branch per target on it; gates drawn in target order from
+    ``generator``; one plan per distinct circuit. Nothing in ``model`` changes (both front
+    doors, native and PEFT, build layers here)."""
     plans: dict[Circuit, object] = {}
-    layers: dict[str, AdaptedLayer] = {}
+    branches: dict[str, list[Branch]] = {}
     for t in targets:
         if t.circuit not in plans:
             plans[t.circuit] = compile_circuit(t.circuit)
-        layers[t.module_name] = AdaptedLayer(
-            model.get_submodule(t.module_name), t.circuit, init=init, scale=scale,
-            dropout=dropout, generator=generator, plan=plans[t.circuit], name=t.module_name)
-    return layers
+        base = model.get_submodule(t.module_name)
+        branches.setdefault(t.module_name, []).append(Branch(
+            t.circuit_name, t.circuit, base.weight, init=t.option("init"),
+            scale=t.option("scale"), dropout=t.option("dropout"), generator=generator,
+            plan=plans[t.circuit]))
+    return {name: AdaptedLayer(model.get_submodule(name), found, name=name)
+            for name, found in branches.items()}
 
 
 def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
@@ -286,11 +293,12 @@ def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
         raise QCError("the model itself is a single layer: wrap it in a container first")
     check_not_shared(model, targets)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    layers = build_layers(model, program, targets, generator)
+    layers = build_layers(model, targets, generator)
     if warm_up:   # choose (and measure) each circuit's routes now, not in a forward
-        for layer in {id(layer.plan): layer for layer in layers.values()}.values():
-            gate = layer.adapter.gates[0]
-            layer.plan.warm_up(*warm_up, device=gate.device, dtype=gate.dtype)
+        branches = (b for layer in layers.values() for b in layer.branches)
+        for branch in {id(b.plan): b for b in branches}.values():
+            gate = branch.adapter.gates[0]
+            branch.plan.warm_up(*warm_up, device=gate.device, dtype=gate.dtype)
     model.requires_grad_(False)
     for name, layer in layers.items():  # nothing is replaced until every layer was built
         parent, child = _split(name)
@@ -347,8 +355,8 @@ def load(model: nn.Module, path: str | Path, *, fold: bool = True,
         targets = bind(model, program)
     except QCError as e:
         raise QCError(f"checkpoint {path} does not fit this model: {e.one_line()}") from None
-    frozen = program.option("init") == "freeze_one"
-    current = {t.module_name: checkpoint.layer_record(t, frozen) for t in targets}
+    current = {name: checkpoint.layer_record(branches)
+               for name, branches in by_layer(targets).items()}
     checkpoint.check_layers(str(path), config, current)
     warning = checkpoint.dtype_warning(config, model)
     if warning:

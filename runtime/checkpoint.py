@@ -1,10 +1,13 @@
 """Adapter checkpoints: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
 
 The JSON holds the program text (``Program.to_qc()``), its options, the model's identity
-(with its dtype), one record per adapted module (features, circuit, gate shapes, frozen
-copy, state) and, per tensor, its dtype, shape and the sha256 of its bytes. The
-safetensors file holds ``<module>.gates.<i>`` and, for ``freeze_one``, the frozen initial
-gates ``<module>.init_gates.<i>``. No pickle: JSON and safetensors only.
+(with its dtype), one record per adapted module (features, state, and its branches: one
+per ``apply`` rule on it, with circuit, gate shapes, frozen copy and options) and, per
+tensor, its dtype, shape and the sha256 of its bytes. The safetensors file holds
+``<module>.gates.<i>`` and, for ``freeze_one``, the frozen initial gates
+``<module>.init_gates.<i>``; a layer with several branches puts the circuit's name after
+the module's (``checkpoint_schema.branch_tensor_names``). No pickle: JSON and safetensors
+only. Version-2 checkpoints (one circuit per layer) are read too.
 
 Reading trusts nothing (``read``): the config is bounded UTF-8 JSON checked field by field
 (``checkpoint_schema``); the stored program is parsed with includes disabled and must
@@ -34,11 +37,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qcircuit import Program, QCError, parse
-from qcircuit.ir import check_option
+from qcircuit.ir import OPTION_DEFAULTS, check_option
 
 from .atomic_dir import fsync, replace_dir
+from .bind import Target
 from .checkpoint_schema import (FORMAT, FORMAT_VERSION, IDENTITY_KEYS, PEFT_TYPE, check_config,
-                                expected_tensors)
+                                expected_tensors, upgrade)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "FORMAT_VERSION", "MAX_CONFIG_BYTES",
            "MAX_GATE_ABS", "layer_record", "model_identity", "tensor_records", "build_config",
@@ -54,13 +58,17 @@ _HEADER_DTYPES = {"F32": "float32", "F64": "float64"}
 
 
 # --- building a config --------------------------------------------------------------------
-def layer_record(target, frozen: bool, state: str = "unfolded") -> dict:
-    """One adapted module as stored: kind, features, circuit name and text, gate shapes,
-    whether it keeps frozen initial gates, and its state (``unfolded`` or ``folded``)."""
-    circuit = target.circuit
-    return {"kind": target.kind, "in": target.in_features, "out": target.out_features,
-            "circuit": target.circuit_name, "qc": circuit.to_qc(name=target.circuit_name),
-            "gates": [list(g.shape) for g in circuit.gates], "frozen": frozen, "state": state}
+def layer_record(branches: tuple[Target, ...], state: str = "unfolded") -> dict:
+    """One adapted module as stored, from its branches (``bind.by_layer``): kind, features,
+    state (``unfolded`` or ``folded``) and per branch the circuit's name and text, gate
+    shapes, whether it keeps frozen initial gates (``init = freeze_one``) and its options."""
+    head = branches[0]
+    return {"kind": head.kind, "in": head.in_features, "out": head.out_features,
+            "state": state, "branches": [
+                {"circuit": t.circuit_name, "qc": t.circuit.to_qc(name=t.circuit_name),
+                 "gates": [list(g.shape) for g in t.circuit.gates],
+                 "frozen": t.option("init") == "freeze_one",
+                 **{k: t.option(k) for k in OPTION_DEFAULTS}} for t in branches]}
 
 
 def _model_dtype(model) -> str | None:
@@ -125,10 +133,11 @@ def program_of(config: dict, where: str) -> Program:
             raise QCError(f"{where}/{CONFIG_NAME}: $.options.{key} is {json.dumps(saved)} but "
                           f"the stored program says {json.dumps(program.option(key))}")
     for name, rec in config["layers"].items():
-        if rec["circuit"] not in program.circuits:
-            raise QCError(f"{where}/{CONFIG_NAME}: $.layers[{json.dumps(name)}].circuit is "
-                          f"{json.dumps(rec['circuit'])[:60]}, which the stored program does "
-                          f"not define")
+        for k, branch in enumerate(rec["branches"]):
+            if branch["circuit"] not in program.circuits:
+                raise QCError(f"{where}/{CONFIG_NAME}: $.layers[{json.dumps(name)}].branches"
+                              f"[{k}].circuit is {json.dumps(branch['circuit'])[:60]}, which the "
+                              f"stored program does not define")
     return program
 
 
@@ -242,7 +251,7 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = Path(path)
     if not folder.is_dir():
         raise QCError(f"{folder} is not an adapter checkpoint directory")
-    config = _read_config(folder / CONFIG_NAME, folder)
+    config = upgrade(_read_config(folder / CONFIG_NAME, folder))
     _verify(config, str(folder / CONFIG_NAME), str(folder))
     return config, _read_tensors(folder / WEIGHTS_NAME, folder, config["tensors"])
 
@@ -250,6 +259,25 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 # --- checks against a model ---------------------------------------------------------------
 def _dims(rec: dict) -> str:
     return f"{rec['in']} -> {rec['out']} features"
+
+
+def _branch_difference(saved: list[dict], bound: list[dict]) -> str:
+    """What differs between a layer's saved and bound branches, in a few words."""
+    names = ([b["circuit"] for b in saved], [b["circuit"] for b in bound])
+    if names[0] != names[1]:
+        return (f"the checkpoint has circuits {' + '.join(names[0])}, the model binds "
+                f"{' + '.join(names[1])}")
+    for a, b in zip(saved, bound):
+        if a["gates"] != b["gates"]:
+            return (f"circuit {a['circuit']!r}: the checkpoint has gate shapes {a['gates']}, "
+                    f"the model binds {b['gates']}")
+        if a["qc"] != b["qc"]:
+            return f"circuit {a['circuit']!r} is defined differently in the checkpoint"
+        for key in ("init", "scale", "dropout", "frozen"):
+            if a[key] != b[key]:
+                return (f"circuit {a['circuit']!r}: the checkpoint has {key} "
+                        f"{json.dumps(a[key])}, the model binds {json.dumps(b[key])}")
+    return "the branches differ"
 
 
 def check_layers(where: str, config: dict, current: Mapping[str, dict],
@@ -262,7 +290,7 @@ def check_layers(where: str, config: dict, current: Mapping[str, dict],
                 for name in saved if name not in current]
     problems += [f"module {name} of the model matches the program but is not in the checkpoint"
                  for name in current if name not in saved]
-    for name in saved.keys() & current.keys():
+    for name in (n for n in saved if n in current):
         a, b = saved[name], current[name]
         if (a["in"], a["out"]) != (b["in"], b["out"]):
             problems.append(f"module {name}: shape mismatch: checkpoint {_dims(a)}, "
@@ -270,10 +298,9 @@ def check_layers(where: str, config: dict, current: Mapping[str, dict],
         elif a["kind"] != b["kind"]:
             problems.append(f"module {name}: checkpoint adapts a {a['kind']}, model has a "
                             f"{b['kind']}")
-        elif (a["circuit"], a["gates"]) != (b["circuit"], b["gates"]) or a["qc"] != b["qc"]:
-            problems.append(f"module {name}: different circuit: checkpoint has "
-                            f"{a['circuit']!r} with gate shapes {a['gates']}, the model binds "
-                            f"{b['circuit']!r} with gate shapes {b['gates']}")
+        elif a["branches"] != b["branches"]:
+            problems.append(f"module {name}: different circuits: "
+                            f"{_branch_difference(a['branches'], b['branches'])}")
     if not problems and tensors is not None:
         want = expected_tensors(saved)
         problems += [f"tensor {key} is missing from {WEIGHTS_NAME}"
@@ -299,7 +326,7 @@ def dtype_warning(config: dict, model) -> str | None:
     if saved is None or now is None or saved == now:
         return None
     stored = "/".join(sorted({rec["dtype"] for rec in config["tensors"].values()}))
-    gates = "float64" if now == "float64" else "float32"   # layer.gate_dtype's rule
+    gates = "float64" if now == "float64" else "float32"   # branch.gate_dtype's rule
     return (f"this adapter was saved from a {saved} model and is loaded into a {now} model: "
             f"its {stored} gates are loaded as {gates} and the base layers compute in {now}, "
             f"so outputs differ from the saved model's by {now} rounding")

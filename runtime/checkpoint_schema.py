@@ -9,9 +9,12 @@ an unknown future ``format_version`` are all refused the same way, never as a ra
 tensor set is exactly the one the layer records call for, with their shapes, and the
 ``frozen`` flags and layer states agree with ``options.init``.
 
-Format version 2 (this one) added ``format_version``, per-tensor dtype, shape and
-sha256 (``tensors``), the model's dtype and per-layer ``state``. Checkpoints without a
-``format_version`` are version 1 and are refused: they cannot be verified.
+Format version 3 (this one) stores each layer as a sum of *branches* (one per ``apply``
+rule matching it, ``layers[M].branches``), each with its circuit, gate shapes, frozen flag
+and options. Version 2 (one circuit per layer, options program-wide) is read by
+``upgrade``, which rewrites it as version 3 with one branch per layer; its tensor names
+are version 3's for one-branch layers. Checkpoints without a ``format_version`` are
+version 1 and are refused: they cannot be verified.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from qcircuit import QCError
 from qcircuit.ir import MAX_DIM, MAX_QUDITS, OPTION_DEFAULTS, check_option
 
 FORMAT = "qcircuit-adapter"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READS_VERSIONS = (2, 3)
 TOP_KEYS = ("format", "format_version", "qcircuit_version", "program", "options", "model",
             "layers", "tensors")
 #: what PEFT's ``save_pretrained`` adds to a QuanTA config: bookkeeping that qcircuit's own
@@ -31,7 +35,9 @@ TOP_KEYS = ("format", "format_version", "qcircuit_version", "program", "options"
 PEFT_KEYS = ("peft_type", "task_type", "peft_version", "auto_mapping", "base_model_name_or_path",
              "revision", "inference_mode", "seed", "target_modules")
 PEFT_TYPE = "QUANTA"
-RECORD_KEYS = ("kind", "in", "out", "circuit", "qc", "gates", "frozen", "state")
+RECORD_KEYS = ("kind", "in", "out", "state", "branches")
+BRANCH_KEYS = ("circuit", "qc", "gates", "frozen") + tuple(OPTION_DEFAULTS)
+V2_RECORD_KEYS = ("kind", "in", "out", "circuit", "qc", "gates", "frozen", "state")
 TENSOR_KEYS = ("dtype", "shape", "sha256")
 MODEL_KEYS = ("class", "config_class", "dtype")       # always there (values may be null)
 #: config fields stored where the model has them
@@ -46,15 +52,46 @@ MAX_MODULE_NAME = 1000
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def branch_tensor_names(module: str, circuit: str, branches: int, gates: int,
+                        frozen: bool) -> dict[str, tuple[str, int]]:
+    """The key scheme: tensor name -> (``"adapter"`` or ``"frozen"``, gate index) for one
+    branch of a layer with ``branches`` branches. A one-branch layer stores
+    ``<module>.gates.<i>`` and ``<module>.init_gates.<i>``; a sum stores
+    ``<module>.<circuit>.gates.<i>`` and ``<module>.<circuit>.init_gates.<i>``."""
+    stem = module if branches == 1 else f"{module}.{circuit}"
+    out = {f"{stem}.gates.{i}": ("adapter", i) for i in range(gates)}
+    if frozen:
+        out.update({f"{stem}.init_gates.{i}": ("frozen", i) for i in range(gates)})
+    return out
+
+
 def expected_tensors(layers: Mapping[str, dict]) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape that a checkpoint with these (checked) layer records holds."""
     out = {}
     for name, rec in layers.items():
-        for i, shape in enumerate(rec["gates"]):
-            out[f"{name}.gates.{i}"] = tuple(shape)
-            if rec["frozen"]:
-                out[f"{name}.init_gates.{i}"] = tuple(shape)
+        for b in rec["branches"]:
+            names = branch_tensor_names(name, b["circuit"], len(rec["branches"]),
+                                        len(b["gates"]), b["frozen"])
+            out.update({key: tuple(b["gates"][i]) for key, (_, i) in names.items()})
     return out
+
+
+def upgrade(config: object) -> object:
+    """A version-2 config rewritten as version 3 (one branch per layer, with the program's
+    options); anything else is returned as it is, for ``check_config`` to judge. Only the
+    shape of the records changes: tensor names and hashes stay valid."""
+    if not (isinstance(config, dict) and config.get("format_version") == 2
+            and isinstance(config.get("layers"), dict) and isinstance(config.get("options"), dict)):
+        return config
+    options = {k: config["options"].get(k, v) for k, v in OPTION_DEFAULTS.items()}
+    layers = {}
+    for name, rec in config["layers"].items():
+        if not isinstance(rec, dict) or set(rec) != set(V2_RECORD_KEYS):
+            return config   # malformed: check_config names the field as version 3 sees it
+        branch = {k: rec[k] for k in ("circuit", "qc", "gates", "frozen")}
+        layers[name] = {"kind": rec["kind"], "in": rec["in"], "out": rec["out"],
+                        "state": rec["state"], "branches": [{**branch, **options}]}
+    return {**config, "format_version": 3, "layers": layers}
 
 
 def check_config(config: object, where: str) -> None:
@@ -71,7 +108,7 @@ def check_config(config: object, where: str) -> None:
     if _is_int(version) and version > FORMAT_VERSION:
         raise QCError(f"{where} has format_version {version}, newer than this qcircuit reads "
                       f"({FORMAT_VERSION}): upgrade qcircuit to load it")
-    if version != FORMAT_VERSION or not _is_int(version):
+    if version not in READS_VERSIONS or not _is_int(version):
         _bad(where, "$.format_version", f"{FORMAT_VERSION}", version)
     _exact_keys(root, TOP_KEYS, "$", where, optional=PEFT_KEYS)
     if root.get("peft_type", PEFT_TYPE) != PEFT_TYPE:
@@ -79,14 +116,14 @@ def check_config(config: object, where: str) -> None:
     _text(root["qcircuit_version"], "$.qcircuit_version", where)
     if not isinstance(root["program"], str):
         _bad(where, "$.program", "a string (.qc text)", root["program"])
-    options = _check_options(root["options"], where)
+    _check_options(root["options"], where)
     _check_model(root["model"], where)
     layers = _dict(root["layers"], "$.layers", where)
     if not layers:
         raise QCError(f"{where}: $.layers: a checkpoint adapts at least one layer")
     for name, rec in layers.items():
         _check_record(name, rec, f"$.layers[{_key(name)}]", where)
-    _check_agreement(layers, options["init"], where)
+    _check_agreement(layers, where)
     tensors = _dict(root["tensors"], "$.tensors", where)
     for name, entry in tensors.items():
         _check_tensor_entry(entry, f"$.tensors[{_key(name)}]", where)
@@ -135,14 +172,38 @@ def _check_record(name: str, value: object, path: str, where: str) -> None:
         _bad(where, f"{path}.kind", " or ".join(map(json.dumps, KINDS)), rec["kind"])
     for key in ("in", "out"):
         _positive(rec[key], f"{path}.{key}", MAX_FEATURES, where)
+    if rec["state"] not in STATES:
+        _bad(where, f"{path}.state", " or ".join(map(json.dumps, STATES)), rec["state"])
+    branches = _list(rec["branches"], f"{path}.branches", where)
+    if not branches:
+        raise QCError(f"{where}: {path}.branches: a layer has at least one branch")
+    seen = set()
+    for k, branch in enumerate(branches):
+        _check_branch(branch, f"{path}.branches[{k}]", where)
+        if branch["circuit"] in seen:
+            raise QCError(f"{where}: {path}.branches[{k}].circuit: circuit "
+                          f"{json.dumps(branch['circuit'])[:60]} appears twice in one layer")
+        seen.add(branch["circuit"])
+
+
+def _check_branch(value: object, path: str, where: str) -> None:
+    rec = _dict(value, path, where)
+    _exact_keys(rec, BRANCH_KEYS, path, where)
     _text(rec["circuit"], f"{path}.circuit", where)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", rec["circuit"]):
+        _bad(where, f"{path}.circuit", "a circuit name", rec["circuit"])
     if not isinstance(rec["qc"], str):
         _bad(where, f"{path}.qc", "a string (.qc text)", rec["qc"])
     _shapes(rec["gates"], f"{path}.gates", where)
     if not isinstance(rec["frozen"], bool):
         _bad(where, f"{path}.frozen", "true or false", rec["frozen"])
-    if rec["state"] not in STATES:
-        _bad(where, f"{path}.state", " or ".join(map(json.dumps, STATES)), rec["state"])
+    for key in OPTION_DEFAULTS:
+        if isinstance(rec[key], (dict, list)):
+            _bad(where, f"{path}.{key}", "a string or a number", rec[key])
+        try:
+            check_option(key, rec[key])
+        except QCError as e:
+            raise QCError(f"{where}: {path}.{key}: {e.one_line()}") from None
 
 
 def _shapes(value: object, path: str, where: str) -> None:
@@ -172,16 +233,16 @@ def _check_tensor_entry(value: object, path: str, where: str) -> None:
 
 
 # --- agreement between fields ------------------------------------------------------------
-def _check_agreement(layers: dict, init: str, where: str) -> None:
-    """``freeze_one`` keeps a frozen copy in every layer, ``zero_last`` in none; only a
-    layer with a frozen copy can have it folded into the base weight."""
-    frozen = init == "freeze_one"
+def _check_agreement(layers: dict, where: str) -> None:
+    """A ``freeze_one`` branch keeps a frozen copy, a ``zero_last`` one none; only a layer
+    with a frozen copy can have it folded into the base weight."""
     for name, rec in layers.items():
         path = f"$.layers[{_key(name)}]"
-        if rec["frozen"] != frozen:
-            raise QCError(f"{where}: {path}.frozen is {json.dumps(rec['frozen'])} but "
-                          f"$.options.init is {json.dumps(init)}")
-        if rec["state"] == "folded" and not frozen:
+        for k, b in enumerate(rec["branches"]):
+            if b["frozen"] != (b["init"] == "freeze_one"):
+                raise QCError(f"{where}: {path}.branches[{k}].frozen is "
+                              f"{json.dumps(b['frozen'])} but its init is {json.dumps(b['init'])}")
+        if rec["state"] == "folded" and not any(b["frozen"] for b in rec["branches"]):
             raise QCError(f"{where}: {path}.state is \"folded\" but the layer has no "
                           f"frozen initial gates to fold")
 

@@ -37,7 +37,8 @@ from .adapter import attach
 from .bind import bind
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .models import EMBEDDED_MODELS, embedded_config_dict, load_model
-from .report import build_report, checkpoint_bytes, format_table, not_universal, to_json
+from .report import (build_report, checkpoint_bytes, format_table, not_universal, options_text,
+                     rank_text, to_json)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", help="embedded model name (see --list-models) or a local "
                    "directory with config.json")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--draw", action="store_true", help="add each circuit's diagram")
+    p.add_argument("--draw", action="store_true", help="add each circuit's diagram (a "
+                   "layer's several circuits one under the other, summed)")
     p.add_argument("--out", metavar="DIR", help="write an initialised adapter checkpoint to DIR")
     p.add_argument("--force", action="store_true", help="let --out replace the adapter "
                    "checkpoint already in DIR")
@@ -157,6 +159,51 @@ def explanations(report, tokens: int) -> dict[tuple, str]:
     return per_circuit(report, lambda c: compile_circuit(c).explain(tokens))
 
 
+def circuit_title(row) -> str:
+    """``circuit lora (init = zero_last): 64 -> 64 features, 1,024 parameters``."""
+    own = f" ({options_text(row.own_options)})" if row.own_options else ""
+    return (f"circuit {row.circuit_name}{own}: {row.circuit.in_features} -> "
+            f"{row.circuit.out_features} features, {row.circuit.num_params:,} parameters")
+
+
+def drawing_text(report, pictures: dict[tuple, str]) -> str:
+    """``--draw``: each distinct circuit under its title, once; a layer group with several
+    branches (once per distinct sum) as its title, then its branches one under the other
+    with ``+`` between."""
+    blocks, seen = [], set()
+    for g in report.groups:
+        keys = [(r.circuit_name, r.circuit, tuple(r.own_options.items())) for r in g.branches]
+        key = keys[0] if len(keys) == 1 else tuple(keys)
+        if key in seen:
+            continue
+        seen.update([key, *keys])
+        parts = [f"{circuit_title(r)}\n{pictures[(r.circuit_name, r.circuit)]}"
+                 for r in g.branches]
+        if len(parts) == 1:
+            blocks.append(parts[0])
+            continue
+        blocks.append(f"{g.label}: the sum of {len(parts)} circuits on {len(g.modules)} "
+                      f"modules, {g.in_features} -> {g.out_features} features, "
+                      f"{g.params:,} parameters, rank bound "
+                      f"{rank_text(g.rank_bound, g.full_rank)}\n\n" + "\n\n+\n\n".join(parts))
+    return "".join(f"\n{b}\n" for b in blocks)
+
+
+def explain_text(report, texts: dict[tuple, str], tokens: int) -> str:
+    """``--explain``: each distinct circuit once, in branch order; a branch of a sum says
+    which one."""
+    lines, seen = [], set()
+    for g in report.groups:
+        for i, r in enumerate(g.branches, 1):
+            if (r.circuit_name, r.circuit) in seen:
+                continue
+            seen.add((r.circuit_name, r.circuit))
+            where = f", branch {i} of {len(g.branches)} on {g.label}" if len(g.branches) > 1 else ""
+            lines.append(f"\ncircuit {r.circuit_name} at {tokens} tokens{where}:\n"
+                         f"{texts[(r.circuit_name, r.circuit)]}\n")
+    return "".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     """Do the work; raise QCError or OSError on user errors."""
     if args.list_models:
@@ -197,12 +244,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(obj, indent=2))
         return 0
     print(format_table(report))
-    for (name, circuit), picture in pictures.items():
-        print(f"\ncircuit {name}: {circuit.in_features} -> {circuit.out_features} features, "
-              f"{circuit.num_params:,} parameters\n{picture}")
+    if args.draw:
+        print(drawing_text(report, pictures), end="")
     if args.explain:
-        for (name, _), text in explanations(report, args.tokens).items():
-            print(f"\ncircuit {name} at {args.tokens} tokens:\n{text}")
+        print(explain_text(report, explanations(report, args.tokens), args.tokens), end="")
     if args.out:
         print(f"\nwrote an initialised adapter checkpoint to {args.out}")
     return 0

@@ -1,16 +1,19 @@
-"""The adapted layer: a base ``nn.Linear`` / GPT-2 ``Conv1D`` plus a circuit, in one named state.
+"""The adapted layer: a base ``nn.Linear`` / GPT-2 ``Conv1D`` plus a sum of circuits, in one named state.
 
-An adapted layer computes ``y = W0·x + b + scale·(T_θ − T_θ0)·dropout(x)`` (DESIGN.md), where
-``W0`` is the base weight the layer had at ``attach``/``load``. Its :class:`LayerState` says
-what the stored base weight ``W`` holds and therefore what the forward adds to ``W·x + b``:
+An adapted layer computes ``y = W0·x + b + Σ_k s_k·(T_θk − T_θ0k)·dropout_k(x)`` (DESIGN.md):
+one term per :class:`Branch` (``branch.py``; one branch per ``apply`` rule matching the
+layer), where ``W0`` is the base weight the layer had at ``attach``/``load``. Its
+:class:`LayerState` says what the stored base weight ``W`` holds and therefore what the
+forward adds to ``W·x + b`` (sums over branches; "foldable" branches keep a frozen copy
+and have no dropout):
 
-=========  ==========================  ================================================
-state      ``W`` holds                 forward
-=========  ==========================  ================================================
-unfolded   ``W0``                      ``W·x + b + s·(T_θ − T_θ0)·dropout(x)``
-folded     ``W0 − s·T_θ0``             ``W·x + b + s·T_θ·x``  (one circuit per step)
-merged     ``W0 + s·(T_θ − T_θ0)``     ``W·x + b``            (no adapter cost)
-=========  ==========================  ================================================
+=========  ==================================  ==========================================
+state      ``W`` holds                         forward adds, per branch
+=========  ==================================  ==========================================
+unfolded   ``W0``                              ``s·(T_θ − T_θ0)·dropout(x)``
+folded     ``W0 − Σ_foldable s·T_θ0``          ``s·T_θ·x`` if foldable, else as unfolded
+merged     ``W0 + Σ s·(T_θ − T_θ0)``           nothing (no adapter cost)
+=========  ==================================  ==========================================
 
 Only named calls move a layer between states (``fold``, ``unfold``, ``merge``, ``unmerge``,
 and ``load_state_dict``, which restores the state stored with the weights); ``forward``
@@ -19,23 +22,24 @@ the user built. Every move adds ``offset(new) − offset(old)`` (the table's ``W
 computed in float64 from the gates and rounded once into ``W``'s dtype, after checking
 that the gates and the result are finite: a bad gate is refused before ``W`` is touched.
 
-``freeze_one`` layers keep a frozen copy of the initial gates (``frozen``). They can fold
-only without dropout (both circuits must see the same ``dropout(x)``) and on real weights
-(not the meta device). ``zero_last`` layers have no frozen copy (``T_θ0 = 0``): unfolded
-and folded are the same weight, so they stay unfolded. Gates are float32 (float64 on a
-float64 layer) whatever the base dtype, and the circuit runs with autocast disabled.
+A layer folds only on real weights (not the meta device) and when a branch is foldable;
+``zero_last`` branches have no frozen copy (``T_θ0 = 0``), so a layer of those alone stays
+unfolded. Gates are float32 (float64 on a float64 layer) whatever the base dtype, and the
+circuits run with autocast disabled. All branches run in one call of the layer.
 """
 from __future__ import annotations
 
 import enum
+from typing import Sequence
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qcircuit import Circuit, QCError
-from qcircuit.program import check_option
-from qcircuit.compiler import compile as compile_circuit
+
+from .branch import Branch
+from .checkpoint_schema import branch_tensor_names
 
 
 class LayerState(enum.Enum):
@@ -47,11 +51,6 @@ class LayerState(enum.Enum):
 
 
 _CODES = tuple(LayerState)  # the state buffer stores an index into this tuple
-
-
-def gate_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Gates train in float32 (float64 for float64 layers), whatever the base dtype."""
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def full_tensor(t: torch.Tensor, shape: torch.Size | tuple[int, ...], what: str) -> torch.Tensor:
@@ -67,46 +66,63 @@ def full_tensor(t: torch.Tensor, shape: torch.Size | tuple[int, ...], what: str)
 
 
 class AdaptedLayer(nn.Module):
-    """An ``nn.Linear`` or GPT-2 ``Conv1D`` (``base_layer``) plus a circuit adapter."""
+    """An ``nn.Linear`` or GPT-2 ``Conv1D`` (``base_layer``) plus one or more circuit
+    branches (``branches``, built on this base layer, in rule order)."""
 
-    def __init__(self, base: nn.Module, circuit: Circuit, *, init: str, scale: float,
-                 dropout: float, generator: torch.Generator | None = None, plan=None,
-                 name: str = "layer"):
+    def __init__(self, base: nn.Module, branches: Sequence[Branch], *, name: str = "layer"):
         super().__init__()
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise QCError(f"cannot adapt a {type(base).__name__}: only nn.Linear and Conv1D")
-        if not circuit.gates:
-            raise QCError("a circuit with no gates cannot be an adapter")
+        names = [b.name for b in branches]
+        if not names or len(set(names)) != len(names):
+            raise QCError(f"{name}: a layer takes one or more branches with distinct circuit "
+                          f"names, got {names}")
         self.base_layer = base
         self.name = name
         self.transposed = isinstance(base, Conv1D)  # Conv1D keeps its weight as (in, out)
-        self.circuit = circuit
-        self.plan = compile_circuit(circuit) if plan is None else plan  # shareable
-        self.init_mode = check_option("init", init)      # the ranges .qc text is held to
-        self.scale = float(check_option("scale", scale))
-        dropout = check_option("dropout", dropout)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = base.weight
-        dtype = gate_dtype(weight)
-        device = torch.device("cpu") if weight.is_meta else weight.device
-        # Gates are drawn on the CPU (where the generator lives), then moved.
-        self.adapter = self.plan.module(init="kaiming", generator=generator, dtype=dtype,
-                                        device="cpu").to(device)
-        self.frozen: nn.Module | None = None
-        if init == "zero_last":
-            with torch.no_grad():
-                self.adapter.gates[-1].zero_()
-        else:
-            self.frozen = self.plan.module(init="zeros", dtype=dtype, device=device)
-            self.frozen.requires_grad_(False)
-            with torch.no_grad():
-                for dst, src in zip(self.frozen.gates, self.adapter.gates):
-                    dst.copy_(src)
+        self.branches = nn.ModuleList(branches)
         self.state = LayerState.UNFOLDED
         self.rest = LayerState.UNFOLDED  # where unmerge() returns: the training form
+        weight = base.weight
+        device = torch.device("cpu") if weight.is_meta else weight.device
         # [state, rest] as indices into _CODES, so model.state_dict() round trips (resume)
         self.register_buffer("adapter_state", torch.zeros(2, dtype=torch.uint8, device=device))
         self.train(base.training)
+
+    @classmethod
+    def of(cls, base: nn.Module, circuit: Circuit, *, init: str = "freeze_one",
+           scale: float = 1.0, dropout: float = 0.0, generator: torch.Generator | None = None,
+           plan=None, name: str = "layer", circuit_name: str = "c") -> "AdaptedLayer":
+        """A layer with one branch: ``circuit`` with these options."""
+        branch = Branch(circuit_name, circuit, base.weight, init=init, scale=scale,
+                        dropout=dropout, generator=generator, plan=plan)
+        return cls(base, [branch], name=name)
+
+    # --- one-branch shorthands ------------------------------------------------------------
+    @property
+    def only(self) -> Branch:
+        """The layer's branch, when it has one (most layers); a ``QCError`` for a sum."""
+        if len(self.branches) != 1:
+            raise QCError(f"{self.name} is a sum of {len(self.branches)} circuits "
+                          f"({', '.join(b.name for b in self.branches)}): pick one from "
+                          "layer.branches")
+        return self.branches[0]
+
+    adapter = property(lambda self: self.only.adapter, doc="The one branch's gates.")
+    frozen = property(lambda self: self.only.frozen, doc="The one branch's frozen copy.")
+    circuit = property(lambda self: self.only.circuit, doc="The one branch's circuit.")
+    plan = property(lambda self: self.only.plan, doc="The one branch's compiled plan.")
+    scale = property(lambda self: self.only.scale, doc="The one branch's scale.")
+    init_mode = property(lambda self: self.only.init_mode, doc="The one branch's init.")
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters: every branch's gates."""
+        return sum(b.circuit.num_params for b in self.branches)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The trainable gates, branch by branch in circuit order."""
+        return [g for b in self.branches for g in b.adapter.gates]
 
     # --- what the layer can do -----------------------------------------------------------
     @property
@@ -115,9 +131,8 @@ class AdaptedLayer(nn.Module):
 
     @property
     def can_fold(self) -> bool:
-        """A frozen copy to fold, no dropout, and real weights."""
-        return self.frozen is not None and isinstance(self.dropout, nn.Identity) \
-            and not self.is_meta
+        """A foldable branch (frozen copy, no dropout) and real weights."""
+        return any(b.foldable for b in self.branches) and not self.is_meta
 
     @property
     def folded(self) -> bool:
@@ -172,37 +187,47 @@ class AdaptedLayer(nn.Module):
             self.adapter_state.copy_(torch.tensor(codes, dtype=torch.uint8))
 
     # --- the weight arithmetic -----------------------------------------------------------
-    def _checked_gates(self, module: nn.Module, label: str) -> list[torch.Tensor]:
-        """``module``'s gates, whole, after checking that every entry is finite."""
+    def _checked_gates(self, branch: Branch, part: str) -> list[torch.Tensor]:
+        """``branch``'s gates (``part``: adapter or frozen), whole, after checking that
+        every entry is finite."""
+        label = "gate" if part == "adapter" else "frozen initial gate"
+        where = self.name if len(self.branches) == 1 else f"{self.name} ({branch.name})"
         gates = []
-        for i, g in enumerate(module.gates):
-            g = full_tensor(g, self.circuit.gates[i].shape, f"{self.name}: {label} {i}")
+        for i, g in enumerate(getattr(branch, part).gates):
+            g = full_tensor(g, branch.circuit.gates[i].shape, f"{where}: {label} {i}")
             if not bool(torch.isfinite(g).all()):
-                raise QCError(f"{self.name}: {label} {i} has non-finite entries (NaN or inf); "
+                raise QCError(f"{where}: {label} {i} has non-finite entries (NaN or inf); "
                               "the base weight is left untouched")
             gates.append(g)
         return gates
 
     def check_gates(self) -> None:
         """Refuse (``QCError`` naming layer and gate) a non-finite gate or frozen gate."""
-        self._checked_gates(self.adapter, "gate")
-        if self.frozen is not None:
-            self._checked_gates(self.frozen, "frozen initial gate")
+        for b in self.branches:
+            self._checked_gates(b, "adapter")
+            if b.frozen is not None:
+                self._checked_gates(b, "frozen")
 
-    def _dense64(self, module: nn.Module, label: str) -> torch.Tensor:
-        """The circuit operator of ``module``'s (checked) gates in float64, (out, in)."""
-        gates = [g.double() for g in self._checked_gates(module, label)]
+    def _dense64(self, branch: Branch, part: str) -> torch.Tensor:
+        """The circuit operator of ``branch``'s (checked) gates in float64, (out, in)."""
+        gates = [g.double() for g in self._checked_gates(branch, part)]
         with torch.no_grad(), torch.autocast(gates[0].device.type, enabled=False):
-            return self.plan.dense_executor()(gates)
+            return branch.plan.dense_executor()(gates)
 
-    def _offset(self, state: LayerState, dense: dict[str, torch.Tensor]) -> torch.Tensor | float:
+    def _offset(self, state: LayerState, dense: dict) -> torch.Tensor | float:
         """``W − W0`` in ``state`` (float64), from the operators in ``dense``."""
         if state is LayerState.UNFOLDED:
             return 0.0
-        t0 = dense["frozen"] if self.frozen is not None else 0.0
-        if state is LayerState.FOLDED:
-            return -self.scale * t0
-        return self.scale * (dense["adapter"] - t0)
+        total: torch.Tensor | float = 0.0
+        for k, b in enumerate(self.branches):
+            if state is LayerState.FOLDED:
+                if b.foldable:
+                    total = total - b.scale * dense[k, "frozen"]
+            elif b.frozen is not None:
+                total = total + b.scale * (dense[k, "adapter"] - dense[k, "frozen"])
+            else:
+                total = total + b.scale * dense[k, "adapter"]
+        return total
 
     def offset64(self) -> torch.Tensor:
         """``W − W0`` in the current state, float64 (out, in)."""
@@ -210,17 +235,21 @@ class AdaptedLayer(nn.Module):
                                dtype=torch.float64)
 
     def delta64(self) -> torch.Tensor:
-        """The adapter's delta ``s·(T_θ − T_θ0)``, float64 (out, in)."""
+        """The adapter's delta ``Σ s·(T_θ − T_θ0)``, float64 (out, in)."""
         return self._offset(LayerState.MERGED, self._operators(LayerState.MERGED))
 
-    def _operators(self, *states: LayerState) -> dict[str, torch.Tensor]:
-        """The dense operators that ``_offset`` needs for ``states``: ``T_θ`` for merged,
-        ``T_θ0`` for folded and merged (folding never multiplies out the trained gates)."""
+    def _operators(self, *states: LayerState) -> dict[tuple[int, str], torch.Tensor]:
+        """The dense operators that ``_offset`` needs for ``states``, keyed (branch index,
+        part): ``T_θ`` for merged, ``T_θ0`` for folded and merged (folding never multiplies
+        out the trained gates, nor the frozen gates of branches it leaves alone)."""
         dense = {}
-        if LayerState.MERGED in states:
-            dense["adapter"] = self._dense64(self.adapter, "gate")
-        if self.frozen is not None and any(s is not LayerState.UNFOLDED for s in states):
-            dense["frozen"] = self._dense64(self.frozen, "frozen initial gate")
+        merged = LayerState.MERGED in states
+        folded = LayerState.FOLDED in states
+        for k, b in enumerate(self.branches):
+            if merged:
+                dense[k, "adapter"] = self._dense64(b, "adapter")
+            if b.frozen is not None and (merged or (folded and b.foldable)):
+                dense[k, "frozen"] = self._dense64(b, "frozen")
         return dense
 
     @torch.no_grad()
@@ -253,38 +282,42 @@ class AdaptedLayer(nn.Module):
         y = self.base_layer(x)
         if self.state is LayerState.MERGED:
             return y
-        h = self.dropout(x).to(self.adapter.gates[0].dtype)
-        with torch.autocast(h.device.type, enabled=False):  # the circuit runs in the gates' dtype
-            d = self.adapter(h)
-            if self.frozen is not None and self.state is LayerState.UNFOLDED:
-                d = d - self.frozen(h)
-        return y + (self.scale * d).to(y.dtype)
+        folded = self.state is LayerState.FOLDED
+        h = x.to(self.branches[0].adapter.gates[0].dtype)
+        with torch.autocast(h.device.type, enabled=False):  # circuits run in the gates' dtype
+            d = None
+            for b in self.branches:
+                term = b(h, folded and b.foldable)
+                d = term if d is None else d + term
+        return y + d.to(y.dtype)
 
-    def checkpoint_names(self, name: str) -> dict[str, tuple[str, int]]:
-        """Checkpoint tensor name -> (``adapter`` or ``frozen``, gate index), for this layer
-        saved as ``name``: ``<name>.gates.<i>`` and ``<name>.init_gates.<i>``. The one place
-        of the key scheme (native checkpoints and the PEFT door)."""
+    def checkpoint_names(self, name: str) -> dict[str, str]:
+        """Checkpoint tensor name -> parameter path in this layer
+        (``branches.<k>.adapter.gates.<i>`` or ``branches.<k>.frozen.gates.<i>``), for this
+        layer saved as ``name``; the names follow ``checkpoint_schema.branch_tensor_names``
+        (native checkpoints and the PEFT door both use this)."""
         out = {}
-        for kind, part in (("gates", "adapter"), ("init_gates", "frozen")):
-            if getattr(self, part) is not None:
-                out.update({f"{name}.{kind}.{i}": (part, i) for i in range(len(self.circuit.gates))})
+        for k, b in enumerate(self.branches):
+            names = branch_tensor_names(name, b.name, len(self.branches), len(b.circuit.gates),
+                                        b.frozen is not None)
+            out.update({key: f"branches.{k}.{part}.gates.{i}" for key, (part, i) in names.items()})
         return out
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Copies of the gates (and frozen initial gates) under their checkpoint names,
         whole, on the CPU (a collective for DTensor gates: every rank must call)."""
-        return {key: full_tensor(getattr(self, part).gates[i], self.circuit.gates[i].shape,
-                                 key).to("cpu", copy=True)
-                for key, (part, i) in self.checkpoint_names(name).items()}
+        out = {}
+        for key, path in self.checkpoint_names(name).items():
+            k, i = int(path.split(".")[1]), int(path.rsplit(".", 1)[1])
+            shape = self.branches[k].circuit.gates[i].shape
+            out[key] = full_tensor(self.get_parameter(path), shape, key).to("cpu", copy=True)
+        return out
 
     @torch.no_grad()
     def load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Copy checkpoint tensors (``tensors(name)``'s names) into the gates."""
-        for key, (part, i) in self.checkpoint_names(name).items():
-            getattr(self, part).gates[i].copy_(tensors[key])
+        for key, path in self.checkpoint_names(name).items():
+            self.get_parameter(path).copy_(tensors[key])
 
     def extra_repr(self) -> str:
-        c = self.circuit
-        return (f"circuit={'·'.join(map(str, c.in_dims))}->{'·'.join(map(str, c.out_dims))}, "
-                f"gates={len(c.gates)}, params={c.num_params}, init={self.init_mode}, "
-                f"scale={self.scale}, state={self.state.value}")
+        return f"state={self.state.value}"

@@ -147,7 +147,7 @@ def _layer_case(kind: str, init: str, scale: float):
     base = nn.Linear(64, circuit.out_features) if kind == "linear" else Conv1D(64, 64)
     w0 = (base.weight.detach().t() if kind == "conv1d" else base.weight.detach()).double().clone()
     b0 = base.bias.detach().double().clone()
-    layer = AdaptedLayer(base, circuit, init=init, scale=scale, dropout=0.0)
+    layer = AdaptedLayer.of(base, circuit, init=init, scale=scale, dropout=0.0)
     init_gates = [g.detach().clone() for g in layer.adapter.gates]
     with torch.no_grad():
         for g in layer.adapter.gates:
@@ -205,7 +205,7 @@ def test_scale_multiplies_the_delta(tiny_llama, token_ids):
 def test_dropout_applies_to_adapter_input_only(init):
     torch.manual_seed(0)
     base = nn.Linear(64, 64)
-    layer = AdaptedLayer(base, SQUARE, init=init, scale=1.0, dropout=0.5)
+    layer = AdaptedLayer.of(base, SQUARE, init=init, scale=1.0, dropout=0.5)
     with torch.no_grad():
         for g in layer.adapter.gates:
             g.add_(0.1 * torch.randn_like(g))
@@ -326,7 +326,7 @@ def test_unfolded_layer_computes_exact_formula():
     """A freeze_one layer that is not folded (fold=False, dropout, meta) runs both circuits."""
     torch.manual_seed(0)
     base = nn.Linear(64, 172)
-    layer = AdaptedLayer(base, UP, init="freeze_one", scale=0.5, dropout=0.0)
+    layer = AdaptedLayer.of(base, UP, init="freeze_one", scale=0.5, dropout=0.0)
     x = torch.randn(6, 64)
     with torch.no_grad():
         assert torch.equal(layer(x), base(x))
@@ -359,9 +359,10 @@ def test_gradcheck_inputs_and_gates(kind):
     torch.manual_seed(0)
     circuit = Circuit(2, 2, 3).all_pairs().gate((0, 2), out=(3, 3))    # 12 -> 18
     base = (nn.Linear(12, 18) if kind == "linear" else Conv1D(18, 12)).double()
-    layer = AdaptedLayer(base, circuit, init="freeze_one", scale=0.7, dropout=0.0)
+    layer = AdaptedLayer.of(base, circuit, init="freeze_one", scale=0.7, dropout=0.0)
     assert layer.adapter.gates[0].dtype == torch.float64
-    names = [f"adapter.gates.{i}" for i in range(len(circuit.gates))]
+    names = [f"branches.0.adapter.gates.{i}" for i in range(len(circuit.gates))]
+    assert all(dict(layer.named_parameters())[n] is g for n, g in zip(names, layer.adapter.gates))
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     gates = [g.detach().clone().requires_grad_(True) for g in layer.adapter.gates]
 

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import qcircuit
 from qcircuit import QCError, parse
+from qcircuit.runtime.bind import by_layer
 from qcircuit.runtime import atomic_dir, checkpoint
 from qcircuit.runtime.adapter import attach, load
 from test_adapter import gpt2_program, llama_program, perturb, rel_err
@@ -70,9 +71,11 @@ def test_checkpoint_contents(tiny_llama, tmp_path):
     assert config["model"]["model_type"] == "llama" and config["model"]["hidden_size"] == 64
     assert config["model"]["dtype"] == "float32"
     up = config["layers"]["model.layers.0.mlp.up_proj"]
-    assert (up["in"], up["out"], up["circuit"], up["kind"]) == (64, 172, "up", "linear")
-    assert (up["frozen"], up["state"]) == (True, "unfolded")
-    assert up["gates"] == [[4, 4, 4, 4], [1, 43, 4, 4]]
+    assert (up["in"], up["out"], up["kind"], up["state"]) == (64, 172, "linear", "unfolded")
+    [branch] = up["branches"]
+    assert (branch["circuit"], branch["frozen"], branch["init"]) == ("up", True, "freeze_one")
+    assert (branch["scale"], branch["dropout"]) == (1.0, 0.1)
+    assert branch["gates"] == [[4, 4, 4, 4], [1, 43, 4, 4]]
     tensors = load_file(str(tmp_path / "ckpt" / "adapter_model.safetensors"))
     assert tensors.keys() == checkpoint.expected_tensors(config["layers"]).keys()
     layer = adapted.layers["model.layers.0.mlp.up_proj"]
@@ -137,9 +140,9 @@ def test_load_refuses_a_different_circuit(tmp_path, tiny_llama):
     config_path = tmp_path / "c" / "adapter_config.json"
     config = json.loads(config_path.read_text())
     up = config["layers"]["model.layers.0.mlp.up_proj"]
-    up["qc"] = up["qc"].replace("gate (0, 1)", "gate (1, 0)")
+    up["branches"][0]["qc"] = up["branches"][0]["qc"].replace("gate (0, 1)", "gate (1, 0)")
     config_path.write_text(json.dumps(config))
-    with pytest.raises(QCError, match=r"up_proj: different circuit: checkpoint has 'up'"):
+    with pytest.raises(QCError, match=r"up_proj: different circuits: circuit 'up' is defined differently"):
         load(base, tmp_path / "c")
 
 
@@ -347,7 +350,8 @@ def test_build_config_and_a_folded_state_round_trip(tmp_path, tiny_llama):
     tensors = {}
     for name, layer in adapted.layers.items():
         tensors.update(layer.tensors(name))
-    records = {t.module_name: checkpoint.layer_record(t, True, "folded") for t in adapted.targets}
+    records = {name: checkpoint.layer_record(branches, "folded")
+               for name, branches in by_layer(adapted.targets).items()}
     config = checkpoint.build_config(adapted.program, adapted.model, records, tensors,
                                      version=qcircuit.__version__)
     assert config["tensors"] == checkpoint.tensor_records(tensors)
@@ -541,3 +545,23 @@ def test_save_from_another_thread(tmp_path, tiny_llama):
     assert errors == [] and signal.getsignal(signal.SIGTERM) is handler
     assert _files(tmp_path / "old") != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_a_version_2_checkpoint_loads(tmp_path, tiny_llama, token_ids):
+    """qcircuit 0.2 wrote one circuit per layer with program-wide options (format 2):
+    it loads as a one-branch-per-layer adapter with the same tensors and outputs."""
+    base = _fresh(tiny_llama)
+    adapted = attach(tiny_llama, llama_program(), seed=0)
+    perturb(adapted)
+    adapted.save(tmp_path / "c")
+    config_path = tmp_path / "c" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["format_version"] = 2
+    for rec in config["layers"].values():
+        branch = rec.pop("branches")[0]
+        rec.update({k: branch[k] for k in ("circuit", "qc", "gates", "frozen")})
+    config_path.write_text(json.dumps(config))
+    loaded = load(base, tmp_path / "c")
+    with torch.no_grad():
+        want, got = adapted(token_ids).logits, loaded(token_ids).logits
+    assert torch.linalg.norm(got - want) <= 1e-6 * torch.linalg.norm(want)

@@ -29,7 +29,8 @@ from test_adapter import llama_program, perturb
 TIME_BOUND = 5.0   # seconds; every case takes well under 0.5 s on a 2-core machine
 CONFIG, WEIGHTS = checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME
 Q0 = "model.layers.0.self_attn.q_proj"
-RECORD_KEYS = ("kind", "in", "out", "circuit", "qc", "gates", "frozen", "state")
+RECORD_KEYS = ("kind", "in", "out", "state", "branches")
+BRANCH_KEYS = ("circuit", "qc", "gates", "frozen", "init", "scale", "dropout")
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -151,6 +152,24 @@ def _drop(key: str):
     return lambda config: config["layers"][Q0].pop(key)
 
 
+def _branch(key: str, value):
+    def change(config):
+        config["layers"][Q0]["branches"][0][key] = value
+    return change
+
+
+def _drop_branch_key(key: str):
+    return lambda config: config["layers"][Q0]["branches"][0].pop(key)
+
+
+def _as_version_2(config):
+    """The config as qcircuit 0.2 wrote it: one circuit per layer, options program-wide."""
+    config["format_version"] = 2
+    for rec in config["layers"].values():
+        branch = rec.pop("branches")[0]
+        rec.update({k: branch[k] for k in ("circuit", "qc", "gates", "frozen")})
+
+
 def _as_dtype(dtype: torch.dtype):
     return lambda tensors: {k: v.to(dtype) for k, v in tensors.items()}
 
@@ -187,6 +206,15 @@ CASES = [
      r'\$\.layers\["model\.layers\.0\.self_attn\.q_proj"\]: expected an object, got a string'),
     *[(F1, f"record_lacks_{k}", _edit(_drop(k)), rf'q_proj"\]: key "{k}" is missing')
       for k in RECORD_KEYS],
+    *[(F1, f"branch_lacks_{k}", _edit(_drop_branch_key(k)),
+       rf'q_proj"\]\.branches\[0\]: key "{k}" is missing') for k in BRANCH_KEYS],
+    (F1, "branches_empty", _edit(_record("branches", [])), r"a layer has at least one branch"),
+    (F1, "branch_twice", _edit(lambda c: c["layers"][Q0]["branches"].append(
+        c["layers"][Q0]["branches"][0])), r"appears twice in one layer"),
+    (F1, "branch_scale_edited", _edit(_branch("scale", 2.0)), r"different circuits"),
+    (F1, "branch_scale_a_string", _edit(_branch("scale", "2")), r"scale takes a number"),
+    (F1, "version_2_record_edited", _edit(lambda c: (_as_version_2(c), c["layers"][Q0].update(
+        frozen=1))), r'q_proj"\]\.branches\[0\]\.frozen: expected true or false'),
     (F1, "record_unknown_key", _edit(_record("lora", 1)), r'unknown key "lora"'),
     (F1, "model_a_string", _edit(lambda c: c.update(model="llama")),
      r"\$\.model: expected an object, got a string"),
@@ -199,11 +227,11 @@ CASES = [
     (F1, "in_5000_digits", _text(lambda t: t.replace('"in": 64', '"in": ' + "9" * 5000, 1)),
      r"not valid JSON"),
     (F1, "kind_unknown", _edit(_record("kind", "conv2d")), r'\.kind: expected "linear" or'),
-    (F1, "gates_a_string", _edit(_record("gates", "4x4")), r"\.gates: expected an array"),
-    (F1, "gates_empty", _edit(_record("gates", [])), r"\.gates: a circuit has at least one"),
-    (F1, "gate_dim_zero", _edit(_record("gates", [[0, 4, 4, 4]] * 3)), r"\.gates\[0\]\[0\]"),
-    (F1, "gate_dim_a_bool", _edit(_record("gates", [[True, 4, 4, 4]] * 3)), r"\.gates\[0\]\[0\]"),
-    (F1, "frozen_an_int", _edit(_record("frozen", 1)), r"\.frozen: expected true or false"),
+    (F1, "gates_a_string", _edit(_branch("gates", "4x4")), r"\.gates: expected an array"),
+    (F1, "gates_empty", _edit(_branch("gates", [])), r"\.gates: a circuit has at least one"),
+    (F1, "gate_dim_zero", _edit(_branch("gates", [[0, 4, 4, 4]] * 3)), r"\.gates\[0\]\[0\]"),
+    (F1, "gate_dim_a_bool", _edit(_branch("gates", [[True, 4, 4, 4]] * 3)), r"\.gates\[0\]\[0\]"),
+    (F1, "frozen_an_int", _edit(_branch("frozen", 1)), r"\.frozen: expected true or false"),
     (F1, "state_merged", _edit(_record("state", "merged")), r'\.state: expected "unfolded" or'),
     (Z, "state_folded_without_frozen_gates", _edit(_record("state", "folded")),
      r'state is "folded" but the layer has no frozen'),
@@ -211,11 +239,11 @@ CASES = [
     (F1, "format_other", _edit(lambda c: c.update(format="peft")), r"not a qcircuit adapter"),
     (F1, "format_version_missing", _edit(lambda c: c.pop("format_version")),
      r"no format_version"),
-    (F1, "format_version_3", _edit(lambda c: c.update(format_version=3)), r"newer than this"),
+    (F1, "format_version_4", _edit(lambda c: c.update(format_version=4)), r"newer than this"),
     (F1, "format_version_a_bool", _edit(lambda c: c.update(format_version=True)),
-     r"\$\.format_version: expected 2"),
+     r"\$\.format_version: expected 3"),
     (F1, "format_version_a_string", _edit(lambda c: c.update(format_version="2")),
-     r"\$\.format_version: expected 2"),
+     r"\$\.format_version: expected 3"),
     (F1, "unknown_top_key", _edit(lambda c: c.update(extra=1)), r'unknown key "extra"'),
     (F1, "qcircuit_version_an_int", _edit(lambda c: c.update(qcircuit_version=1)),
      r"\$\.qcircuit_version: expected a non-empty string"),
@@ -228,12 +256,16 @@ CASES = [
     (F1, "dropout_edited", _edit(lambda c: c["options"].update(dropout=0.5)),
      r"\$\.options\.dropout is 0\.5 but the stored program says 0\.0"),
     (F1, "init_edited_to_zero_last", _edit(lambda c: c["options"].update(init="zero_last")),
-     r'frozen is true but \$\.options\.init is "zero_last"'),
+     r'\$\.options\.init is "zero_last" but the stored program says "freeze_one"'),
     (Z, "init_edited_to_freeze_one", _edit(lambda c: c["options"].update(init="freeze_one")),
-     r'frozen is false but \$\.options\.init is "freeze_one"'),
-    (F1, "init_and_frozen_flags_edited", _edit(lambda c: (
-        c["options"].update(init="zero_last"),
-        [r.update(frozen=False) for r in c["layers"].values()])),
+     r'\$\.options\.init is "freeze_one" but the stored program says "zero_last"'),
+    (F1, "branch_init_edited_to_zero_last", _edit(_branch("init", "zero_last")),
+     r'frozen is true but its init is "zero_last"'),
+    (Z, "branch_init_edited_to_freeze_one", _edit(_branch("init", "freeze_one")),
+     r'frozen is false but its init is "freeze_one"'),
+    (F1, "init_and_frozen_flags_edited", _edit(lambda c: [
+        b.update(frozen=False, init="zero_last")
+        for r in c["layers"].values() for b in r["branches"]]),
      r'\$\.tensors has unexpected|state is "folded" but the layer has no frozen'),
     (F1, "init_unknown", _edit(lambda c: c["options"].update(init="random")),
      r"\$\.options\.init: unknown init mode"),
@@ -247,12 +279,12 @@ CASES = [
      r"number 1e999 is out of range"),
     # the stored program
     (F1, "program_includes_a_file", _edit(_with_include), r"include"),
-    (F1, "record_names_an_unknown_circuit", _edit(_record("circuit", "lora")),
-     r'q_proj"\]\.circuit is "lora", which the stored program does not define'),
+    (F1, "record_names_an_unknown_circuit", _edit(_branch("circuit", "lora")),
+     r'q_proj"\]\.branches\[0\]\.circuit is "lora", which the stored program does not'),
     (F1, "program_syntax_error", _edit(lambda c: c.update(program="circuit {")),
      r"adapter_config\.json \(program\):1"),
     (F1, "program_circuit_edited", _edit(lambda c: c.update(program=c["program"].replace(
-        "qudits 4 4 4\n    all_pairs", "qudits 4 16\n    all_pairs", 1))), r"different circuit"),
+        "qudits 4 4 4\n    all_pairs", "qudits 4 16\n    all_pairs", 1))), r"different circuits"),
     # the tensors section of the config
     (F1, "tensors_section_missing", _edit(lambda c: c.pop("tensors")), r'"tensors" is missing'),
     (F1, "sha256_not_hex", _edit(lambda c: c["tensors"][GATE].update(sha256="z" * 64)),
@@ -340,7 +372,8 @@ def test_every_issue_case_is_covered():
               "fifty_bytes_flipped", "scale_edited", "dropout_edited", "init_edited_to_zero_last",
               "init_edited_to_freeze_one", "layers_a_list", "layer_record_a_string",
               "model_a_string", "config_not_utf8", "config_100000_deep", "config_a_pickle",
-              *(f"record_lacks_{k}" for k in ("kind", "in", "out", "circuit", "qc", "gates"))}
+              *(f"record_lacks_{k}" for k in ("kind", "in", "out")),
+              *(f"branch_lacks_{k}" for k in ("circuit", "qc", "gates"))}
     assert listed <= ids and len(ids) == len(CASES)
 
 

@@ -560,3 +560,274 @@ def test_explain_shows_each_circuits_routes_and_the_winner(capsys):
     code, out, _ = run(capsys, PAPER, "-m", "llama-2-7b", "--explain",
                        "--tokens", "16", "--json")
     assert code == 0 and "chosen:" in json.loads(out)["targets"][0]["explain"]
+
+
+# --- sums of circuits: several rules on one layer (branches) ----------------------------------
+# Built with the Python API; qcompile reads them through a stand-in for parse_file.
+
+
+def lora(rank: int, features: int = 64):
+    """Low rank as a circuit: one qudit, features -> rank -> features (rank bound ``rank``)."""
+    from qcircuit.ir import Circuit
+
+    return Circuit(features).gate((0,), out=(rank,)).gate((0,), out=(features,))
+
+
+def hybrid(lora_on=("q_proj",), lora_rank=8, **lora_options):
+    """``attn`` on q_proj and v_proj; ``lora`` (its own options) on ``lora_on``."""
+    from qcircuit.ir import ApplyRule, Circuit, Pattern, Program
+
+    return Program(
+        circuits={"attn": Circuit(4, 4, 4).all_pairs(), "lora": lora(lora_rank)},
+        rules=(ApplyRule("attn", (Pattern("q_proj"), Pattern("v_proj"))),
+               ApplyRule("lora", tuple(Pattern(p.strip("/"), regex=p.startswith("/"))
+                                       for p in lora_on), options=lora_options)))
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny_llama_config) -> str:
+    """The tiny LLaMA as a directory with config.json only (qcompile builds it on meta)."""
+    tiny_llama_config.architectures = ["LlamaForCausalLM"]
+    tiny_llama_config.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def run_program(capsys, monkeypatch, program, *argv):
+    """qcompile on ``program`` as though a .qc file held it."""
+    import qcircuit.runtime.cli as cli
+
+    monkeypatch.setattr(cli, "parse_file", lambda path: program)
+    return run(capsys, "program.qc", *argv)
+
+
+def cells(out: str, start: str) -> list[str]:
+    """The cells of the one table line that starts with ``start``."""
+    (line,) = [line for line in out.splitlines() if line.startswith(start)]
+    return re.split(r"\s{2,}", line.strip())
+
+
+ATTN_PARAMS, LORA8_PARAMS = 3 * 16 * 16, 64 * 8 + 8 * 64
+
+
+def test_sum_table_shows_every_branch_and_the_layer_total(capsys, monkeypatch, tiny_dir):
+    program = hybrid(scale=2.0, init="zero_last")
+    code, out, err = run_program(capsys, monkeypatch, program, "-m", tiny_dir)
+    assert code == 0 and err == ""
+    head = cells(out, "pattern")
+    assert head[-1] == "options"  # a rule has its own: the column is there
+    assert cells(out, "q_proj") == ["q_proj", "attn", "2", "64 -> 64", "4 4 4", "768", "1,536",
+                                    cells(out, "q_proj")[7], "64 (full)"]
+    plus = cells(out, "+ q_proj")
+    assert plus[:7] == ["+ q_proj", "lora", "2", "64 -> 64", "64", "1,024", "2,048"]
+    assert plus[8:] == ["8", "init = zero_last, scale = 2.0"]
+    total = cells(out, "= sum")
+    per_module = ATTN_PARAMS + LORA8_PARAMS
+    assert total[:5] == ["= sum", "2", "64 -> 64", f"{per_module:,}", f"{2 * per_module:,}"]
+    assert total[-1] == "64 (full)"
+    flops = [int(cells(out, s)[7 if s != "= sum" else 5].replace(",", ""))
+             for s in ("q_proj", "+ q_proj", "= sum")]
+    assert flops[2] == flops[0] + flops[1] > 0
+    assert len(cells(out, "v_proj")) == 9  # one branch: no options cell, no sum row
+    assert out.count("= sum") == 1
+    assert "  q_proj (attn + lora): model.layers.{0-1}.self_attn.q_proj" in out
+    assert "  v_proj: model.layers.{0-1}.self_attn.v_proj" in out
+    trainable = 2 * 2 * ATTN_PARAMS + 2 * LORA8_PARAMS  # every branch on every layer counts
+    assert f"trainable parameters: {trainable:,} of" in out
+    code, out, _ = run_program(capsys, monkeypatch, hybrid(), "-m", tiny_dir)
+    assert code == 0 and cells(out, "pattern")[-1] == "rank bound"  # no rule has its own
+
+
+def dense_rank(*circuits) -> int:
+    """The rank of the sum of the circuits' operators, random gates, float64."""
+    from qcircuit.compiler import compile
+
+    with torch.no_grad():
+        total = sum(compile(c).module(dtype=torch.float64, seed=i).matrix()
+                    for i, c in enumerate(circuits))
+    return int(torch.linalg.matrix_rank(total))
+
+
+@pytest.mark.parametrize("ranks, bound, full", [((8, 4), 12, False), ((40, 40), 64, True),
+                                                ((8, 56), 64, True)])
+def test_the_rank_bound_of_a_sum(capsys, monkeypatch, tiny_dir, ranks, bound, full):
+    from qcircuit.ir import ApplyRule, Pattern, Program
+
+    circuits = {f"r{r}_{i}": lora(r) for i, r in enumerate(ranks)}
+    program = Program(circuits=circuits,
+                      rules=tuple(ApplyRule(n, (Pattern("o_proj"),)) for n in circuits))
+    code, out, _ = run_program(capsys, monkeypatch, program, "-m", tiny_dir, "--json")
+    assert code == 0
+    (layer,) = json.loads(out)["layers"]
+    assert [b["rank_bound"] for b in layer["branches"]] == list(ranks)
+    assert (layer["rank_bound"], layer["full_rank"]) == (bound, full)
+    assert dense_rank(*circuits.values()) == bound  # the bound is reached: it is honest
+    code, out, _ = run_program(capsys, monkeypatch, program, "-m", tiny_dir)
+    assert cells(out, "= sum")[-1] == (f"{bound} (full)" if full else f"{bound}")
+
+
+def test_sum_json_carries_branches(capsys, monkeypatch, tiny_dir):
+    code, out, _ = run_program(capsys, monkeypatch, hybrid(scale=2.0, init="zero_last"),
+                               "-m", tiny_dir, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["version"] == 2
+    q, v = report["layers"]
+    assert q["module_names"] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert [b["circuit"] for b in q["branches"]] == ["attn", "lora"]
+    attn, low = q["branches"]
+    assert attn["options"] == {"init": "freeze_one", "scale": 1.0, "dropout": 0.0}
+    assert attn["own_options"] == {}
+    assert low["options"] == {"init": "zero_last", "scale": 2.0, "dropout": 0.0}
+    assert low["own_options"] == {"init": "zero_last", "scale": 2.0}
+    assert (attn["params"], low["params"]) == (ATTN_PARAMS, LORA8_PARAMS)
+    assert (attn["rank_bound"], low["rank_bound"]) == (64, 8)
+    assert q["params"] == ATTN_PARAMS + LORA8_PARAMS and q["params_total"] == 2 * q["params"]
+    assert q["flops_per_token"] == attn["flops_per_token"] + low["flops_per_token"]
+    assert (q["rank_bound"], q["full_rank"]) == (64, True)
+    assert [b["circuit"] for b in v["branches"]] == ["attn"] and v["params"] == ATTN_PARAMS
+    targets = report["targets"]  # one per branch, as in version 1
+    assert [(t["pattern"], t["circuit"]) for t in targets] == [
+        ("q_proj", "attn"), ("q_proj", "lora"), ("v_proj", "attn")]
+    for layer in report["layers"]:
+        for b in layer["branches"]:
+            t = targets[b["target"]]
+            assert (t["circuit"], t["params"], t["options"]) == (b["circuit"], b["params"],
+                                                                  b["options"])
+    assert report["trainable_params"] == sum(t["params_total"] for t in targets) == sum(
+        layer["params_total"] for layer in report["layers"])
+    assert report["flops_per_token"] == sum(t["flops_per_token_total"] for t in targets) == sum(
+        layer["modules"] * layer["flops_per_token"] for layer in report["layers"])
+
+
+def test_single_branch_json_keeps_the_version_1_keys(capsys):
+    code, out, _ = run(capsys, PAPER, "--model", "llama-2-7b", "--json")
+    report = json.loads(out)
+    assert {"model", "model_class", "total_params", "trainable_params", "trainable_percent",
+            "flops_per_token", "options", "targets"} < report.keys()
+    for target, layer in zip(report["targets"], report["layers"], strict=True):
+        (branch,) = layer["branches"]
+        assert layer["module_names"] == target["module_names"]
+        assert layer["rank_bound"] == branch["rank_bound"] == target["rank_bound"] == 4096
+        assert layer["params_total"] == target["params_total"]
+
+
+def test_layers_group_by_their_branches(capsys, monkeypatch, tiny_dir):
+    # lora only on layer 0's q_proj: that layer is a sum, layer 1's q_proj is not
+    program = hybrid(lora_on=(r"/layers\.0\..*q_proj$/",), lora_rank=4)
+    code, out, _ = run_program(capsys, monkeypatch, program, "-m", tiny_dir, "--json")
+    assert code == 0
+    layers = json.loads(out)["layers"]
+    assert [(x["module_names"], [b["circuit"] for b in x["branches"]]) for x in layers] == [
+        (["model.layers.0.self_attn.q_proj"], ["attn", "lora"]),
+        (["model.layers.1.self_attn.q_proj"], ["attn"]),
+        ([f"model.layers.{i}.self_attn.v_proj" for i in range(2)], ["attn"])]
+    code, out, _ = run_program(capsys, monkeypatch, program, "-m", tiny_dir)
+    assert cells(out, "+ /layers")[:3] == [r"+ /layers\.0\..*q_proj$/", "lora", "1"]
+    assert [c[:3] for c in (cells(out, "= sum"),)] == [["= sum", "1", "64 -> 64"]]
+    assert f"trainable parameters: {4 * ATTN_PARAMS + 2 * 64 * 4:,} of" in out
+
+
+def test_sum_draw(capsys, monkeypatch, tiny_dir):
+    program = hybrid(scale=2.0, init="zero_last")
+    attn, low = (program.circuits[n].diagram() for n in ("attn", "lora"))
+    code, out, _ = run_program(capsys, monkeypatch, program, "-m", tiny_dir, "--draw")
+    assert code == 0
+    heading = ("q_proj (attn + lora): the sum of 2 circuits on 2 modules, 64 -> 64 features, "
+               f"{ATTN_PARAMS + LORA8_PARAMS:,} parameters, rank bound 64 (full)")
+    block = out.split(heading + "\n\n")[1]
+    first, second = block.split("\n\n+\n\n")
+    assert first == f"circuit attn: 64 -> 64 features, {ATTN_PARAMS} parameters\n{attn}"
+    assert second.startswith("circuit lora (init = zero_last, scale = 2.0): 64 -> 64 "
+                             f"features, {LORA8_PARAMS:,} parameters\n{low}\n")
+    assert out.count(attn) == 1 and out.count(low) == 1  # v_proj's attn is the one above
+    code, out, _ = run_program(capsys, monkeypatch, program, "-m", tiny_dir, "--draw", "--json")
+    assert [t["diagram"] for t in json.loads(out)["targets"]] == [attn, low, attn]
+
+
+def test_sum_explain(capsys, monkeypatch, tiny_dir):
+    program = hybrid()
+    code, out, err = run_program(capsys, monkeypatch, program, "-m", tiny_dir, "--explain",
+                                 "--tokens", "8")
+    assert code == 0 and err == ""
+    for i, name in enumerate(("attn", "lora"), 1):
+        block = out.split(f"circuit {name} at 8 tokens, branch {i} of 2 on q_proj (attn + lora):\n")[1]
+        assert re.search(r"chosen: \w+", block.split("\n\n")[0])
+    assert out.count(" at 8 tokens") == 2  # v_proj's attn runs as the branch above
+    code, out, _ = run_program(capsys, monkeypatch, program, "-m", tiny_dir, "--explain",
+                               "--tokens", "8", "--json")
+    assert all("chosen:" in t["explain"] for t in json.loads(out)["targets"])
+
+
+@pytest.mark.parametrize("init", ["freeze_one", "zero_last"])
+def test_sum_out_writes_a_checkpoint_that_loads(tmp_path, capsys, monkeypatch, tiny_llama,
+                                                 token_ids, init):
+    """Each branch's gates under its own key; a frozen copy only for a freeze_one branch;
+    the byte cap counts exactly that; the checkpoint loads to the same model."""
+    from safetensors import safe_open
+
+    from qcircuit.runtime import load
+
+    tiny_llama.save_pretrained(tmp_path / "model")
+    program = hybrid(scale=2.0, init=init)
+    frozen = {"attn": 2, "lora": 2 if init == "freeze_one" else 1}
+    size = 4 * 2 * (frozen["attn"] * ATTN_PARAMS + frozen["lora"] * LORA8_PARAMS) \
+        + 4 * 2 * 2 * ATTN_PARAMS  # float32; q_proj (attn + lora), then v_proj (attn)
+    argv = ["-m", str(tmp_path / "model"), "--out", str(tmp_path / "ckpt")]
+    code, out, err = run_program(capsys, monkeypatch, program, *argv, "--max-bytes",
+                                 str(size - 1))
+    assert code == 2 and f"would hold {size:,} bytes" in err
+    code, out, err = run_program(capsys, monkeypatch, program, *argv, "--max-bytes", str(size))
+    assert code == 0, err
+    with safe_open(str(tmp_path / "ckpt" / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert sum(f.get_tensor(k).nbytes for k in keys) == size
+    q = "model.layers.0.self_attn.q_proj"
+    assert {f"{q}.attn.gates.0", f"{q}.attn.init_gates.2", f"{q}.lora.gates.1"} <= keys
+    assert (f"{q}.lora.init_gates.0" in keys) == (init == "freeze_one")
+    assert "model.layers.0.self_attn.v_proj.gates.2" in keys  # a single branch keeps its keys
+    with torch.no_grad():
+        before = tiny_llama(token_ids).logits
+        adapted = load(tiny_llama, tmp_path / "ckpt")
+        after = adapted(token_ids).logits
+    assert len(adapted.layers) == 4
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_byte_cap_counts_each_branchs_init(tiny_llama):
+    from qcircuit.runtime import bind
+    from qcircuit.runtime.report import build_report, checkpoint_bytes
+
+    program = hybrid(init="zero_last")
+    report = build_report("tiny", "LlamaForCausalLM", 1, bind(tiny_llama, program),
+                          {k: program.option(k) for k in ("init", "scale", "dropout")})
+    assert [r.options["init"] for r in report.rows] == ["freeze_one", "zero_last", "freeze_one"]
+    assert [dict(r.own_options) for r in report.rows] == [{}, {"init": "zero_last"}, {}]
+    assert checkpoint_bytes(report, 4) == 4 * (2 * 2 * 2 * ATTN_PARAMS + 2 * LORA8_PARAMS)
+
+
+HYBRID_QC = """circuit attn {
+    qudits 16 8 8 4
+    all_pairs
+}
+circuit lora {
+    qudits 4096
+    gate (0) 4096 -> 8
+    gate (0) 8 -> 4096
+}
+apply attn to q_proj, v_proj
+apply lora to q_proj
+"""
+
+
+def test_the_issues_hybrid_from_a_qc_file(tmp_path, capsys):
+    """QuanTA + LoRA r=8 on LLaMA-2-7B's q_proj, written as two apply rules."""
+    code, out, err = run(capsys, write(tmp_path, HYBRID_QC), "-m", "llama-2-7b")
+    assert code == 0 and err == ""
+    assert cells(out, "+ q_proj")[:7] + cells(out, "+ q_proj")[8:] == [
+        "+ q_proj", "lora", "32", "4096 -> 4096", "4096", "65,536", "2,097,152", "8"]
+    lora_params = 2 * 4096 * 8
+    assert cells(out, "= sum")[3:5] == [f"{43_008 + lora_params:,}",
+                                        f"{32 * (43_008 + lora_params):,}"]
+    assert cells(out, "= sum")[-1] == "4,096 (full)"
+    assert "options" not in cells(out, "pattern")  # no rule has options of its own
+    assert f"trainable parameters: {2_752_512 + 32 * lora_params:,} of" in out

@@ -151,6 +151,13 @@ def test_auto_circuit_draws_question_marks():
     assert "q0 (?)" in text and "┤ ? " in text and re.search(r"\d", text.replace("q0", "").replace("q1", "").replace("G0", "")) is None
 
 
+def test_low_rank_draws_its_written_rank():
+    auto = text_diagram(Circuit.low_rank(8)).splitlines()
+    assert "┤ ?→8 ├─┤ 8→? ├" in auto[1]
+    bound = text_diagram(Circuit.low_rank(8).resolve(64, 172)).splitlines()
+    assert "┤ 64→8 ├─┤ 8→172 ├" in bound[1] and bound[1].rstrip().endswith("q0 (172)")
+
+
 def test_errors():
     incomplete = Circuit().gate((0, 2), "16x16")  # qudit 1 has no dims
     with pytest.raises(QCError, match="qudit 1"):

@@ -14,9 +14,12 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SEEDS = [p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.qc"))]
 SEEDS.append("circuit c { qudits 2 3 -> 4 3 repeat 2 { gate (1) } gate (0, 1) 2x3 -> 4x3 }\n"
              "apply c to /a\\/b/, x.y\noption scale = -1e-3\n")
+SEEDS.append("circuit a { qudits 8 8 6 all_pairs }\ncircuit l { low_rank 8 }\n"
+             "circuit u { qudits auto 2 gate (0) -> 3 gate (0, 1) }\napply a to query, value\n"
+             "apply l to query, value with init = zero_last, scale = 2\n")
 # pieces of the language, so mutations reach deep into the grammar
 TOKENS = ["circuit", "qudits", "auto", "gate", "all_pairs", "repeat", "apply", "to", "option",
-          "include", "init", "scale", "dropout", "{", "}", "(", ")", ",", "->", "-", ">", "x",
+          "include", "with", "low_rank", "init", "scale", "dropout", "{", "}", "(", ")", ",", "->", "-", ">", "x",
           "16x16", "0", "1", "-1", "99999999999999999999", "1e999", "=", "#", "\n", " ", "\t",
           '"', '"llama2_qv.qc"', '"nope.qc"', "/", "\\", "é", "\x00", "\r", "𝕏", "16", ".", "_"]
 

@@ -199,3 +199,89 @@ def test_gate_cap_in_the_builder():
         Circuit(2).gate(0).repeat(MAX_GATES).gate(0)
     with pytest.raises(QCError, match=f"at most {MAX_GATES}"):
         Circuit(2, gates=[Gate((0,), (2,), (2,))] * (MAX_GATES + 1))
+
+
+# --- the builder says what the text says (issue 16) ----------------------------------------
+
+def test_program_builder_matches_the_text():
+    attn, lora = Circuit(8, 8, 6).all_pairs(), Circuit.low_rank(8)
+    built = (Program()
+             .define("attn", attn)
+             .define("lora", lora)
+             .apply("attn", "query", "value")
+             .apply("lora", "query", Pattern("value"), init="zero_last", scale=2)
+             .with_options(dropout=0.1))
+    text = parse("circuit attn { qudits 8 8 6 all_pairs }\ncircuit lora { low_rank 8 }\n"
+                 "apply attn to query, value\n"
+                 "apply lora to query, value with init = zero_last, scale = 2\n"
+                 "option dropout = 0.1\n")
+    assert built == text
+    assert parse(built.to_qc()) == built
+    assert built.options_for(built.rules[1]) == {"init": "zero_last", "scale": 2.0,
+                                                 "dropout": 0.1}
+
+
+def test_program_builder_is_frozen_and_returns_new_programs():
+    empty = Program()
+    assert dict(empty.circuits) == {} and empty.rules == () and dict(empty.options) == {}
+    one = empty.define("c", Circuit(2).gate(0))
+    two = one.apply("c", "/layers\\.[0-3]\\.q_proj$/", "self_attn.v_proj")
+    assert dict(empty.circuits) == {} and one.rules == () and len(two.rules) == 1
+    assert two.rules[0].patterns == (Pattern("layers\\.[0-3]\\.q_proj$", regex=True),
+                                     Pattern("self_attn.v_proj"))
+    assert two.rules[0].patterns[0].matches("model.layers.2.q_proj")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        two.rules = ()
+    with pytest.raises(TypeError):
+        two.rules[0].options["scale"] = 3.0
+
+
+def test_program_builder_errors():
+    p = Program().define("lora", Circuit.low_rank(8))
+    with pytest.raises(QCError, match="unknown circuit 'attn'") as info:
+        p.apply("attn", "q_proj")
+    assert info.value.expected == "lora"
+    with pytest.raises(QCError, match="unknown option 'rank'"):
+        p.apply("lora", "q_proj", rank=8)
+    with pytest.raises(QCError, match="dropout must be in"):
+        p.apply("lora", "q_proj", dropout=1.0)
+    with pytest.raises(QCError, match="already defined"):
+        p.define("lora", Circuit.low_rank(4))
+    with pytest.raises(QCError, match="bad module pattern"):
+        p.apply("lora", "q proj")
+
+
+def test_low_rank_builder_and_resolve():
+    lora = Circuit.low_rank(8)
+    assert lora == Circuit.auto_dims(1).gate(0, out=8).gate(0)
+    wide = lora.resolve(64, 172)
+    assert wide.in_dims == (64,) and wide.out_dims == (172,)
+    assert wide.num_params == 64 * 8 + 8 * 172
+    assert wide == Circuit.low_rank(8, 64, 172)
+    assert Circuit.low_rank(8, 16) == Circuit(16).gate(0, out=8).gate(0, out=16)
+    with pytest.raises(QCError, match="bind it to a layer"):
+        lora.num_params
+
+
+def test_auto_gate_output_dims_resolve():
+    c = Circuit.auto_dims(2).gate((0, 1), out=(2, 3)).gate((0, 1))
+    r = c.resolve(6 * 4, 5 * 5)  # 6x4 -> 5x5
+    assert [(g.in_dims, g.out_dims) for g in r.gates] == [((6, 4), (2, 3)), ((2, 3), (5, 5))]
+    with pytest.raises(QCError, match="no gate acts on it"):
+        Circuit.auto_dims(2).gate(0).resolve(6, 15)  # qudit 1: 2 -> 3 with no gate
+    with pytest.raises(QCError, match="writes output dim 3"):
+        Circuit.auto_dims(1).gate(0, out=3).resolve(6, 15)
+
+
+def test_low_rank_compiles_to_its_rank_and_lora_parameter_count():
+    import torch
+    from qcircuit.compiler import compile
+    plan = compile(Circuit.low_rank(8).resolve(64, 172))
+    assert plan.rank_bound == 8 and plan.num_params == 64 * 8 + 8 * 172
+    assert compile(Circuit.low_rank(8).resolve(4, 6)).rank_bound == 4  # capped by the layer
+    module = plan.module().double()
+    a, b = (g.detach() for g in module.gates)  # shapes (8, 64) and (172, 8)
+    dense = module.matrix().detach()
+    assert dense.shape == (172, 64)
+    assert torch.linalg.norm(dense - b @ a) <= 1e-12 * torch.linalg.norm(b @ a)
+    assert torch.linalg.matrix_rank(dense).item() == 8

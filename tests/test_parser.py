@@ -229,6 +229,11 @@ def test_byte_order_mark_is_ignored(tmp_path):
     with pytest.raises(QCError) as info:
         parse("\ufeffcircuit c { qudits 2 gate (1) }")
     assert (info.value.line, info.value.column) == (1, 28)
+    # a bad byte after the mark is located the same way, and its line is shown without it
+    with pytest.raises(QCError, match="not UTF-8") as info:
+        parse(b"\xef\xbb\xbfoption scale = 1\x8a\n", file="b.qc")
+    assert (info.value.line, info.value.column) == (1, 17)
+    assert info.value.span.source_line == "option scale = 1\ufffd"
 
 
 def test_parse_rejects_non_text():
@@ -443,3 +448,87 @@ def test_huge_tokens_cost_linear_memory(text):
     err, peak, seconds = _peak_and_seconds(text)
     assert isinstance(err, QCError) and err.line == 1 and err.column > 1
     assert peak < 20 * len(text) and seconds < 2.0, (peak, seconds)
+
+
+# --- per-rule options, sums and low rank (issue 16) -----------------------------------------
+
+HYBRID = """\
+circuit attn { qudits 8 8 6  all_pairs }
+circuit lora { low_rank 8 }
+apply attn to query, value
+apply lora to query, value with init = zero_last, scale = 2
+option dropout = 0.1
+"""
+
+
+def test_rule_options_override_the_program_options():
+    p = parse(HYBRID)
+    attn, lora = p.rules
+    assert dict(attn.options) == {}
+    assert dict(lora.options) == {"init": "zero_last", "scale": 2.0}
+    assert p.options_for(attn) == {"init": "freeze_one", "scale": 1.0, "dropout": 0.1}
+    assert p.options_for(lora) == {"init": "zero_last", "scale": 2.0, "dropout": 0.1}
+    both = parse("circuit c { qudits 2 gate (0) } option scale = 3\n"
+                 "apply c to x with scale = -0.5, dropout = 0\napply c to y")
+    assert [both.options_for(r)["scale"] for r in both.rules] == [-0.5, 3.0]
+    assert both.options_for(both.rules[0])["dropout"] == 0.0
+
+
+def test_with_options_in_any_order_and_layout():
+    a = parse("circuit c { qudits 2 gate (0) } apply c to x, y with scale = 2, init = zero_last")
+    b = parse("circuit c { qudits 2 gate (0) }\napply c to x,\n  y\n  with # why\n"
+              "  init = zero_last ,\n  scale = 2.0\n")
+    assert a == b
+    assert a.to_qc().endswith("apply c to x, y with init = zero_last, scale = 2.0\n")
+
+
+def test_with_is_a_keyword_only_after_a_pattern():
+    # a module called 'with' (or 'low_rank') is still a pattern wherever one is expected
+    p = parse("circuit with { qudits 2 gate (0) }\n"
+              "apply with to with, low_rank, with.with with scale = 2\n"
+              "apply with to /(^|\\.)with$/")
+    first, second = p.rules
+    assert first.circuit == "with"
+    assert first.patterns == (Pattern("with"), Pattern("low_rank"), Pattern("with.with"))
+    assert dict(first.options) == {"scale": 2.0}
+    assert first.patterns[0].matches("encoder.with") and second.patterns[0].matches("a.with")
+    assert parse(p.to_qc()) == p
+    # 'with' cannot start a pattern list by mistake: 'apply c to with scale = 2' reads 'with'
+    # as the module name, then refuses 'scale' where ',' or 'with' was expected
+    with pytest.raises(QCError, match="unexpected 'scale'") as info:
+        parse("circuit c { qudits 2 gate (0) } apply c to with scale = 2")
+    assert "'with'" in info.value.expected
+
+
+def test_low_rank_statement_forms():
+    lora = one("circuit c { low_rank 8 }")
+    assert lora.is_auto and lora.num_qudits == 1
+    assert lora == one("circuit c { qudits auto 1 gate (0) -> 8 gate (0) }")
+    assert lora == one("circuit c { qudits auto 1 low_rank 8 }")
+    assert lora == Circuit.low_rank(8)
+    assert lora.gates == (Gate((0,), (), (8,)), Gate((0,), (), ()))
+    wide = one("circuit c { qudits 64 -> 172\n low_rank 8 }")
+    assert wide == Circuit.low_rank(8, 64, 172) == lora.resolve(64, 172)
+    assert [(g.in_dims, g.out_dims) for g in wide.gates] == [((64,), (8,)), ((8,), (172,))]
+    square = one("circuit c { qudits 32 low_rank 4 }")
+    assert square == Circuit(32).gate(0, out=4).gate(0, out=32) == Circuit.low_rank(4, 32)
+
+
+def test_auto_gates_with_output_dims_resolve_from_the_wires():
+    c = one("circuit c { qudits auto 2\n gate (0) -> 3\n gate (0, 1)\n gate (1) -> 5 gate (1) }")
+    assert c.gates[0] == Gate((0,), (), (3,)) and c.gates[2] == Gate((1,), (), (5,))
+    r = c.resolve(64, 96)  # 8x8 -> 12x8
+    assert r.in_dims == (8, 8) and r.out_dims == (12, 8)
+    # inputs come from the wires; the last gate on each qudit gives the layer's output dim
+    assert [(g.in_dims, g.out_dims) for g in r.gates] == [
+        ((8,), (3,)), ((3, 8), (12, 8)), ((8,), (5,)), ((5,), (8,))]
+    assert c == Circuit.auto_dims(2).gate(0, out=3).gate((0, 1)).gate(1, out=5).gate(1)
+
+
+def test_auto_output_dims_on_a_last_gate_must_agree_with_the_layer():
+    c = one("circuit c {\n  qudits auto 1\n  gate (0) -> 8\n}")
+    assert c.resolve(64, 8).gates == (Gate((0,), (64,), (8,)),)
+    with pytest.raises(QCError, match="last gate on qudit 0 writes output dim 8") as info:
+        c.resolve(64)
+    assert (info.value.line, info.value.column) == (3, 3)
+    assert "64 output features give qudit 0 dim 64" in info.value.message

@@ -12,8 +12,19 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 
 @st.composite
-def circuits(draw, allow_auto=True):
-    n = draw(st.integers(2, 5))
+def low_rank_circuits(draw):
+    """``low_rank R`` in its forms: auto (``Circuit.low_rank(r)``) or ``D -> R -> E``."""
+    rank = draw(st.integers(1, 9))
+    if draw(st.booleans()):
+        return Circuit.low_rank(rank)
+    return Circuit.low_rank(rank, draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+
+
+@st.composite
+def circuits(draw, allow_auto=True, allow_low_rank=True):
+    if allow_low_rank and draw(st.integers(0, 5)) == 0:
+        return draw(low_rank_circuits())
+    n = draw(st.integers(1 if allow_auto else 2, 5))
     auto = allow_auto and draw(st.integers(0, 4)) == 0
     c = Circuit.auto_dims(n) if auto else Circuit(*draw(st.lists(st.integers(1, 6), min_size=n,
                                                                   max_size=n)))
@@ -29,8 +40,8 @@ def circuits(draw, allow_auto=True):
         else:
             arity = draw(st.integers(1, min(3, n)))
             qudits = tuple(draw(st.permutations(range(n)))[:arity])
-            out = None
-            if not auto and draw(st.booleans()):
+            out = None  # auto circuits too: 'gate (0) -> 8' (output dims only)
+            if draw(st.booleans()):
                 out = tuple(draw(st.lists(st.integers(1, 6), min_size=arity, max_size=arity)))
             c = c.gate(qudits, out=out)
     return c if c.gates else c.gate(0)
@@ -49,22 +60,30 @@ def patterns(draw):
 
 
 @st.composite
+def option_sets(draw):
+    """Some of the options, in any order (the printer sorts them)."""
+    options = {}
+    if draw(st.booleans()):
+        options["init"] = draw(st.sampled_from(["freeze_one", "zero_last"]))
+    if draw(st.booleans()):
+        options["scale"] = draw(st.floats(1e-6, 1e4) | st.floats(-1e4, -1e-6) | st.integers(1, 9))
+    if draw(st.booleans()):
+        options["dropout"] = draw(st.floats(0.0, 0.999))
+    keys = draw(st.permutations(list(options)))
+    return {k: options[k] for k in keys}
+
+
+@st.composite
 def programs(draw):
     circuit_names = draw(st.lists(names, min_size=0, max_size=3, unique=True))
     circuit_map = {name: draw(circuits()) for name in circuit_names}
     rules = ()
     if circuit_names:
         rules = tuple(ApplyRule(draw(st.sampled_from(circuit_names)),
-                                tuple(draw(st.lists(patterns(), min_size=1, max_size=3))))
+                                tuple(draw(st.lists(patterns(), min_size=1, max_size=3))),
+                                options=draw(option_sets()))
                       for _ in range(draw(st.integers(0, 3))))
-    options = {}
-    if draw(st.booleans()):
-        options["init"] = draw(st.sampled_from(["freeze_one", "zero_last"]))
-    if draw(st.booleans()):
-        options["scale"] = draw(st.floats(1e-6, 1e4) | st.floats(-1e4, -1e-6))
-    if draw(st.booleans()):
-        options["dropout"] = draw(st.floats(0.0, 0.999))
-    return Program(circuit_map, rules, options)
+    return Program(circuit_map, rules, draw(option_sets()))
 
 
 @SETTINGS
@@ -91,7 +110,7 @@ def test_program_round_trip(program):
 
 
 @SETTINGS
-@given(circuits(allow_auto=False))
+@given(circuits(allow_auto=False, allow_low_rank=False))
 def test_written_dims_only_on_gates_that_change_dims(circuit):
     text = circuit.to_qc(name="c")
     statements = [s.strip() for line in text.splitlines()[2:] for s in line.split("{")]
@@ -131,11 +150,34 @@ def test_regex_slash_is_escaped():
 
 def test_keywords_are_fine_as_names_and_patterns():
     words = ["circuit", "qudits", "gate", "all_pairs", "repeat", "apply", "option", "include",
-             "auto", "to", "x", "init"]
+             "auto", "to", "x", "init", "with", "low_rank", "scale"]
     c = Circuit(2, 3).gate((1, 0))
     p = Program({w: c for w in words},
-                tuple(ApplyRule(w, tuple(Pattern(q) for q in words)) for w in words))
+                tuple(ApplyRule(w, tuple(Pattern(q) for q in words),
+                                options={"scale": 2.0} if w == "with" else {}) for w in words))
     assert parse(p.to_qc()) == p
+
+
+@SETTINGS
+@given(low_rank_circuits(), names)
+def test_low_rank_prints_as_low_rank_when_it_is_a_bottleneck(circuit, name):
+    text = circuit.to_qc(name=name)
+    first, last = circuit.gates
+    bottleneck = circuit.is_auto or first.out_dims[0] < min(first.in_dims[0], last.out_dims[0])
+    assert ("low_rank" in text) == bottleneck
+    assert parse(text).circuits[name] == circuit
+
+
+def test_rule_options_print_in_canonical_order():
+    c = Circuit.low_rank(8)
+    p = Program({"lora": c}, (ApplyRule("lora", (Pattern("q_proj"),),
+                                        options={"dropout": 0.05, "scale": 2, "init": "zero_last"}),
+                              ApplyRule("lora", (Pattern("v_proj"),))))
+    text = p.to_qc()
+    assert text == ("circuit lora {\n    low_rank 8\n}\n\n"
+                    "apply lora to q_proj with init = zero_last, scale = 2.0, dropout = 0.05\n"
+                    "apply lora to v_proj\n")
+    assert parse(text) == p
 
 
 def test_long_repeats_print_within_the_parser_limit():

@@ -68,7 +68,7 @@ def test_attach_puts_the_model_back_when_a_fold_fails(tiny_llama, token_ids, mon
 
 def test_a_delta_that_overflows_the_weight_dtype_is_refused():
     base = nn.Linear(64, 64).to(torch.bfloat16)
-    layer = AdaptedLayer(base, SQUARE, init="zero_last", scale=1.0, dropout=0.0)
+    layer = AdaptedLayer.of(base, SQUARE, init="zero_last", scale=1.0, dropout=0.0)
     before = base.weight.detach().clone()
     with torch.no_grad():
         for g in layer.adapter.gates:   # T ~ 1e60: finite in float64, past bfloat16's 3.4e38
@@ -103,7 +103,7 @@ def test_attach_keeps_the_models_eval_mode(tiny_llama, token_ids, fold):
     with torch.no_grad():
         assert torch.equal(adapted(token_ids).logits, adapted(token_ids).logits)
     tiny_llama.train()
-    assert all(layer.dropout.training for layer in adapted.layers.values())
+    assert all(b.dropout.training for layer in adapted.layers.values() for b in layer.branches)
 
 
 def test_concurrent_first_training_forwards_touch_no_weight(tiny_llama, token_ids):

@@ -2,7 +2,8 @@
 
 ``Generator(seed).case()`` returns ``str`` or ``bytes`` (byte flips) of at most ``max_bytes``.
 Programs mix valid and near-valid choices at every rule (dims 0, 2**20 + 1, 20 digits; repeat
-counts past the caps; unsafe regexes; out-of-range options; includes of FIFOs, devices, kernel
+counts past the caps; unsafe regexes; out-of-range options, also in a rule's ``with``;
+``low_rank`` alone, on several qudits or mixed with gates; includes of FIFOs, devices, kernel
 files, cycles and a 2**20-path diamond) so the parser's meaning checks are reached, not only
 its syntax errors. Mutations: truncation, deletion, duplicated spans, inserted tokens and
 unicode, huge numbers, deep nesting, long lines, CRLF or CR line ends, flipped bytes.
@@ -29,7 +30,7 @@ INCLUDES = ["ok.qc", "opts.qc", "cycle_a.qc", "diamond0.qc", "missing.qc", "fifo
             "big.qc", "env.qc", "zero.qc", "notes.txt", "/dev/zero", "/proc/self/environ",
             "bad_utf8.qc", "../" * 40 + "etc/passwd"]
 TOKENS = ["circuit", "qudits", "auto", "gate", "all_pairs", "repeat", "apply", "to", "option",
-          "include", "{", "}", "(", ")", ",", "->", "-", ">", "x", "=", "#", "/", "\\", '"',
+          "include", "with", "low_rank", "{", "}", "(", ")", ",", "->", "-", ">", "x", "=", "#", "/", "\\", '"',
           "\n", "\r", "\t", " ", "\x00", "é", "𝕏", "\u202e", "\ufeff", "16x16", "1e999"]
 
 
@@ -80,16 +81,29 @@ class Generator:
             return self.circuit()
         if kind < 0.75:
             patterns = [self.pattern() for _ in range(self.rng.randint(1, 3))]
-            return f"apply {self.pick(NAMES[:4])} to {', '.join(patterns)}"
+            text = f"apply {self.pick(NAMES[:4])} to {', '.join(patterns)}"
+            if self.rng.random() < 0.4:  # per-rule options, a key sometimes twice
+                pairs = [self.setting() for _ in range(self.rng.randint(0, 4))]
+                text += f"{self.space()}with {', '.join(pairs)}"
+            return text
         if kind < 0.92:
-            key, values = self.pick(OPTIONS)
-            return f"option {key} = {self.pick(values)}"
+            return f"option {self.setting()}"
         return f'include "{self.pick(INCLUDES)}"'
+
+    def setting(self) -> str:
+        key, values = self.pick(OPTIONS)
+        return f"{key} = {self.pick(values)}"
 
     def pattern(self) -> str:
         return self.pick(PATHS) if self.rng.random() < 0.5 else f"/{self.pick(REGEXES)}/"
 
     def circuit(self) -> str:
+        if self.rng.random() < 0.1:  # low_rank alone, after a qudits line, or mixed (an error)
+            head = self.pick(["", "qudits auto 1 ", "qudits auto 2 ", "qudits 64 -> 172 ",
+                              "qudits 8 8 ", "gate (0) "])
+            tail = self.pick(["", "", " gate (0)", " all_pairs", " low_rank 2"])
+            return (f"circuit {self.pick(NAMES)} {{ {head}low_rank {self.pick(COUNTS + DIMS)}"
+                    f"{tail} }}")
         n = self.rng.choice([1, 2, 2, 3, 4, 6])
         if self.rng.random() < 0.15:
             n_text = self.pick(["2", "3", "12", "64", "65", "0"])
@@ -109,11 +123,16 @@ class Generator:
             arity = self.rng.randint(1, 3)
             qs = [str(self.rng.randint(0, max(n, 1))) for _ in range(arity)]
             text = f"gate ({', '.join(qs)})"
-            if self.rng.random() < 0.3:
+            roll = self.rng.random()
+            if roll < 0.3:
                 text += " " + "x".join(self.pick(DIMS[:7]) for _ in range(arity))
                 if self.rng.random() < 0.5:
                     text += " -> " + "x".join(self.pick(DIMS[:7]) for _ in range(arity))
+            elif roll < 0.4:  # output dims only (auto circuits take these)
+                text += " -> " + "x".join(self.pick(DIMS[:7]) for _ in range(arity))
             return text
+        if kind < 0.65:
+            return f"low_rank {self.pick(DIMS[:7])}"
         if kind < 0.8 or depth >= 3:
             return "all_pairs"
         inner = " ".join(self.statement(n, depth + 1) for _ in range(self.rng.randint(0, 2)))
