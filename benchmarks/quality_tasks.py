@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from qcircuit import Program, QCError, parse  # noqa: E402
+from qcircuit import parse  # noqa: E402
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
 from qcircuit.runtime import attach  # noqa: E402
 
@@ -35,6 +35,7 @@ ADJECTIVES = ["", "old ", "young ", "tall ", "small ", "brown ", "quiet ", "angr
 ADVERBS = ["", "quietly ", "slowly ", "suddenly ", "happily ", "finally "]
 QUDITS = (8, 8, 6)     # 384 = hidden size; the Kronecker teacher is aligned with them
 TARGETS = ("query", "value")
+WARM_UP = (64, 128, 256, 512)   # token counts whose routes are chosen before training
 
 
 # --- sentences -----------------------------------------------------------------------------
@@ -189,31 +190,15 @@ def arm_lora(model: nn.Module, seed: int) -> list[nn.Parameter]:
 
 def arm_quanta(init: str) -> Arm:
     def arm(model: nn.Module, seed: int) -> list[nn.Parameter]:
-        return attach(model, parse(QUANTA.format(init=init)), seed=seed).trainable_parameters()
+        program = parse(QUANTA.format(init=init))
+        return attach(model, program, seed=seed, warm_up=WARM_UP).trainable_parameters()
     return arm
 
 
-def hybrid_program() -> Program | None:
-    """The hybrid as one program, or None while this qcircuit cannot parse it."""
-    try:
-        return parse(HYBRID)
-    except QCError:
-        return None
-
-
 def arm_hybrid(model: nn.Module, seed: int) -> list[nn.Parameter]:
-    """QuanTA (one all_pairs, freeze_one) + low rank 11 (zero_last, scale 2) on each layer:
-    the program HYBRID once qcircuit sums branches; until then (interim) the circuit through
-    `attach` and the low-rank branch as PEFT LoRA on the adapted layer's base layer."""
-    program = hybrid_program()
-    if program is not None:
-        return attach(model, program, seed=seed).trainable_parameters()
-    gates = attach(model, parse(QUANTA_ONE), seed=seed).trainable_parameters()
-    torch.manual_seed(seed)
-    lora = peft_lora(model, HYBRID_RANK, [f"{t}.base_layer" for t in TARGETS])
-    for p in gates:   # inject_adapter_in_model froze everything but LoRA
-        p.requires_grad_(True)
-    return gates + lora
+    """QuanTA (one all_pairs, freeze_one) + low rank 11 (zero_last, scale 2), summed on
+    every query/value layer: the program HYBRID."""
+    return attach(model, parse(HYBRID), seed=seed, warm_up=WARM_UP).trainable_parameters()
 
 
 def arm_full(model: nn.Module, seed: int) -> list[nn.Parameter]:
@@ -224,12 +209,13 @@ def arm_full(model: nn.Module, seed: int) -> list[nn.Parameter]:
 
 
 def budgets() -> dict[str, int]:
-    """Trainable parameters per adapted layer, from the circuits' compiled plans."""
-    quanta = compile_circuit(parse(QUANTA.format(init="freeze_one")).circuits["attn"])
-    one = compile_circuit(parse(QUANTA_ONE).circuits["attn"])
-    return {"LoRA r=%d" % LORA_RANK: 2 * 384 * LORA_RANK,
-            "QuanTA (2x all_pairs)": quanta.num_params,
-            "hybrid (all_pairs + r=%d)" % HYBRID_RANK: one.num_params + 2 * 384 * HYBRID_RANK}
+    """Trainable parameters per adapted layer: the circuits' compiled counts, and LoRA's."""
+    def params(text: str, name: str = "attn") -> int:
+        return compile_circuit(parse(text).circuits[name]).num_params
+    lora = f"circuit lora {{ qudits 384  low_rank {HYBRID_RANK} }}"
+    return {f"LoRA r={LORA_RANK}": 2 * 384 * LORA_RANK,
+            "QuanTA (2x all_pairs)": params(QUANTA.format(init="freeze_one")),
+            f"hybrid (all_pairs + r={HYBRID_RANK})": params(QUANTA_ONE) + params(lora, "lora")}
 
 
 ARMS: dict[str, Arm] = {
