@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import random
 import statistics
@@ -216,7 +217,8 @@ def environment(threads: int, mode: str) -> list[str]:
             f"(12 layers of 384x384)",
             f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
             f"{peft.__version__}, python {platform.python_version()}; "
-            f"torch.set_num_threads({threads}); CPU: {cpu}"]
+            f"torch.set_num_threads({threads}); CPU: {cpu} ({os.cpu_count()} cores, load "
+            f"average {os.getloadavg()[1]:.1f} over the last 5 minutes at the end)"]
 
 
 def main() -> None:

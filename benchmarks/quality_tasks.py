@@ -5,7 +5,7 @@
   of the main clause's.
 * Teachers: the base model plus a known update on every query/value weight.
 * Arms: functions that put an adapter (or full fine-tuning) on a fresh copy of the model and
-  return its trainable parameters and the count per adapted layer.
+  return its trainable parameters; ``budgets()`` gives their counts per layer.
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def unit(t: torch.Tensor) -> torch.Tensor:
 
 def make_teacher(base: nn.Module, kind: str, rho: float, seed: int,
                  finetuned: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """The base model with ΔW added to every query/value weight, ‖ΔW‖ = rho·‖W‖ per layer.
+    """The base model plus ΔW on every query/value weight, ‖ΔW‖ = rho·‖W‖ per layer.
     kind: kronecker | low_rank | mixture (the two at equal norms) | finetuned (`finetuned`
     holds the update of a full fine-tuning run, rescaled to the same norm)."""
     g = torch.Generator().manual_seed(seed)
@@ -158,8 +158,8 @@ def make_teacher(base: nn.Module, kind: str, rho: float, seed: int,
 
 
 # --- arms: adapters at equal budgets, and full fine-tuning ---------------------------------
-LORA_RANK = 23         # 2·384·23 = 17664 per layer
-HYBRID_RANK = 11       # 8704 (one all_pairs) + 2·384·11 = 17152 per layer
+LORA_RANK = 23         # 2·384·23 per layer, as close as a rank gets to 2 all_pairs
+HYBRID_RANK = 11       # one all_pairs + 2·384·11: the other half of the budget as LoRA
 QUANTA = "circuit attn {{ qudits 8 8 6  repeat 2 {{ all_pairs }} }}\n" \
          "apply attn to query, value\noption init = {init}\n"
 QUANTA_ONE = "circuit attn { qudits 8 8 6  all_pairs }\napply attn to query, value\n"
