@@ -63,7 +63,7 @@ LR_CENTER = {  # per kind of task; the grid is center·(1/3, 1, 3), --quick cent
     "full fine-tuning": {"teacher": 1e-4, "classification": 3e-4},
 }
 SIZES = {  # steps per run (teacher tasks, classification), sentences per split
-    "quick": dict(steps=40, cls_steps=30, train=320, val=32, test=128, cls_train=640),
+    "quick": dict(steps=24, cls_steps=20, train=192, val=32, test=96, cls_train=384),
     "full": dict(steps=120, cls_steps=50, train=960, val=64, test=192, cls_train=1200),
 }
 SEEDS = (0, 1, 2)
