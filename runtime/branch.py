@@ -62,13 +62,14 @@ class Branch(nn.Module):
         return self.frozen is not None and isinstance(self.dropout, nn.Identity)
 
     def forward(self, h: torch.Tensor, folded: bool) -> torch.Tensor:
-        """``scale·(T_θ − T_θ0)·dropout(h)``, or ``scale·T_θ·h`` when ``folded`` (the base
-        weight then holds ``−scale·T_θ0``); ``h`` is in the gates' dtype."""
+        """``(T_θ − T_θ0)·dropout(h)``, or ``T_θ·h`` when ``folded`` (the base weight then
+        holds ``−scale·T_θ0``); ``h`` is in the gates' dtype. The layer applies ``scale``
+        as it adds the branches up (one pass over the output per branch)."""
         h = self.dropout(h)
         d = self.adapter(h)
         if self.frozen is not None and not folded:
             d = d - self.frozen(h)
-        return self.scale * d
+        return d
 
     def extra_repr(self) -> str:
         c = self.circuit

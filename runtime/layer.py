@@ -288,7 +288,10 @@ class AdaptedLayer(nn.Module):
             d = None
             for b in self.branches:
                 term = b(h, folded and b.foldable)
-                d = term if d is None else d + term
+                if d is None:
+                    d = term if b.scale == 1.0 else term * b.scale
+                else:
+                    d = torch.add(d, term, alpha=b.scale)
         return y + d.to(y.dtype)
 
     def checkpoint_names(self, name: str) -> dict[str, str]:
