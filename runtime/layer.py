@@ -144,7 +144,8 @@ class AdaptedLayer(nn.Module):
 
     # --- named state changes -------------------------------------------------------------
     def fold(self) -> None:
-        """unfolded -> folded: ``W ← W − s·T_θ0`` (no-op where ``can_fold`` is false)."""
+        """unfolded -> folded: ``W ← W − Σ_foldable s·T_θ0`` (no-op where ``can_fold`` is
+        false)."""
         if self.state is LayerState.MERGED:
             raise QCError(f"{self.name}: unmerge before folding")
         if self.can_fold and self.state is LayerState.UNFOLDED:
@@ -153,7 +154,7 @@ class AdaptedLayer(nn.Module):
         self._store_state()
 
     def unfold(self) -> None:
-        """folded -> unfolded: ``W ← W + s·T_θ0`` (back to the base weight, one rounding)."""
+        """folded -> unfolded: back to the base weight ``W0`` (one rounding)."""
         if self.state is LayerState.MERGED:
             raise QCError(f"{self.name}: unmerge before unfolding")
         if self.state is LayerState.FOLDED:
@@ -162,7 +163,7 @@ class AdaptedLayer(nn.Module):
         self._store_state()
 
     def merge(self) -> None:
-        """-> merged: ``W ← W0 + s·(T_θ − T_θ0)``; the forward is the base layer's alone."""
+        """-> merged: ``W ← W0 + Σ s·(T_θ − T_θ0)``; the forward is the base layer's alone."""
         if self.state is LayerState.MERGED:
             raise QCError(f"{self.name}: layer is already merged")
         if self.is_meta:
@@ -294,26 +295,30 @@ class AdaptedLayer(nn.Module):
                     d = torch.add(d, term, alpha=b.scale)
         return y + d.to(y.dtype)
 
-    def checkpoint_names(self, name: str) -> dict[str, str]:
-        """Checkpoint tensor name -> parameter path in this layer
-        (``branches.<k>.adapter.gates.<i>`` or ``branches.<k>.frozen.gates.<i>``), for this
-        layer saved as ``name``; the names follow ``checkpoint_schema.branch_tensor_names``
-        (native checkpoints and the PEFT door both use this)."""
-        out = {}
+    def _saved_gates(self, name: str):
+        """``(checkpoint name, branch index, part, gate index)`` of every saved tensor of
+        this layer saved as ``name``, following ``checkpoint_schema.branch_tensor_names``."""
         for k, b in enumerate(self.branches):
             names = branch_tensor_names(name, b.name, len(self.branches), len(b.circuit.gates),
                                         b.frozen is not None)
-            out.update({key: f"branches.{k}.{part}.gates.{i}" for key, (part, i) in names.items()})
-        return out
+            for key, (part, i) in names.items():
+                yield key, k, part, i
+
+    def checkpoint_names(self, name: str) -> dict[str, str]:
+        """Checkpoint tensor name -> parameter path in this layer
+        (``branches.<k>.adapter.gates.<i>`` or ``branches.<k>.frozen.gates.<i>``), for this
+        layer saved as ``name`` (native checkpoints and the PEFT door both use this)."""
+        return {key: f"branches.{k}.{part}.gates.{i}"
+                for key, k, part, i in self._saved_gates(name)}
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Copies of the gates (and frozen initial gates) under their checkpoint names,
         whole, on the CPU (a collective for DTensor gates: every rank must call)."""
         out = {}
-        for key, path in self.checkpoint_names(name).items():
-            k, i = int(path.split(".")[1]), int(path.rsplit(".", 1)[1])
-            shape = self.branches[k].circuit.gates[i].shape
-            out[key] = full_tensor(self.get_parameter(path), shape, key).to("cpu", copy=True)
+        for key, k, part, i in self._saved_gates(name):
+            b = self.branches[k]
+            gate = getattr(b, part).gates[i]
+            out[key] = full_tensor(gate, b.circuit.gates[i].shape, key).to("cpu", copy=True)
         return out
 
     @torch.no_grad()
