@@ -17,6 +17,7 @@ from peft import PeftConfig
 import qcircuit
 from qcircuit import Program, QCError, parse, parse_file
 from qcircuit.runtime.checkpoint import FORMAT, FORMAT_VERSION  # one format, both doors
+from qcircuit.runtime.checkpoint_schema import upgrade
 
 #: The ``peft_type`` string. PEFT's maps are keyed by ``PeftType`` members, which are
 #: ``str`` subclasses equal to their value, so this string is a key among theirs.
@@ -95,6 +96,9 @@ class QuanTAConfig(PeftConfig):
         prog = as_program(self.program, self.options)
         self.program = prog.to_qc()
         self.options = {k: prog.option(k) for k in ("init", "scale", "dropout")}
+        if self.format_version == 2 and self.layers is not None:   # written by qcircuit 0.2
+            old = {"format_version": 2, "layers": self.layers, "options": self.options}
+            self.format_version, self.layers = FORMAT_VERSION, upgrade(old)["layers"]
         if self.qcircuit_version is None:
             self.qcircuit_version = qcircuit.__version__
 
