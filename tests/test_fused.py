@@ -11,7 +11,8 @@ from qcircuit.compiler.schedule import build_schedule
 from qcircuit.compiler.schedule_exec import Workspace, bind, fuse_gathers, run_schedule
 from reference import circuit_operator, rel_err, tolerance
 
-pytestmark = pytest.mark.skipif(not fused.available(), reason="needs a C compiler and torch's BLAS")
+pytestmark = [pytest.mark.skipif(not fused.available(), reason="needs a C compiler and torch's BLAS"),
+              pytest.mark.usefixtures("shipped_costs")]   # the planner's forms are cost decisions
 
 CIRCUITS = [
     Circuit(4, 3, 2).gate((0, 2)).gate((1, 0), out=(2, 5)).gate((2, 1)),  # non-square

@@ -55,14 +55,9 @@ VARIANTS = [dict(), dict(fuse=False), dict(layout=False), dict(reorder=False),
             dict(fuse=False, layout=False), dict(max_block=8)] + [dict(forms=(f,) + (("suffix",) if f == "batched" else ())) for f in FORMS]
 
 
-@pytest.fixture(autouse=True)
-def shipped_costs():
-    """Price with the shipped constants: what these tests check of a schedule's structure
-    (which forms a variant picks, whether gates fuse) must not depend on what an earlier
-    test's calibration measured on this machine, busy or not."""
-    previous = cm.install(cm.SHIPPED)
-    yield
-    cm.install(previous)
+# what these tests check of a schedule's structure (which forms a variant picks, whether
+# gates fuse) is a cost decision: price it with the shipped constants (conftest)
+pytestmark = pytest.mark.usefixtures("shipped_costs")
 
 
 def test_random_circuits_every_variant_matches_reference():
