@@ -489,7 +489,10 @@ def test_an_internal_bug_keeps_its_traceback(capsys, monkeypatch):
 
 # --- the same as whole processes: exit status, one line, no traceback, nothing left behind -----
 CHILD = """
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C as at a terminal: a suite started in the background by a shell without job
+# control inherits SIGINT ignored, and a child that kept that would never be interrupted
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import qcircuit.runtime.cli as cli
 def wait(*args, **kwargs):
     print("ready", flush=True)
