@@ -7,26 +7,27 @@ throughput at a few widths (fitted to the model's peak and half-width, :func:`fi
 and the first-touch cost of freshly mapped memory. Each figure is the
 fastest of a few repeats: noise on a shared machine only ever adds time.
 
-:func:`ensure` installs the result in :mod:`costmodel` before any planning
-(``routes.choose`` calls it). The result is cached the way route wisdom is (:mod:`wisdom`):
-``machine.json`` in the same directory, keyed by the CPU model, the thread count and the torch
-version, written atomically under the same lock, so one process measures and the others read.
-A corrupted file is ignored with a warning and replaced; a read-only directory keeps the
-result in memory. With tuning off (``QCIRCUIT_TUNE=0``), or where nothing can be measured,
-the shipped constants stay: plans are then reproducible across machines.
+The result is cached the way route wisdom is: ``machine.json`` in the cache directory, keyed
+by the CPU model, the thread count and the torch version, written atomically under the same
+lock, so one process measures and the others read (:func:`load_or_measure`; the
+:class:`tuning.Tuning` that plans holds the result). The file is untrusted: bounded, schema-
+and range-checked; a bad one is ignored with one warning and measured again. With tuning off
+(``QCIRCUIT_TUNE=0``), or where nothing can be measured, the shipped constants price: plans
+are then reproducible across machines.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import cachefiles
 from . import costmodel as cm
-from . import wisdom
+from .caps import CALIBRATION_MAX_BYTES, CALIBRATION_MAX_ENTRIES
 
 FILE = "machine.json"
 BUDGET = 1.0               # seconds for the whole micro-benchmark (each part stops early)
@@ -45,13 +46,12 @@ PLAUSIBLE = {"peak_flops": (1e9, 1e14), "gemm_half": (0.0, 4096.0), "bandwidth":
              "copy_bandwidth": (1e9, 1e13), "overhead": (1e-8, 1e-4),
              "fault_per_byte": (0.0, 1e-8)}
 
-_lock = threading.Lock()
-_installed_key: str | None = None   # the key whose constants are installed
+VERSION = 1
 
 
 def key() -> str:
     """What a calibration holds for: the CPU model, torch's thread count and version."""
-    return "|".join(["calibration", wisdom.cpu_model(), f"threads={torch.get_num_threads()}",
+    return "|".join(["calibration", cachefiles.cpu_model(), f"threads={torch.get_num_threads()}",
                      f"torch {torch.__version__}"])
 
 
@@ -134,70 +134,94 @@ def measure_machine(budget: float = BUDGET) -> cm.Machine:
     ratio = cm.SHIPPED.bandwidth / cm.SHIPPED.copy_bandwidth  # GEMM streams as copies do
     return cm.Machine(peak_flops=peak, gemm_half=half, bandwidth=copy_bandwidth * ratio,
                       copy_bandwidth=copy_bandwidth, overhead=overhead, fault_per_byte=fault,
-                      cpu=wisdom.cpu_model(), threads=torch.get_num_threads(),
+                      cpu=cachefiles.cpu_model(), threads=torch.get_num_threads(),
                       torch_version=torch.__version__)
 
 
 def plausible(machine: cm.Machine) -> bool:
     """Whether every constant lies in ``PLAUSIBLE`` (finite, positive where it must be)."""
-    return all(isinstance(v, (int, float)) and lo <= v <= hi
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
                for v, (lo, hi) in ((getattr(machine, c), r) for c, r in PLAUSIBLE.items()))
 
 
-def _valid(entry: object) -> bool:
-    """Whether a cached entry is a well-formed calibration."""
+def parse_entry(value: object) -> cm.Machine | None:
+    """A cached calibration entry as a plausible :class:`~costmodel.Machine`, or None."""
     try:
-        return plausible(cm.Machine(**entry["machine"]))  # type: ignore[index]
+        machine = cm.Machine(**value["machine"])  # type: ignore[index, arg-type]
     except (TypeError, KeyError):
-        return False
+        return None
+    texts = (machine.cpu, machine.torch_version)
+    if not all(isinstance(t, str) and len(t) <= 256 for t in texts) \
+            or isinstance(machine.threads, bool) or not isinstance(machine.threads, int):
+        return None
+    return machine if plausible(machine) else None
 
 
-def _measured(measure: Callable[[], cm.Machine] | None) -> cm.Machine | None:
+def _entries(directory: Path) -> dict[str, dict]:
+    """The file's entries ({} with one warning when the file is not a usable calibration)."""
+    path = directory / FILE
     try:
-        machine = (measure or measure_machine)()
+        data = cachefiles.read_json(path, CALIBRATION_MAX_BYTES)
+    except cachefiles.CacheFileError as exc:
+        cachefiles.warn_once(f"calibrate:read {path}", f"calibration file {path} ignored ({exc}); "
+                             "measured again", 6)
+        return {}
+    if data is None:
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) and data.get("version") == VERSION \
+        else None
+    if not isinstance(entries, dict) or len(entries) > CALIBRATION_MAX_ENTRIES:
+        cachefiles.warn_once(f"calibrate:parse {path}", f"calibration file {path} is not a "
+                             f"calibration of version {VERSION}; ignored, measured again", 6)
+        return {}
+    return entries
+
+
+def _measured(measure: Callable[[], cm.Machine]) -> cm.Machine | None:
+    try:
+        machine = measure()
     except Exception as exc:  # noqa: BLE001 - anything that cannot measure keeps the defaults
-        wisdom.warn_once("calibrate:failed", f"cost model calibration failed "
-                         f"({type(exc).__name__}: {exc}); the shipped constants stay", 4)
+        cachefiles.warn_once("calibrate:failed", f"cost model calibration failed "
+                             f"({type(exc).__name__}: {exc}); the shipped constants stay", 6)
         return None
     if not plausible(machine):
-        wisdom.warn_once("calibrate:implausible", "cost model calibration measured implausible "
-                         f"constants (a busy machine?): {machine}; the shipped constants stay", 4)
+        cachefiles.warn_once("calibrate:implausible", "cost model calibration measured "
+                             f"implausible constants (a busy machine?): {machine}; the shipped "
+                             "constants stay", 6)
         return None
     return machine
 
 
-def ensure(tune: bool = True, measure: Callable[[], cm.Machine] | None = None) -> cm.Machine:
-    """Install this machine's constants in the cost model: read from the cache, else measured
-    (``measure`` replaces :func:`measure_machine`; tests) and cached. Cheap after the first
-    call of a process (again only when the thread count changes). ``tune=False`` installs
-    nothing: the constants stay as they are (the shipped ones, unless calibrated before)."""
-    global _installed_key
-    if not tune:
-        return cm.current()
+def load_or_measure(directory: Path | None, measure: Callable[[], cm.Machine]) -> cm.Machine:
+    """This machine's constants for torch's current thread count: read from ``machine.json``
+    in ``directory``, else measured with ``measure`` (one process at a time, under the
+    directory's lock) and written there; the shipped constants where the measurement fails.
+    ``directory=None``: measured, kept nowhere."""
     k = key()
-    if k == _installed_key:
-        return cm.current()
-    with _lock:
-        if k == _installed_key:
-            return cm.current()
-        entry = wisdom.read_file(FILE, _valid).get(k)
-        if entry is None:
-            with wisdom.measuring() as locked:
-                entry = wisdom.read_file(FILE, _valid).get(k) if locked else None
-                if entry is None:
-                    machine = _measured(measure)
-                    entry = {"machine": dataclasses.asdict(machine or cm.SHIPPED)}
-                    if machine is not None and locked:
-                        wisdom.write_file(FILE, {k: entry}, _valid)
-        cm.install(cm.Machine(**entry["machine"]))   # the planner's memos key on it
-        _installed_key = k
-    return cm.current()
-
-
-def forget() -> None:
-    """Reinstall the shipped constants; the next :func:`ensure` reads or measures again."""
-    global _installed_key
-    with _lock:
-        cm.install(cm.SHIPPED)
-        _installed_key = None
-        wisdom.forget_warnings("calibrate:")
+    if directory is None:
+        return _measured(measure) or cm.SHIPPED
+    entry = _entries(directory).get(k)
+    found = parse_entry(entry)
+    if found is not None:
+        return found
+    if entry is not None:
+        cachefiles.warn_once(f"calibrate:entry {directory}", f"the calibration cached in "
+                             f"{directory / FILE} for this machine is malformed; ignored, "
+                             "measured again", 6)
+    with cachefiles.measuring(directory) as locked:
+        entries = _entries(directory) if locked else {}
+        found = parse_entry(entries.get(k))
+        if found is not None:
+            return found
+        machine = _measured(measure)
+        if machine is None:
+            return cm.SHIPPED
+        if locked:
+            good = {n: e for n, e in entries.items() if parse_entry(e) is not None}
+            good[k] = {"machine": dataclasses.asdict(machine)}
+            try:
+                cachefiles.write_json(directory / FILE, {"version": VERSION, "entries": good})
+            except OSError as exc:
+                cachefiles.warn_once(f"calibrate:write {directory}", f"cannot write the "
+                                     f"calibration to {directory} ({exc}); kept in memory only", 6)
+        return machine

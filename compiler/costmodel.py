@@ -9,15 +9,15 @@ smallest dimension is ``s``, or its memory traffic, whichever is slower. Permute
 C kernel takes (``kernels.py``: the token axis stays outermost) are priced apart.
 
 The machine's constants — GEMM peak and half-width, bandwidths, per-op overhead, first-touch
-cost — are one :class:`Machine` value. :mod:`calibrate` measures them on the CPU with a
-short micro-benchmark, caches them beside the route wisdom and installs them once per process
-before any planning (:func:`install`); ``SHIPPED``, the values of one development machine,
-is the fallback where nothing is measured (``QCIRCUIT_TUNE=0``: reproducible plans). The
-dimensionless factors below (permute patterns against a copy, batched-GEMM penalties) are
-ratios measured once and shipped. Absolute predictions may be off by a roughly constant
-factor; the planner needs the *ranking* of variants, which the ratios between constants
-decide. Between routes the model only prunes: ``routes.py`` times the survivors on the
-machine and keeps the fastest. Every function is pure given the installed constants.
+cost — are one :class:`Machine` value, the first argument of every price: :mod:`calibrate`
+measures them on the CPU with a short micro-benchmark and the :class:`tuning.Tuning` that
+plans holds them; ``SHIPPED``, the values of one development machine, prices where nothing is
+measured (``QCIRCUIT_TUNE=0``: reproducible plans). The dimensionless factors below (permute
+patterns against a copy, batched-GEMM penalties) are ratios measured once and shipped.
+Absolute predictions may be off by a roughly constant factor; the planner needs the *ranking*
+of variants, which the ratios between constants decide. Between routes the model only
+prunes: the survivors are timed on the machine and the fastest kept (:mod:`choice`). Every
+function is pure.
 """
 from __future__ import annotations
 
@@ -43,21 +43,6 @@ class Machine:
 SHIPPED = Machine(peak_flops=1.85e11, gemm_half=30.0, bandwidth=1.2e10, copy_bandwidth=1.2e10,
                   overhead=1.5e-5, fault_per_byte=3.0e-10,
                   cpu="shipped defaults (a 2-core Intel Xeon)", threads=2)
-_machine = SHIPPED
-
-
-def current() -> Machine:
-    """The constants the model prices with now."""
-    return _machine
-
-
-def install(machine: Machine) -> Machine:
-    """Price with ``machine`` from now on; returns the constants it replaces. Only
-    :mod:`calibrate` calls this, before planning (plans cached before keep their prices)."""
-    global _machine
-    previous, _machine = _machine, machine
-    return previous
-
 
 GEMM_SLOW_FORM = 1.35   # GEMMs reading the big operand transposed (prefix, rotations)
 PERMUTE_RUN = 1.1       # permute keeping the innermost axis: this many contiguous copies
@@ -76,10 +61,10 @@ SERIAL_NUMEL = 1 << 16  # a schedule whose activations are at most this many ele
                         # one thread (see runs_serial)
 
 
-def gemm(m: int, n: int, k: int, itemsize: int = 4, transposed_out: bool = False) -> float:
+def gemm(mc: Machine, m: int, n: int, k: int, itemsize: int = 4,
+         transposed_out: bool = False) -> float:
     """(m×k)·(k×n): one BLAS call, the slower of its compute and its memory traffic. Compute
     runs at ``s / (s + gemm_half)`` of peak, ``s`` its smallest dimension."""
-    mc = _machine
     data = (m * k + k * n + m * n) * itemsize
     small = min(m, n, k)
     t = max(2.0 * m * n * k / (mc.peak_flops * small / (small + mc.gemm_half)),
@@ -87,31 +72,32 @@ def gemm(m: int, n: int, k: int, itemsize: int = 4, transposed_out: bool = False
     return t * (GEMM_SLOW_FORM if transposed_out else 1.0) + mc.overhead
 
 
-def batched_gemm(batch: int, m: int, n: int, k: int, itemsize: int = 4) -> float:
+def batched_gemm(mc: Machine, batch: int, m: int, n: int, k: int, itemsize: int = 4) -> float:
     """``batch`` products (m×k)·(k×n) with one shared left matrix (a gate on middle axes).
     As fast as the single GEMM with the same flops when every right matrix is at least
     ``BATCH_NARROW`` columns wide and there are at least ``BATCH_FEW`` of them; narrower or
     fewer run proportionally slower (measured at 512 tokens, 32–128-wide gates: 0.8–1.2× the
     suffix GEMM for n ≥ 32, 1.2–1.6× at n = 16, 2–3× at n = 8, 1.7–2.2× for 4 matrices)."""
-    return (gemm(batch * n, m, k, itemsize) * max(1.0, BATCH_NARROW / n)
+    return (gemm(mc, batch * n, m, k, itemsize) * max(1.0, BATCH_NARROW / n)
             * max(1.0, BATCH_FEW / batch))
 
 
-def batched_gram(batch: int, m: int, n: int, s: int, itemsize: int = 4) -> tuple[float, bool]:
+def batched_gram(mc: Machine, batch: int, m: int, n: int, s: int,
+                 itemsize: int = 4) -> tuple[float, bool]:
     """A batched step's gate gradient ``Σ_b gy[b] · x[b]ᵀ`` ((m×s)·(s×n) per batch): the cost,
     and whether a batched product summed over the batch beats one tensordot (which copies
     both operands into a single GEMM). The batched product pays for its ``batch·m·n``
     partial products and runs slowly when its inner dimension ``s`` is short."""
-    by_bmm = (gemm(m, n, batch * s, itemsize) * max(1.0, 2 * BATCH_NARROW / s)
-              + copy(batch * m * n, itemsize, 1.0))
-    by_tensordot = (copy(batch * m * s, itemsize) + copy(batch * n * s, itemsize)
-                    + gemm(m, n, batch * s, itemsize))
+    by_bmm = (gemm(mc, m, n, batch * s, itemsize) * max(1.0, 2 * BATCH_NARROW / s)
+              + copy(mc, batch * m * n, itemsize, 1.0))
+    by_tensordot = (copy(mc, batch * m * s, itemsize) + copy(mc, batch * n * s, itemsize)
+                    + gemm(mc, m, n, batch * s, itemsize))
     return min(by_bmm, by_tensordot), by_bmm < by_tensordot
 
 
-def copy(numel: int, itemsize: int = 4, factor: float = PERMUTE_LOCAL) -> float:
+def copy(mc: Machine, numel: int, itemsize: int = 4, factor: float = PERMUTE_LOCAL) -> float:
     """Copy ``numel`` elements, ``factor`` times slower than a contiguous copy."""
-    return 2.0 * numel * itemsize / _machine.copy_bandwidth * factor + _machine.overhead
+    return 2.0 * numel * itemsize / mc.copy_bandwidth * factor + mc.overhead
 
 
 def gram_factor(width: int, rows: int) -> float:
@@ -123,12 +109,12 @@ def gram_factor(width: int, rows: int) -> float:
     return 0.78 if rows >= SPLIT_GRAM_ROWS and width <= 64 else 1.0
 
 
-def fused_copy(numel: int, itemsize: int = 4) -> float:
+def fused_copy(mc: Machine, numel: int, itemsize: int = 4) -> float:
     """A permute gathered block by block inside the fused gate kernel (:mod:`fused`): the
     permuted activation never leaves L2. Measured at 512 tokens: forward 0.1–0.15 of the
     separate kernel copy it replaces, backward nothing (the blocked gate gradient gains
     back more than the scatter costs)."""
-    return copy(numel, itemsize, FUSED_PERMUTE)
+    return copy(mc, numel, itemsize, FUSED_PERMUTE)
 
 
 def runs_serial(numel: int) -> bool:
@@ -139,11 +125,11 @@ def runs_serial(numel: int) -> bool:
     return numel <= SERIAL_NUMEL
 
 
-def kernel_copy(numel: int, itemsize: int = 4) -> float:
+def kernel_copy(mc: Machine, numel: int, itemsize: int = 4) -> float:
     """A permute within token slabs by the C kernel (:mod:`kernels`): measured 1.2–1.7× a
     plain copy beside it whatever the pattern (ATen: 2.4–6.8×); ``KERNEL_PERMUTE`` expresses
     that against the copy bandwidth, calibrated on a busier machine than those runs."""
-    return copy(numel, itemsize, KERNEL_PERMUTE)
+    return copy(mc, numel, itemsize, KERNEL_PERMUTE)
 
 
 def permute_factor(shape: tuple[int, ...], perm: tuple[int, ...], itemsize: int = 4) -> float:
@@ -178,18 +164,19 @@ def permute_factor(shape: tuple[int, ...], perm: tuple[int, ...], itemsize: int 
     return PERMUTE_MID if run_bytes >= 64 else PERMUTE_FAR
 
 
-def fresh(numel: int, itemsize: int = 4) -> float:
+def fresh(mc: Machine, numel: int, itemsize: int = 4) -> float:
     """Page faults for a freshly allocated buffer (large ones are mmapped and zeroed)."""
     nbytes = numel * itemsize
-    return nbytes * _machine.fault_per_byte if nbytes >= (1 << 20) else 0.0
+    return nbytes * mc.fault_per_byte if nbytes >= (1 << 20) else 0.0
 
 
-def small_matmuls(sizes: list[tuple[int, int, int]]) -> float:
+def small_matmuls(mc: Machine, sizes: list[tuple[int, int, int]]) -> float:
     """Small GEMMs that build fused gate matrices (forward, and two for backward)."""
-    return 3.0 * sum(gemm(m, n, k) for m, n, k in sizes)
+    return 3.0 * sum(gemm(mc, m, n, k) for m, n, k in sizes)
 
 
-def einsum_reference(tokens: int, in_dims: tuple[int, ...], gates, itemsize: int = 4) -> float:
+def einsum_reference(mc: Machine, tokens: int, in_dims: tuple[int, ...], gates,
+                     itemsize: int = 4) -> float:
     """Rough cost of one opt_einsum expression run with torch autograd: every pairwise
     contraction is a tensordot (permute the activation, GEMM into a fresh buffer), forward
     then two of each in backward."""
@@ -202,8 +189,17 @@ def einsum_reference(tokens: int, in_dims: tuple[int, ...], gates, itemsize: int
         for q, d in zip(g.qudits, g.out_dims):
             dims[q] = d
         out_numel = rows * k_out
-        step = copy(numel, itemsize, PERMUTE_LOCAL) + gemm(rows, k_out, k_in, itemsize) + fresh(out_numel, itemsize)
-        back = (copy(out_numel, itemsize, PERMUTE_LOCAL) + gemm(rows, k_in, k_out, itemsize) + fresh(numel, itemsize)
-                + gemm(k_out, k_in, rows, itemsize) + copy(numel, itemsize, PERMUTE_LOCAL))
+        step = (copy(mc, numel, itemsize, PERMUTE_LOCAL) + gemm(mc, rows, k_out, k_in, itemsize)
+                + fresh(mc, out_numel, itemsize))
+        back = (copy(mc, out_numel, itemsize, PERMUTE_LOCAL) + gemm(mc, rows, k_in, k_out, itemsize)
+                + fresh(mc, numel, itemsize) + gemm(mc, k_out, k_in, rows, itemsize)
+                + copy(mc, numel, itemsize, PERMUTE_LOCAL))
         total += step + back
     return total
+
+
+def contraction(mc: Machine, flops: int, out_numel: int, steps: int, itemsize: int = 4) -> float:
+    """A chain of ``steps`` einsum contractions doing ``flops`` in all and writing an
+    ``out_numel`` result (the gates-only path of the dense matrix): compute at peak, the
+    result written once, one overhead per step."""
+    return flops / mc.peak_flops + out_numel * itemsize / mc.copy_bandwidth + steps * mc.overhead

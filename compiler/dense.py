@@ -14,7 +14,7 @@ from qcircuit.errors import QCError
 from qcircuit.ir import Circuit
 
 from .schedule import TOKEN, Schedule, Step, cached_schedule
-from .schedule_exec import bind, run_bound, step_matrices, transposed_gates
+from .schedule_exec import bound_steps, run_bound, step_matrices, transposed_gates
 from .workspace import Workspace
 
 
@@ -71,7 +71,7 @@ def dense_matrix(circuit: Circuit | Schedule, gates: Sequence[Tensor],
     e = _materialize(sched.steps[0], mats[0], sched.in_dims, ws if rest else Workspace())
     if not rest:
         return e.view(shape).t() if flip else e.view(shape)
-    mats, bound = mats[1:], bind(sched, tokens)[1:]
+    mats, bound = mats[1:], bound_steps(sched, tokens)[1:]
     y = run_bound(bound, e, mats, ws)
     if y.grad_fn is None:  # no autograd node holds ``e``: its buffer goes back to the pool
         ws.give(e)

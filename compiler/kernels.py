@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -32,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import wisdom
+from . import cachefiles
 
 # the library: the fused gate kernel (gate_kernel.c, see fused.py), which includes permute.c
 SOURCE = Path(__file__).with_name("gate_kernel.c")
@@ -92,15 +93,13 @@ def enabled() -> bool:
     return os.environ.get("QCIRCUIT_COMPILE", "1") != "0"
 
 
-def _cache_dir() -> Path:
-    root = wisdom.cache_dir()
+def _regular(path: Path) -> bool:
+    """Whether ``path`` is a regular file itself (not a link, FIFO or device: dlopen would
+    follow it, or block on it)."""
     try:
-        os.makedirs(root, exist_ok=True)
+        return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
-        pass
-    if os.access(root, os.W_OK):
-        return Path(root)
-    return Path(tempfile.mkdtemp(prefix="qcircuit-"))  # a read-only home: built per process
+        return False
 
 
 def _cpu_id() -> str:
@@ -113,21 +112,21 @@ def _cpu_id() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
-def _build(compiler: str) -> Path:
-    """The kernel's shared library: the best build already in the cache, else compiled there
-    with the first flags that work, by one process at a time (to a temporary name, then
-    renamed)."""
-    source, directory = b"\0".join(p.read_bytes() for p in SOURCES), _cache_dir()
+def _build(compiler: str, directory: Path) -> Path:
+    """The kernel's shared library: the best build already in ``directory``, else compiled
+    there with the first flags that work, by one process at a time (to a temporary name, then
+    renamed over whatever held the name)."""
+    source = b"\0".join(p.read_bytes() for p in SOURCES)
     targets = []
     for flags in FLAGS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                          _cpu_id().encode()])).hexdigest()[:16]
         targets.append((flags, directory / f"permute-{key}.so"))
-    cached = [target for _, target in targets if target.exists()]
+    cached = [target for _, target in targets if _regular(target)]
     if cached:
         return cached[0]
-    with wisdom.flock(directory / "build.lock"):  # one process builds, the others wait
-        cached = [target for _, target in targets if target.exists()]  # built meanwhile
+    with cachefiles.flock(directory / "build.lock"):  # one process builds, the others wait
+        cached = [target for _, target in targets if _regular(target)]  # built meanwhile
         if cached:
             return cached[0]
         return _compile(compiler, targets, directory)
@@ -158,7 +157,13 @@ def shared_library() -> ctypes.CDLL | None:
     try:
         if shutil.which(compiler) is None:
             raise RuntimeError(f"no C compiler ({compiler!r} not found)")
-        return ctypes.CDLL(str(_build(compiler)))
+        directory = cachefiles.cache_dir()
+        if cachefiles.writable(directory):
+            return ctypes.CDLL(str(_build(compiler, directory)))
+        # a read-only cache: built per process in a folder removed at once (the loaded
+        # library stays mapped), so nothing is left behind
+        with tempfile.TemporaryDirectory(prefix="qcircuit-") as scratch:
+            return ctypes.CDLL(str(_build(compiler, Path(scratch))))
     except Exception as exc:  # no compiler, a failed build, a library that does not load
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         warnings.warn(f"qcircuit: permute kernel unavailable ({type(exc).__name__}: {first}); "
@@ -170,9 +175,12 @@ def shared_library() -> ctypes.CDLL | None:
 def _library() -> Callable | None:
     """``qc_permute`` from the built kernels, or None."""
     lib = shared_library()
-    if lib is None:
+    fn = getattr(lib, "qc_permute", None) if lib is not None else None
+    if fn is None:
+        if lib is not None:
+            cachefiles.warn_once("kernels:symbol", "the permute kernel library lacks qc_permute "
+                                 "(a stale or foreign file in the cache?); using the ATen copy")
         return None
-    fn = lib.qc_permute
     i64p = ctypes.POINTER(ctypes.c_int64)
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_int, i64p, i64p, ctypes.c_int]

@@ -26,11 +26,11 @@ from qcircuit.ir import Circuit
 
 from . import costmodel as cm
 from .schedule import TOKEN, Step, dims_after, transpose_circuit
-from .schedule_exec import Workspace, _fused_matrix, gate_matrix, transposed_gates
+from .caps import LIGHTCONE_MAX_PREFIX, LIGHTCONE_MAX_QUDITS
+from .schedule_exec import fused_matrix, gate_matrix, transposed_gates
+from .workspace import Workspace
 
 Rows = tuple[int, ...]
-MAX_QUDITS = 6      # the layout search enumerates row orders
-MAX_PREFIX = 1024   # largest side of the prefix matrix A
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class GateStep:
 
 
 @dataclass(frozen=True)
-class LightconePlan:
+class Lightcone:
     """A light-cone plan for one orientation of the circuit; ``cost`` in predicted seconds."""
 
     circuit: Circuit            # the oriented circuit (transposed when ``transposed``)
@@ -89,14 +89,15 @@ def _moves(rows: Rows, block: set[int]) -> list[tuple[int, Rows, Rows, Rows]]:
 STRIDED_OUT = 1.1   # a loop of GEMMs writing strided rows vs one batched GEMM
 
 
-def _row_gemm_cost(p: int, k2: int, s: int, k: int, in_place: bool, isz: int) -> float:
+def _row_gemm_cost(mc: cm.Machine, p: int, k2: int, s: int, k: int, in_place: bool,
+                   isz: int) -> float:
     """``M @ X[p]`` for every row prefix ``p``: one batched GEMM when the output keeps the row
     order (or there is one prefix), else a loop of GEMMs into strided views."""
-    base = p * cm.gemm(k2, s, k, isz, transposed_out=True)
+    base = p * cm.gemm(mc, k2, s, k, isz, transposed_out=True)
     return base * (1.0 if in_place or p == 1 else STRIDED_OUT)
 
 
-def _search(circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
+def _search(mc: cm.Machine, circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
             starts: dict[Rows, float]) -> tuple[float, tuple[GateStep, ...], Rows] | None:
     """Cheapest row orders for ``gates`` from any start (rows -> cost so far) to the natural
     order: (cost, steps, start rows), or None when no permute-free path exists."""
@@ -112,7 +113,7 @@ def _search(circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
             for a, b_in, b_out, rows_out in _moves(rows, set(g.qudits)):
                 p = math.prod(dims_at[t][q] for q in rows[:a])
                 s_ = math.prod(dims_at[t][q] for q in rows[a + len(b_in):]) * n_cols
-                c = c0 + _row_gemm_cost(p, g.out_size, s_, g.in_size, rows_out[:a] == rows[:a], isz)
+                c = c0 + _row_gemm_cost(mc, p, g.out_size, s_, g.in_size, rows_out[:a] == rows[:a], isz)
                 if rows_out not in nxt or c < nxt[rows_out][0]:
                     nxt[rows_out] = (c, path + (GateStep(i, rows, rows_out, a, b_in, b_out),), first)
         frontier = nxt
@@ -122,7 +123,8 @@ def _search(circuit: Circuit, gates: Sequence[int], dims0: tuple[int, ...],
 FOLD = 2.0   # the fold's batched GEMM (its narrow side is the rest's size) vs one contiguous copy
 
 
-def _fold_starts(circuit: Circuit, sup: Rows, gate: int, dims0) -> dict[Rows, float] | None:
+def _fold_starts(mc: cm.Machine, circuit: Circuit, sup: Rows, gate: int,
+                 dims0) -> dict[Rows, float] | None:
     """Start row orders when ``gate`` (the first after the prefix) is written straight from
     ``A`` (:func:`_fold_write`): it must cover every qudit outside ``sup``, and those must be
     the last column axes. Rows come out as (the gate's qudits, the rest of ``sup``)."""
@@ -134,17 +136,17 @@ def _fold_starts(circuit: Circuit, sup: Rows, gate: int, dims0) -> dict[Rows, fl
     others = [q for q in sup if q not in g.qudits]
     numel = math.prod(dims_after(circuit, dims0, [gate])) * circuit.in_features
     k = math.prod(dims0[q] for q in g.qudits if q in sup)
-    cost = FOLD * cm.copy(numel, 4, 1.0) + 2.0 * numel * k / cm.current().peak_flops
+    cost = FOLD * cm.copy(mc, numel, 4, 1.0) + 2.0 * numel * k / mc.peak_flops
     return {qo + ro: cost for qo in itertools.permutations(g.qudits)
             for ro in itertools.permutations(others)}
 
 
-def _plan_side(circuit: Circuit, transposed: bool, max_prefix: int = MAX_PREFIX,
-               fold: bool | None = None) -> LightconePlan | None:
+def _plan_side(mc: cm.Machine, circuit: Circuit, transposed: bool,
+               max_prefix: int = LIGHTCONE_MAX_PREFIX, fold: bool | None = None) -> Lightcone | None:
     """The light-cone plan of one orientation. ``fold``: None lets the cost model choose,
     True folds whenever the first remaining gate allows it, False never (tests use both)."""
     n = len(circuit.in_dims)
-    if n > MAX_QUDITS or not circuit.gates:
+    if n > LIGHTCONE_MAX_QUDITS or not circuit.gates:
         return None
     best = None
     for r in range(1, n + 1):
@@ -165,32 +167,34 @@ def _plan_side(circuit: Circuit, transposed: bool, max_prefix: int = MAX_PREFIX,
     _, pre, sup, dims0 = best
     rest = [i for i in range(len(circuit.gates)) if i not in pre]
     # A ⊗ I: memset + diagonal copy into a recycled buffer (the result's fresh memory below)
-    plain = _search(circuit, rest, dims0, dict.fromkeys(
-        itertools.permutations(range(n)), cm.copy(math.prod(dims0) * circuit.in_features, 4, 1.0)))
+    plain = _search(mc, circuit, rest, dims0, dict.fromkeys(
+        itertools.permutations(range(n)),
+        cm.copy(mc, math.prod(dims0) * circuit.in_features, 4, 1.0)))
     options = [(plain, None)]
-    starts = _fold_starts(circuit, sup, rest[0], dims0) if rest and fold is not False else None
+    starts = _fold_starts(mc, circuit, sup, rest[0], dims0) if rest and fold is not False else None
     if starts is not None:
-        found = _search(circuit, rest[1:], dims_after(circuit, dims0, rest[:1]), starts)
+        found = _search(mc, circuit, rest[1:], dims_after(circuit, dims0, rest[:1]), starts)
         options = [(found, rest[0])] if fold and found is not None else options + [(found, rest[0])]
     options = [(found, f) for found, f in options if found is not None]
     if not options:
         return None
     (cost, steps, rows0), folded = min(options, key=lambda o: o[0][0])
     support = sup if folded is not None else tuple(q for q in rows0 if q in sup)
-    return LightconePlan(circuit, transposed, pre, support, rows0, steps,
-                         cost + cm.fresh(circuit.out_features * circuit.in_features, 4), folded)
+    return Lightcone(circuit, transposed, pre, support, rows0, steps,
+                     cost + cm.fresh(mc, circuit.out_features * circuit.in_features, 4), folded)
 
 
-def plan_lightcone(circuit: Circuit, max_prefix: int = MAX_PREFIX) -> LightconePlan | None:
-    """The cheaper of the two orientations, or None when no light-cone plan exists
-    (more than ``MAX_QUDITS`` qudits, or no prefix whose matrix fits ``max_prefix``)."""
-    plans = [p for p in (_plan_side(circuit, False, max_prefix),
-                         _plan_side(transpose_circuit(circuit), True, max_prefix))
+def search_lightcone(circuit: Circuit, machine: cm.Machine = cm.SHIPPED,
+                     max_prefix: int = LIGHTCONE_MAX_PREFIX) -> Lightcone | None:
+    """The cheaper of the two orientations priced with ``machine``, or None when none exists
+    (more than ``LIGHTCONE_MAX_QUDITS`` qudits, or no prefix whose matrix fits ``max_prefix``)."""
+    plans = [p for p in (_plan_side(machine, circuit, False, max_prefix),
+                         _plan_side(machine, transpose_circuit(circuit), True, max_prefix))
              if p is not None]
     return min(plans, key=lambda p: p.cost) if plans else None
 
 
-def _identity_product(plan: LightconePlan, a: Tensor, in_dims: tuple[int, ...], dims,
+def _identity_product(plan: Lightcone, a: Tensor, in_dims: tuple[int, ...], dims,
                       ws: Workspace) -> Tensor:
     """``A ⊗ I_rest`` (rows in ``plan.rows0`` order, columns natural), written as one memset
     plus one strided copy of ``A`` onto the diagonal of the rest qudits."""
@@ -219,7 +223,7 @@ def _identity_product(plan: LightconePlan, a: Tensor, in_dims: tuple[int, ...], 
     return out
 
 
-def _fold_write(plan: LightconePlan, a: Tensor, gate: Tensor, dims0: Sequence[int],
+def _fold_write(plan: Lightcone, a: Tensor, gate: Tensor, dims0: Sequence[int],
                 ws: Workspace) -> Tensor:
     """``(G ⊗ I)(A ⊗ I_rest)`` written at once, for a gate ``G`` covering every rest qudit:
     ``E[q', r, s, c] = Σ_k A[k, r, s] · G[q', k, c]`` with ``k`` the gate's qudits inside the
@@ -245,7 +249,7 @@ def _fold_write(plan: LightconePlan, a: Tensor, gate: Tensor, dims0: Sequence[in
     return out
 
 
-def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
+def run_lightcone(plan: Lightcone, gates: Sequence[Tensor],
                   workspace: Workspace | None = None) -> Tensor:
     """``T`` (out_features, in_features) of the original circuit (forward only, no autograd)."""
     c = plan.circuit
@@ -258,7 +262,7 @@ def run_lightcone(plan: LightconePlan, gates: Sequence[Tensor],
     dims = list(dims_after(c, c.in_dims, plan.prefix))
     pstep = Step("materialize", (), plan.rows0 + (TOKEN,), (), (), 0.0, plan.prefix, sup,
                  tuple(c.in_dims[q] for q in sup), tuple(dims[q] for q in sup))
-    a = _fused_matrix(pstep, gates, qud)
+    a = fused_matrix(pstep, gates, qud)
     with torch.no_grad():
         if plan.fold is None:
             x = _identity_product(plan, a, tuple(c.in_dims), dims, ws)

@@ -1,13 +1,24 @@
-"""Timing candidate routes on real tensors (what :func:`routes.choose` measures)."""
+"""Timing candidate routes on real tensors (what :func:`choice.decide` measures), apart from
+the caller.
+
+:func:`isolated` runs a function on a worker thread and waits for it. Autograd's grad mode,
+saved-tensor hooks (gradient checkpointing), autocast, inference mode and ``torch.func``
+transforms are all thread-local state, so a decision made inside a user's forward — a first
+forward of a new token bucket — measures on tensors of its own that no recorded graph, hook
+or autocast region of the caller ever sees, and the caller's forward then runs exactly what
+was decided.
+"""
 from __future__ import annotations
 
+import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, TypeVar
 
 import torch
 
-if TYPE_CHECKING:
-    from .planning import Plan
+from .lowered import Lowered
+
+T = TypeVar("T")
 
 MEASURE_BUDGET = 2.0        # seconds of timing for one choice, warm-ups included (they alone
                             # may pass it on huge inputs: then they are the measurement)
@@ -15,27 +26,46 @@ MIN_ROUNDS = 3              # rounds run even past the budget (unless the warm-u
 MAX_ROUNDS = 41
 
 
-def thunk(plan: "Plan", kind: str, bucket: int | None, device_type: str, dtype: torch.dtype,
-          run: Callable) -> Callable[[], None]:
+def isolated(fn: Callable[[], T], device: torch.device | None = None) -> T:
+    """``fn()`` run on a fresh thread (with ``device`` current, for CUDA), its result or
+    exception handed back: none of the calling thread's autograd, hook or autocast state
+    applies inside."""
+    box: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, name="qcircuit-tuning", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def thunk(lowered: Lowered, kind: str, bucket: int | None, device: torch.device,
+          dtype: torch.dtype, run: Callable) -> Callable[[], None]:
     """One timed run of an executor on real tensors: a training step (forward, then backward
     into the input and every gate) for ``forward``, a no-grad matrix for ``dense``."""
     gen = torch.Generator().manual_seed(0)
-    device = torch.device(device_type)
     gates = [(torch.rand(g.shape, generator=gen, dtype=torch.float64) - 0.5).to(device, dtype)
-             for g in plan.circuit.gates]
-    off = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else None
+             for g in lowered.circuit.gates]
     if kind == "dense":
         def dense_run() -> None:
-            with torch.no_grad(), off or torch.no_grad():
+            with torch.no_grad():
                 run(gates)
         return dense_run
-    x = torch.randn(bucket, plan.in_features, generator=gen).to(device, dtype).requires_grad_()
-    gy = torch.randn(bucket, plan.out_features, generator=gen).to(device, dtype)
+    x = torch.randn(bucket, lowered.in_features, generator=gen).to(device, dtype).requires_grad_()
+    gy = torch.randn(bucket, lowered.out_features, generator=gen).to(device, dtype)
     leaves = [g.requires_grad_() for g in gates]
 
     def step() -> None:
-        with torch.enable_grad(), off or torch.enable_grad():
-            run(x, leaves).backward(gy)
+        run(x, leaves).backward(gy)
         for t in (x, *leaves):
             t.grad = None
     return step
@@ -63,16 +93,15 @@ def fastest_times(thunks: dict[str, Callable[[], None]]) -> dict[str, float]:
         return time.perf_counter() - t0
 
     start = time.perf_counter()
-    with torch.inference_mode(False):
-        warm = {n: timed(fn) for n, fn in thunks.items()}
-        round_time, rounds = sum(warm.values()), 0
-        if round_time > MEASURE_BUDGET:
-            return warm
-        while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.perf_counter() - start
-                                       + round_time <= MEASURE_BUDGET):
-            t0 = time.perf_counter()
-            order = list(thunks.items())
-            for n, fn in order[rounds % len(order):] + order[:rounds % len(order)]:
-                times[n].append(timed(fn))
-            round_time, rounds = time.perf_counter() - t0, rounds + 1
+    warm = {n: timed(fn) for n, fn in thunks.items()}
+    round_time, rounds = sum(warm.values()), 0
+    if round_time > MEASURE_BUDGET:
+        return warm
+    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.perf_counter() - start
+                                   + round_time <= MEASURE_BUDGET):
+        t0 = time.perf_counter()
+        order = list(thunks.items())
+        for n, fn in order[rounds % len(order):] + order[:rounds % len(order)]:
+            times[n].append(timed(fn))
+        round_time, rounds = time.perf_counter() - t0, rounds + 1
     return {n: min(ts) for n, ts in times.items()}

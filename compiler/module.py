@@ -1,29 +1,27 @@
 """The emitted torch module: ``m(x) = T·x`` on ``[..., in_features]`` and ``m.matrix() = T``.
 
 Gate tensors live in ``m.gates`` (an ``nn.ParameterList``, circuit order, each shaped
-``out_dims + in_dims``), so ``state_dict`` keys are ``gates.0``, ``gates.1``, …. The
-contraction is :mod:`routes`' business: ``forward`` runs the route chosen for the token
-count's bucket (chosen at the bucket's first forward, or ahead with ``plan.warm_up``), and
-``matrix`` the dense route. Traced code (``torch.compile``) and gates that are not plain
-tensors (``DTensor``) run the one-expression path planned once at construction, so a
-forward under tracing plans nothing.
+``out_dims + in_dims``), so ``state_dict`` keys are ``gates.0``, ``gates.1``, …. What runs is
+:mod:`dispatch`'s business: ``forward`` runs the route decided for the token count's bucket
+by the module's :class:`~tuning.Tuning` (the process default unless one was handed in;
+decided before the forward records anything, or ahead with ``plan.warm_up``), or the route
+named at construction (``route=``); ``matrix`` the dense route. Traced code
+(``torch.compile``) and gates that are not plain tensors (``DTensor``) run the
+one-expression path planned once at construction, so a forward under tracing plans nothing.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from qcircuit.errors import QCError
 from qcircuit.ir import Gate
 
-from . import routes
-from .planning import run_steps
-
-if TYPE_CHECKING:
-    from .planning import Plan
+from . import dispatch
+from . import tuning as tuning_mod
+from .lowered import Lowered
+from .routes import route_named
 
 INITS = ("kaiming", "zeros", "identity")
 
@@ -61,20 +59,25 @@ def init_gates(gates: tuple[Gate, ...], init: str = "kaiming", seed: int | None 
 class CircuitModule(nn.Module):
     """The circuit operator as a module: ``forward(x[..., in]) -> [..., out]``."""
 
-    def __init__(self, plan: "Plan", init: str = "kaiming", seed: int | None = None,
+    def __init__(self, plan: Lowered, init: str = "kaiming", seed: int | None = None,
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None,
+                 tuning: tuning_mod.Tuning | None = None, route: str | None = None):
         super().__init__()
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise QCError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+        if route is not None:
+            route_named("forward", route)  # a QCError naming the routes there are
         self.plan = plan
+        self.tuning = tuning   # None: the process default (tuning.default()) at each call
+        self.route = route
         tensors = init_gates(plan.circuit.gates, init, seed, generator)
         self.gates = nn.ParameterList(
             [nn.Parameter(t.to(device=device, dtype=dtype)) for t in tensors])
         # tracks dtype and device through .to() when there is no gate; not saved
         self.register_buffer("_anchor", torch.empty(0, dtype=dtype, device=device),
                              persistent=False)
-        self.trace_path = routes.trace_path(plan)  # plain data: what traced forwards run
+        self.trace_path = dispatch.trace_path(plan)  # plain data: what traced forwards run
 
     @property
     def in_features(self) -> int:
@@ -105,12 +108,8 @@ class CircuitModule(nn.Module):
         n = x2d.shape[0]
         if n == 0:
             return x2d.new_zeros(*lead, self.out_features)
-        if torch.compiler.is_compiling() or not routes.plain(x2d, *gates):
-            gates = routes.gathered(gates)
-            y = run_steps(self.trace_path.steps, [x2d.reshape(n, *self.plan.in_dims), *gates])
-        else:
-            run = routes.forward_executor(self.plan, n, x2d.device.type, x2d.dtype)
-            y = run(x2d, gates)
+        y = dispatch.forward(self.plan, x2d, gates, self.tuning or tuning_mod.default(),
+                             self.trace_path, self.route)
         return y.reshape(*lead, self.out_features)
 
     def matrix(self) -> torch.Tensor:
@@ -118,7 +117,7 @@ class CircuitModule(nn.Module):
         if not len(self.gates):
             like = self._anchor
             return torch.eye(self.in_features, dtype=like.dtype, device=like.device)
-        return self.plan.dense_executor()(self._gate_list())
+        return dispatch.dense(self.plan, self._gate_list(), self.tuning or tuning_mod.default())
 
     def extra_repr(self) -> str:
         c = self.plan.circuit
@@ -127,4 +126,4 @@ class CircuitModule(nn.Module):
             dims += " -> " + "x".join(map(str, c.out_dims))
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"qudits={dims}, gates={len(c.gates)}, params={self.plan.num_params}, "
-                f"rank_bound={self.plan.rank_bound}")
+                f"rank_bound={self.plan.rank_bound}" + (f", route={self.route}" if self.route else ""))

@@ -61,6 +61,9 @@ class Step:
     block_in: tuple[int, ...] = ()  # their dims before / after the step
     block_out: tuple[int, ...] = ()
     start: int = 0                  # position of the block in layout_in
+    bmm_gram: bool = False          # batched, training: its gate gradient as a batched product
+                                    # summed over the batch (else one tensordot), see
+                                    # costmodel.batched_gram
 
 
 @dataclass(frozen=True)
@@ -140,22 +143,22 @@ def _candidates(layout: Layout, block: tuple[int, ...], free_layout: bool) -> li
     return list(dict.fromkeys(out))
 
 
-def _gate_step_cost(form, p, k, k2, s, isz, backward) -> float:
+def _gate_step_cost(mc: cm.Machine, form, p, k, k2, s, isz, backward) -> float:
     if form == "suffix":
-        gram = cm.gemm(k2, k, p, isz) * cm.gram_factor(max(k, k2), p)
-        f, b = cm.gemm(p, k2, k, isz), cm.gemm(p, k, k2, isz) + gram
+        gram = cm.gemm(mc, k2, k, p, isz) * cm.gram_factor(max(k, k2), p)
+        f, b = cm.gemm(mc, p, k2, k, isz), cm.gemm(mc, p, k, k2, isz) + gram
     elif form == "prefix":
-        f = cm.gemm(k2, s, k, isz, transposed_out=True)
-        b = cm.gemm(k, s, k2, isz, transposed_out=True) + cm.gemm(k2, k, s, isz)
+        f = cm.gemm(mc, k2, s, k, isz, transposed_out=True)
+        b = cm.gemm(mc, k, s, k2, isz, transposed_out=True) + cm.gemm(mc, k2, k, s, isz)
     elif form == "rot_front":
-        f = cm.gemm(k2, p, k, isz, transposed_out=True)
-        b = cm.gemm(p, k, k2, isz, transposed_out=True) + cm.gemm(k2, k, p, isz)
+        f = cm.gemm(mc, k2, p, k, isz, transposed_out=True)
+        b = cm.gemm(mc, p, k, k2, isz, transposed_out=True) + cm.gemm(mc, k2, k, p, isz)
     elif form == "rot_back":
-        f = cm.gemm(s, k2, k, isz, transposed_out=True)
-        b = cm.gemm(k, s, k2, isz, transposed_out=True) + cm.gemm(k2, k, s, isz)
+        f = cm.gemm(mc, s, k2, k, isz, transposed_out=True)
+        b = cm.gemm(mc, k, s, k2, isz, transposed_out=True) + cm.gemm(mc, k2, k, s, isz)
     else:
-        f = cm.batched_gemm(p, k2, s, k, isz)
-        b = cm.batched_gemm(p, k, s, k2, isz) + cm.batched_gram(p, k2, k, s, isz)[0]
+        f = cm.batched_gemm(mc, p, k2, s, k, isz)
+        b = cm.batched_gemm(mc, p, k, s, k2, isz) + cm.batched_gram(mc, p, k2, k, s, isz)[0]
     return f + (b if backward else 0.0)
 
 
@@ -173,7 +176,8 @@ def _forms(layout: Layout, block, sizes) -> list[tuple[str, Layout]]:
     return out
 
 
-def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, backward,
+def _plan(mc: cm.Machine, circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense,
+          backward,
           max_block, max_group, beam, transposed=False, forms=FORMS,
           max_gate_steps: int | None = None, gather: bool = False,
           deadline: float | None = None) -> tuple[float, list[Step]]:
@@ -213,7 +217,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                 for g in group:
                     sizes.append((gates[g].out_size, k * cur // gates[g].in_size, gates[g].in_size))
                     cur = cur // gates[g].in_size * gates[g].out_size
-                build = cm.small_matmuls(sizes) * (1.0 if backward else 1.0 / 3.0)
+                build = cm.small_matmuls(mc, sizes) * (1.0 if backward else 1.0 / 3.0)
             for (lay, used), (cost0, _, _) in states:
                 if deadline is not None and time.monotonic() > deadline:
                     raise OutOfTime(f"schedule search stopped at gate {i} of {len(order)}")
@@ -222,8 +226,9 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                     numel = math.prod(pre_sizes)
                     perm_cost = fused_cost = 0.0
                     if pre != lay and not (dense and i == 0):
-                        perm_cost = _permute_cost(lay, pre, dims_at[i], tokens, isz, backward, kernel)
-                        fused_cost = _permute_cost(lay, pre, dims_at[i], tokens, isz, backward,
+                        perm_cost = _permute_cost(mc, lay, pre, dims_at[i], tokens, isz, backward,
+                                                  kernel)
+                        fused_cost = _permute_cost(mc, lay, pre, dims_at[i], tokens, isz, backward,
                                                    kernel, gather) if gather else perm_cost
                     for form, out_lay in _forms(pre, block, pre_sizes):
                         if form not in forms or (not free_layout and form != "suffix"):
@@ -231,12 +236,13 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
                         a = min(pre.index(q) for q in block)
                         if dense and i == 0:
                             kind = "materialize"
-                            c = cm.copy(numel // k * k2, isz, 1.0) + cm.fresh(numel // k * k2, isz)
+                            c = (cm.copy(mc, numel // k * k2, isz, 1.0)
+                                 + cm.fresh(mc, numel // k * k2, isz))
                         else:
                             kind = form
                             p = math.prod(pre_sizes[:a])
                             s = math.prod(pre_sizes[a + len(block):])
-                            c = _gate_step_cost(form, p, k, k2, s, isz, backward)
+                            c = _gate_step_cost(mc, form, p, k, k2, s, isz, backward)
                         c += build
                         # a permute before a suffix GEMM runs fused with it (fused.py)
                         pc = fused_cost if form == "suffix" else perm_cost
@@ -263,7 +269,7 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
             tail: tuple[Step, ...] = ()
             cost = cost0
             if lay != end:
-                c = _permute_cost(lay, end, dims_at[n], tokens, isz, backward, kernel)
+                c = _permute_cost(mc, lay, end, dims_at[n], tokens, isz, backward, kernel)
                 tail = (Step("permute", lay, end, _tok(lay, dims_at[n]), _tok(end, dims_at[n]), c),)
                 cost += c
             if cost < best:
@@ -275,25 +281,32 @@ def _plan(circuit: Circuit, order, tokens, isz, *, fuse, free_layout, dense, bac
     while frontier[i][lay][1] is not None:
         _, (i0, lay0), (kind, lay_in, pre, out_lay, c, pc, group, block, a) = frontier[i][lay]
         inner = tuple(q for q in pre if q in block)
+        block_in = tuple(dims_at[i0][q] for q in inner)
+        block_out = tuple(dims_at[i][q] for q in inner)
+        bmm_gram = False
+        if kind == "batched" and backward:
+            sizes = _size(pre, dims_at[i0], tokens)
+            p, s = math.prod(sizes[:a]), math.prod(sizes[a + len(block):])
+            bmm_gram = cm.batched_gram(mc, p, math.prod(block_out), math.prod(block_in), s, isz)[1]
         added = [Step(kind, pre, out_lay, _tok(pre, dims_at[i0]), _tok(out_lay, dims_at[i]), c,
-                      tuple(group), inner, tuple(dims_at[i0][q] for q in inner),
-                      tuple(dims_at[i][q] for q in inner), a)]
+                      tuple(group), inner, block_in, block_out, a, bmm_gram)]
         if pc:
             added.insert(0, Step("permute", lay_in, pre, _tok(lay_in, dims_at[i0]),
                                  _tok(pre, dims_at[i0]), pc))
         steps[:0] = added
         i, lay = i0, lay0
-    fresh = cm.fresh(out_numel, isz) + (cm.fresh(tokens * circuit.in_features, isz) if backward else 0)
+    fresh = cm.fresh(mc, out_numel, isz) + (cm.fresh(mc, tokens * circuit.in_features, isz)
+                                            if backward else 0)
     return best + fresh, steps
 
 
-def _permute_cost(src: Layout, dst: Layout, dims, tokens: int, isz: int, backward: bool,
-                  kernel: bool = False, gather: bool = False) -> float:
+def _permute_cost(mc: cm.Machine, src: Layout, dst: Layout, dims, tokens: int, isz: int,
+                  backward: bool, kernel: bool = False, gather: bool = False) -> float:
     """Forward copy ``src -> dst``; backward copies the gradient ``dst -> src``. ``kernel``:
     copies within token slabs run as the C kernel (:mod:`kernels`), priced apart; ``gather``:
     they run inside the fused gate kernel after them (:mod:`fused`). Memoised per
-    cost-model machine (the constants it prices with)."""
-    return _priced_permute(src, dst, dims, tokens, isz, backward, kernel, gather, cm.current())
+    machine (the constants it prices with)."""
+    return _priced_permute(src, dst, dims, tokens, isz, backward, kernel, gather, mc)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -302,8 +315,8 @@ def _priced_permute(src: Layout, dst: Layout, dims, tokens: int, isz: int, backw
     def one(shape, perm) -> float:
         if kernel and kernels.in_slabs(shape, perm):
             n = math.prod(shape)
-            return cm.fused_copy(n, isz) if gather else cm.kernel_copy(n, isz)
-        return cm.copy(math.prod(shape), isz, cm.permute_factor(shape, perm, isz))
+            return cm.fused_copy(machine, n, isz) if gather else cm.kernel_copy(machine, n, isz)
+        return cm.copy(machine, math.prod(shape), isz, cm.permute_factor(shape, perm, isz))
     cost = one(_size(src, dims, tokens), tuple(src.index(a) for a in dst))
     if backward:
         cost += one(_size(dst, dims, tokens), tuple(dst.index(a) for a in src))
@@ -334,13 +347,14 @@ def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: 
                    reorder: bool = True, dense: bool = False, backward: bool | None = None,
                    dtype: torch.dtype = torch.float32, max_block: int = 512, max_group: int = 4,
                    beam: int = 48, forms: Sequence[str] = FORMS, memory: bool = True,
-                   deadline: float | None = None) -> Schedule:
+                   deadline: float | None = None, machine: cm.Machine = cm.SHIPPED) -> Schedule:
     """Plan ``circuit`` for ``tokens`` rows. ``layout=False`` keeps the naive plan (every
     gate's qudits permuted to the end, one suffix GEMM); ``fuse``/``reorder`` switch fusion
     and commuting reorders; ``forms`` restricts the GEMM forms (tests use it). ``dense`` plans
     the dense matrix (identity input, forward only). ``memory``: a training plan keeps within
     :func:`gate_step_budget` when some plan can (the fastest such plan wins). ``deadline``
-    (a ``time.monotonic()`` value): raise :class:`OutOfTime` once the search passes it."""
+    (a ``time.monotonic()`` value): raise :class:`OutOfTime` once the search passes it.
+    ``machine``: the cost model's constants to price with."""
     if set(forms) - set(FORMS) or not forms:
         raise QCError(f"unknown GEMM forms {sorted(set(forms) - set(FORMS))}", expected=" or ".join(FORMS))
     if not isinstance(tokens, int) or tokens < 1:
@@ -354,7 +368,7 @@ def build_schedule(circuit: Circuit, tokens: int, *, fuse: bool = True, layout: 
     for transposed in ((False, True) if dense else (False,)):
         circ = transpose_circuit(circuit) if transposed else circuit
         for order in (_orders(circ.gates) if reorder else [tuple(range(len(circ.gates)))]):
-            cost, steps = _plan(circ, order, circ.in_features if dense else tokens, isz, fuse=fuse,
+            cost, steps = _plan(machine, circ, order, circ.in_features if dense else tokens, isz, fuse=fuse,
                                 free_layout=layout, dense=dense, backward=backward,
                                 max_block=max_block, max_group=max_group, beam=beam,
                                 transposed=transposed, forms=tuple(forms), max_gate_steps=budget,
@@ -373,15 +387,16 @@ def transpose_circuit(circuit: Circuit) -> Circuit:
 
 
 def cached_schedule(circuit: Circuit, tokens: int, dense: bool = False,
-                    dtype: torch.dtype = torch.float32) -> Schedule:
-    """:func:`build_schedule` with default options, memoised per cost-model machine."""
-    return _cached_schedule(circuit, tokens, dense, dtype, cm.current())
+                    dtype: torch.dtype = torch.float32,
+                    machine: cm.Machine = cm.SHIPPED) -> Schedule:
+    """:func:`build_schedule` with default options, memoised (a pure function)."""
+    return _cached_schedule(circuit, tokens, dense, dtype, machine)
 
 
 @functools.lru_cache(maxsize=256)
 def _cached_schedule(circuit: Circuit, tokens: int, dense: bool, dtype: torch.dtype,
                      machine: cm.Machine) -> Schedule:
-    return build_schedule(circuit, tokens, dense=dense, dtype=dtype)
+    return build_schedule(circuit, tokens, dense=dense, dtype=dtype, machine=machine)
 
 
 def predicted_cost(circuit: Circuit, tokens: int, **options) -> float:

@@ -35,6 +35,7 @@ class Bound(NamedTuple):
     perm: tuple[int, ...]       # permute steps: forward and backward axis orders
     back: tuple[int, ...]
     mid: tuple[int, ...] = ()   # a "gather" step (permute + suffix gate): the permuted shape
+    bmm_gram: bool = False      # see Step.bmm_gram
 
 
 def _bind_step(step: Step, tokens: int) -> Bound:
@@ -45,7 +46,7 @@ def _bind_step(step: Step, tokens: int) -> Bound:
                  math.prod(shape_in[:a]), math.prod(step.block_in), math.prod(step.block_out),
                  math.prod(shape_in[b:]),
                  tuple(step.layout_in.index(x) for x in step.layout_out),
-                 tuple(step.layout_out.index(x) for x in step.layout_in))
+                 tuple(step.layout_out.index(x) for x in step.layout_in), bmm_gram=step.bmm_gram)
 
 
 class _ByIdentity:
@@ -73,7 +74,7 @@ _fused = _ByIdentity()
 _small = _ByIdentity()
 
 
-def bind(schedule: Schedule, tokens: int) -> tuple[Bound, ...]:
+def bound_steps(schedule: Schedule, tokens: int) -> tuple[Bound, ...]:
     """The schedule's steps bound to ``tokens`` rows, cached per schedule and token count
     (the hot path then does no shape arithmetic)."""
     return _bound.get(schedule, tokens,
@@ -131,7 +132,7 @@ def _lift(gate: Tensor, qudits: tuple[int, ...], block: tuple[int, ...],
     return g * eye
 
 
-def _fused_matrix(step: Step, gates: Sequence[Tensor], gate_qudits) -> Tensor:
+def fused_matrix(step: Step, gates: Sequence[Tensor], gate_qudits) -> Tensor:
     """The product of the step's gates on its block, as a (K', K) matrix (autograd-able):
     the first gate lifted to the block, the others contracted into it one by one."""
     first, *later = step.gates
@@ -158,7 +159,7 @@ def step_matrices(schedule: Schedule, gates: Sequence[Tensor]) -> list[Tensor]:
             g = st.gates[0]
             mats.append(gate_matrix(gates[g], schedule.gate_qudits[g], st.block))
         else:
-            mats.append(_fused_matrix(st, gates, schedule.gate_qudits))
+            mats.append(fused_matrix(st, gates, schedule.gate_qudits))
     return mats
 
 
@@ -250,7 +251,7 @@ def _apply_back(b: Bound, x: Tensor, m: Tensor, gy: Tensor, gx: Tensor | None,
     else:
         if need_m:
             gy3, x3 = gy.view(p, k2, s), x.view(p, k, s)
-            if cm.batched_gram(p, k2, k, s, x.element_size())[1]:
+            if b.bmm_gram:
                 # per-batch products into a recycled buffer: a fresh one as large as the
                 # activation would fault in its pages on every step (measured 2.7 vs 7 ms)
                 parts = ws.take(p * k2 * k, x)
@@ -295,23 +296,54 @@ def _plain_forward(bound: Sequence[Bound], x: Tensor, mats) -> Tensor:
     return cur
 
 
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _hooks_active() -> bool:
+    """Whether saved-tensor hooks are installed (non-reentrant gradient checkpointing,
+    activation offloading): then every tensor backward needs goes through
+    ``save_for_backward``, so the hooks can drop or move it (where torch does not say, the
+    hooks are assumed installed)."""
+    return True if _top_hooks is None else _top_hooks(False) is not None
+
+
 class _RunSchedule(torch.autograd.Function):
     """The whole circuit as one autograd node; backward is a loop of GEMMs in the same layouts,
-    gradients ping-ponging between two workspace buffers."""
+    gradients ping-ponging between two workspace buffers.
+
+    The steps' inputs that backward needs are kept on the node and go back to the workspace
+    when the node is freed (:class:`Release`), except under saved-tensor hooks: then they
+    are saved like any tensor, so checkpointing frees them after the forward and recomputes
+    them for backward (they are not recycled then)."""
 
     @staticmethod
     def forward(ctx, bound, ws, x, *mats):
         with _threads(bound):
             y, saved = _forward(bound, x, mats, ws, keep=True)
-        ctx.bound, ctx.ws = bound, ws
-        ctx.saved = Release(ws, saved[1:])  # None where a permute step's input was freed
-        ctx.save_for_backward(x, *mats)
+        ctx.bound, ctx.ws, ctx.n_mats = bound, ws, len(mats)
+        bufs = saved[1:]
+        if _hooks_active():
+            ctx.slots = [b is not None for b in bufs]
+            ctx.saved = None
+            ctx.save_for_backward(x, *mats, *[b for b in bufs if b is not None])
+        else:
+            ctx.saved = Release(ws, bufs)  # None where a permute step's input was freed
+            ctx.save_for_backward(x, *mats)
         return y
+
+    @staticmethod
+    def _inputs(ctx) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        """``x``, the step matrices and every step's saved input (None for permutes)."""
+        x, *rest = ctx.saved_tensors
+        mats, kept = rest[:ctx.n_mats], iter(rest[ctx.n_mats:])
+        if ctx.saved is not None:
+            return x, mats, ctx.saved.bufs
+        return x, mats, [next(kept) if slot else None for slot in ctx.slots]
 
     @staticmethod
     def backward(ctx, gy):
         if torch.is_grad_enabled():  # create_graph: a differentiable backward, by recomputation
-            x, *mats = ctx.saved_tensors
+            x, mats, _ = _RunSchedule._inputs(ctx)
             with torch.enable_grad():
                 y = _plain_forward(ctx.bound, x, mats)
                 want = [t for t in (x, *mats) if t.requires_grad]
@@ -323,8 +355,8 @@ class _RunSchedule(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, gy):
-        x, *mats = ctx.saved_tensors
-        inputs = [x] + ctx.saved.bufs
+        x, mats, bufs = _RunSchedule._inputs(ctx)
+        inputs = [x] + bufs
         bound, ws = ctx.bound, ctx.ws
         need_x = ctx.needs_input_grad[2]
         need_m = ctx.needs_input_grad[3:]
@@ -388,5 +420,5 @@ def run_schedule(schedule: Schedule, x2d: Tensor, gates: Sequence[Tensor],
     if not schedule.steps:
         return x2d.to(ref.dtype).clone()
     ws = workspace if workspace is not None else Workspace()
-    y = run_bound(bind(schedule, tokens), x, step_matrices(schedule, gates), ws)
+    y = run_bound(bound_steps(schedule, tokens), x, step_matrices(schedule, gates), ws)
     return y.view(tokens, schedule.out_features)

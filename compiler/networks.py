@@ -1,4 +1,4 @@
-"""Planning: einsum networks from the tensor graph, opt_einsum paths, the ``Plan``.
+"""Einsum networks from the tensor graph, and their contraction paths (opt_einsum): pure.
 
 Two networks come from one graph:
 
@@ -8,16 +8,14 @@ Two networks come from one graph:
   ``(out wires…, in wires…)``; a qudit no gate touches contributes an identity operand.
 
 The forward path depends on the token count: it is planned per token bucket (the next
-power of two). Which *route* runs a bucket — this path step by step with ``torch.einsum``
-(traceable by ``torch.compile``, unlike opt_einsum's own dispatch), a GEMM schedule, the
-light cone for the dense matrix — is :mod:`routes`' decision; ``Plan`` is plain data with
-front doors to it.
+power of two). :func:`run_steps` runs a path step by step with ``torch.einsum`` (traceable by
+``torch.compile``, unlike opt_einsum's own dispatch); the ``einsum`` route's executors are
+built here (:func:`einsum_executor`, :func:`einsum_dense_executor`). Which route runs a bucket
+is decided above (:mod:`choice`).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -28,10 +26,9 @@ import torch
 from opt_einsum.parser import convert_to_valid_einsum_chars
 
 from qcircuit.errors import QCError
-from qcircuit.ir import Circuit
 
 from . import analysis
-from .graph import gate_nodes, gate_wires, input_wires, lower, num_wires, output_wires, wire_dims
+from .graph import gate_nodes, gate_wires, input_wires, num_wires, output_wires, wire_dims
 
 #: largest operand counts for which the exhaustive and the dynamic-programming optimizers run
 OPTIMAL_MAX_OPERANDS = 7
@@ -146,7 +143,7 @@ Step = tuple[tuple[int, ...], str]
 
 
 @dataclass(frozen=True)
-class PathPlan:
+class ContractionPath:
     """A contraction path and its cost. ``tokens`` is ``None`` for the dense path;
     ``bucket`` is the token count the path was planned for; ``flops`` is multiply-adds
     × 2 at ``tokens``; ``info`` is opt_einsum's PathInfo report (at ``bucket``);
@@ -166,7 +163,7 @@ class PathPlan:
         return self.info
 
 
-def plan_path(network: Network, tokens: int | None = None) -> PathPlan:
+def contraction_path(network: Network, tokens: int | None = None) -> ContractionPath:
     """Plan ``network`` (at ``tokens`` when it has a batch index)."""
     optimizer = choose_optimizer(len(network.inputs))
     path, info = find_path(network.equation, network.shapes(tokens), optimizer)
@@ -178,7 +175,7 @@ def plan_path(network: Network, tokens: int | None = None) -> PathPlan:
     if widest > EINSUM_LETTERS:
         raise QCError(f"a contraction step of this circuit has {widest} indices; torch.einsum "
                       f"takes at most {EINSUM_LETTERS} (fewer qudits, or merge small ones)")
-    return PathPlan(tokens, tokens, optimizer, path, flops, network.equation, str(info), steps)
+    return ContractionPath(tokens, tokens, optimizer, path, flops, network.equation, str(info), steps)
 
 
 def run_steps(steps: Sequence[Step], operands: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -191,7 +188,7 @@ def run_steps(steps: Sequence[Step], operands: Sequence[torch.Tensor]) -> torch.
     return ops[0]
 
 
-def einsum_executor(path: PathPlan, in_dims: tuple[int, ...], out_features: int) -> Executor:
+def einsum_executor(path: ContractionPath, in_dims: tuple[int, ...], out_features: int) -> Executor:
     """The one-expression route in eager mode: the bucket's opt_einsum path run by
     opt_einsum's own dispatch (tensordot where a step is a BLAS product), which is the
     reference implementation's method. Its contraction list depends on the equation and the
@@ -210,7 +207,7 @@ def einsum_executor(path: PathPlan, in_dims: tuple[int, ...], out_features: int)
     return run
 
 
-def einsum_dense_executor(network: Network, path: PathPlan, out_features: int,
+def einsum_dense_executor(network: Network, path: ContractionPath, out_features: int,
                           in_features: int) -> DenseExecutor:
     """The default dense route: the gates-only path (identities built per call)."""
     steps, identities = path.steps, network.identities
@@ -226,124 +223,3 @@ def einsum_dense_executor(network: Network, path: PathPlan, out_features: int,
     return run
 
 
-#: caps, checked before any work that grows with them (with the cap in the error)
-MAX_GATES = 1024
-MAX_QUDITS = 48
-MAX_MODULE_PARAMS = 1 << 26
-MAX_DENSE_NUMEL = 1 << 31
-
-
-def signature(circuit: Circuit) -> str:
-    """A short stable name of the circuit's structure (dims and gates): the key that plan
-    caches and the wisdom file use."""
-    text = repr((circuit.in_dims, tuple((g.qudits, g.in_dims, g.out_dims) for g in circuit.gates)))
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-@dataclass(frozen=True, eq=False)
-class Plan:
-    """A compiled circuit: graph, analyses and its two einsum networks; plain data.
-
-    The route each token bucket runs (and the executors built from it) is chosen and cached
-    by :mod:`routes`; the methods below are front doors to it."""
-
-    circuit: Circuit
-    graph: nx.MultiDiGraph = field(repr=False)
-    num_params: int
-    rank_bound: int
-    universal: bool
-    forward_network: Network = field(repr=False)
-    dense_network: Network = field(repr=False)
-    signature: str = ""
-
-    in_dims = property(lambda self: self.circuit.in_dims)
-    out_dims = property(lambda self: self.circuit.out_dims)
-    in_features = property(lambda self: self.circuit.in_features)
-    out_features = property(lambda self: self.circuit.out_features)
-    num_gates = property(lambda self: len(self.circuit.gates))
-
-    def __deepcopy__(self, memo: dict) -> "Plan":
-        return self  # immutable
-
-    def path(self, tokens: int) -> PathPlan:
-        """The one-expression forward path for ``tokens`` (planned for its bucket), costed
-        at ``tokens``."""
-        bucket = token_bucket(tokens)
-        planned = plan_path(self.forward_network, bucket)
-        tokens = int(tokens)
-        net = self.forward_network
-        flops = analysis.path_flops(net.inputs, net.output, planned.path, net.sized(tokens))
-        return dataclasses.replace(planned, tokens=tokens, flops=flops)
-
-    def flops(self, tokens: int) -> int:
-        """Multiply-adds × 2 of the one-expression forward path for ``tokens``."""
-        return self.path(tokens).flops
-
-    def dense_path(self) -> PathPlan:
-        """The gates-only path of the dense matrix."""
-        return plan_path(self.dense_network)
-
-    def route(self, tokens: int, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32):
-        """The :class:`routes.RoutePlan` that runs ``tokens`` rows on ``device`` in ``dtype``."""
-        from . import routes
-        return routes.forward_plan(self, token_bucket(tokens), torch.device(device).type, dtype)
-
-    def explain(self, tokens: int, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> str:
-        """Text: the candidate routes for ``tokens``, predicted and measured times, the winner."""
-        return self.route(tokens, device, dtype).explain()
-
-    def executor(self, tokens: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Executor:
-        """``run(x (tokens, in_features), gates) -> (tokens, out_features)`` for this bucket."""
-        from . import routes
-        return routes.forward_executor(self, int(tokens), torch.device(device).type, dtype)
-
-    def warm_up(self, *tokens: int, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> "Plan":
-        """Choose (and measure, see :mod:`routes`) the routes of these token counts and of
-        the dense matrix (in ``dtype`` and in float64, which merging uses) now, so that no
-        forward plans; returns ``self``."""
-        for n in tokens:
-            self.executor(n, device, dtype)
-        from . import routes
-        for d in dict.fromkeys((dtype, torch.float64)):
-            routes.dense_plan(self, torch.device(device).type, d)
-        return self
-
-    def dense_executor(self) -> DenseExecutor:
-        """``run(gates) -> T (out_features, in_features)``; the route follows the gates'
-        device and dtype (and whether autograd records)."""
-        from . import routes
-        return functools.partial(routes.dense, self)
-
-    def module(self, init: str = "kaiming", seed: int | None = None,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None) -> torch.nn.Module:
-        """A fresh ``CircuitModule`` computing this circuit (see ``module.py``)."""
-        if self.num_params > MAX_MODULE_PARAMS:
-            raise QCError(f"the circuit has {self.num_params:,} parameters; a module holds at "
-                          f"most {MAX_MODULE_PARAMS:,} (MAX_MODULE_PARAMS)")
-        from .module import CircuitModule
-        return CircuitModule(self, init=init, seed=seed, generator=generator,
-                             dtype=dtype, device=device)
-
-
-def compile(circuit: Circuit) -> Plan:  # noqa: A001 - the public name DESIGN.md fixes
-    """Lower a concrete circuit, analyse it and prepare its planning (paths are lazy)."""
-    if not isinstance(circuit, Circuit):
-        raise QCError(f"compile takes a Circuit, got {type(circuit).__name__}")
-    circuit.check_complete()
-    if circuit.num_qudits == 0:
-        raise QCError("cannot compile a circuit without qudits")
-    if circuit.num_qudits > MAX_QUDITS:
-        raise QCError(f"the circuit has {circuit.num_qudits} qudits; at most {MAX_QUDITS} "
-                      "(MAX_QUDITS: every qudit is an einsum index, and torch.einsum has 52)")
-    if len(circuit.gates) > MAX_GATES:
-        raise QCError(f"the circuit has {len(circuit.gates)} gates; at most {MAX_GATES} (MAX_GATES)")
-    graph = lower(circuit)
-    return Plan(circuit=circuit, graph=graph, num_params=analysis.num_params(graph),
-                rank_bound=analysis.rank_bound(graph), universal=analysis.universal(graph),
-                forward_network=forward_network(graph), dense_network=dense_network(graph),
-                signature=signature(circuit))
