@@ -1,6 +1,7 @@
-"""Calibration of the cost model (compiler/calibrate.py): measured constants installed and
-used by the model, cached beside the wisdom (empty / warm / corrupted / read-only), kept at
-the shipped values with tuning off or when the measurement is unusable; a real run is bounded."""
+"""Calibration of the cost model (compiler/calibrate.py): measured constants held by a Tuning
+and pricing its decisions, once per thread count, cached beside the wisdom (empty / warm /
+hostile files / read-only), the shipped values with tuning off or when the measurement is
+unusable; a real run is bounded."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,22 +14,18 @@ import pytest
 import torch
 
 from qcircuit import Circuit
-from qcircuit.compiler import calibrate, compile, routes, wisdom
+from qcircuit.compiler import Tuning, cachefiles, calibrate, compile
 from qcircuit.compiler import costmodel as cm
 
 FAKE = dataclasses.replace(cm.SHIPPED, peak_flops=4.0e11, gemm_half=10.0, overhead=2.0e-6,
                            cpu="fake", threads=torch.get_num_threads())
+CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    """A fresh cache directory, nothing calibrated or remembered; the shipped constants after."""
-    monkeypatch.setenv("QCIRCUIT_CACHE_DIR", str(tmp_path / "cache"))
-    wisdom.forget()
-    calibrate.forget()
-    yield tmp_path / "cache"
-    calibrate.forget()
-    wisdom.forget()
+@pytest.fixture
+def cache(tmp_path):
+    """A fresh cache directory."""
+    return tmp_path / "cache"
 
 
 def counting(machine: cm.Machine, calls: list):
@@ -42,88 +39,111 @@ def never() -> cm.Machine:
     raise AssertionError("measured")
 
 
-def test_measured_constants_are_installed_and_price_the_model(cache):
+def equal_times(thunks):
+    return {n: 1.0 for n in thunks}
+
+
+def test_measured_constants_price_the_model(cache):
     m, n, k = 4096, 256, 256   # compute-bound (with the bandwidth raised below)
-    shipped = cm.gemm(m, n, k)
-    assert calibrate.ensure(measure=counting(FAKE, [])) == FAKE
-    assert cm.current() == FAKE
+    tuning = Tuning(cache, calibration=counting(FAKE, []), timer=equal_times)
+    assert tuning.machine() == FAKE
     # (time - overhead) is flops / (peak · s / (s + half)), s the smallest dimension
     want = 2.0 * m * n * k / (FAKE.peak_flops * k / (k + FAKE.gemm_half)) + FAKE.overhead
-    assert cm.gemm(m, n, k) == pytest.approx(want, rel=1e-12)
-    assert abs(cm.gemm(m, n, k) / shipped - 1) > 0.1
+    assert cm.gemm(FAKE, m, n, k) == pytest.approx(want, rel=1e-12)
+    assert abs(cm.gemm(FAKE, m, n, k) / cm.gemm(cm.SHIPPED, m, n, k) - 1) > 0.1
+    plan = compile(Circuit(2, 3, 2).all_pairs())
+    decision = tuning.decision(plan, "forward", 8, CPU, torch.float32)
+    einsum = next(c for c in decision.candidates if c.route == "einsum")
+    assert einsum.predicted == cm.einsum_reference(FAKE, 8, plan.in_dims, plan.circuit.gates)
     times = []
     for peak in (FAKE.peak_flops, 2 * FAKE.peak_flops):  # twice the peak: half the time
-        calibrate.forget()
-        (cache / calibrate.FILE).unlink()  # measured again
-        calibrate.ensure(measure=lambda: dataclasses.replace(FAKE, peak_flops=peak, bandwidth=1e13))
-        times.append(cm.gemm(m, n, k) - FAKE.overhead)
+        fast = dataclasses.replace(FAKE, peak_flops=peak, bandwidth=1e13)
+        times.append(cm.gemm(fast, m, n, k) - FAKE.overhead)
     assert times[0] / times[1] == pytest.approx(2.0, rel=1e-9)
 
 
-def test_choose_calibrates_before_planning(monkeypatch):
+def test_decisions_calibrate_once_per_thread_count(cache):
     calls: list = []
-    monkeypatch.setattr(calibrate, "measure_machine", counting(FAKE, calls))
+    tuning = Tuning(cache, calibration=counting(FAKE, calls), timer=equal_times)
     plan = compile(Circuit(2, 3, 2).all_pairs())
-    routes.choose(plan, "forward", 8, "cpu", torch.float32, tune=True,
-                  measure=lambda thunks: {n: 1.0 for n in thunks})
-    routes.choose(plan, "forward", 16, "cpu", torch.float32, tune=True,
-                  measure=lambda thunks: {n: 1.0 for n in thunks})
-    assert cm.current() == FAKE and len(calls) == 1  # once per process
+    tuning.decision(plan, "forward", 8, CPU, torch.float32)
+    tuning.decision(plan, "forward", 16, CPU, torch.float32)
+    assert tuning.machine() == FAKE and len(calls) == 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert tuning.machine() == FAKE and len(calls) == 2   # another key: measured again
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2
 
 
 def test_cache_empty_then_warm(cache):
     calls: list = []
-    calibrate.ensure(measure=counting(FAKE, calls))
+    assert Tuning(cache, calibration=counting(FAKE, calls)).machine() == FAKE
     entries = json.loads((cache / calibrate.FILE).read_text())["entries"]
     assert list(entries) == [calibrate.key()] and len(calls) == 1
     assert cm.Machine(**entries[calibrate.key()]["machine"]) == FAKE
-    calibrate.forget()  # another process: only the file
-    assert cm.current() == cm.SHIPPED
-    assert calibrate.ensure(measure=never) == FAKE
+    assert Tuning(cache, calibration=never).machine() == FAKE   # another process: the file
 
 
-def test_a_corrupted_cache_is_ignored_with_a_warning_and_replaced(cache):
+def _fifo(path):
+    os.mkfifo(path)
+
+
+def _zero_link(path):
+    os.symlink("/dev/zero", path)
+
+
+@pytest.mark.parametrize("garbage", [
+    "{not json", b"\xff\xfe", json.dumps([1, 2]), "[" * 100_000 + "]" * 100_000,
+    json.dumps({"version": 1, "entries": {"KEY": {"machine": {"peak_flops": -1}}}}),
+    json.dumps({"version": 1, "entries": {"KEY": {"machine": {"peak_flops": "fast"}}}}),
+    json.dumps({"version": 1, "entries": {"KEY": {"machine": dict(
+        dataclasses.asdict(FAKE), threads="two")}}}),
+    _fifo, _zero_link, " " * (2 << 20)])
+def test_a_bad_cache_file_is_ignored_with_a_warning_and_replaced(cache, garbage):
     cache.mkdir(parents=True)
-    bad_constants = {"version": 1, "entries": {calibrate.key(): {"machine": {"peak_flops": -1}}}}
-    for garbage in ("{not json", json.dumps(bad_constants), "\xff\xfe"):
-        (cache / calibrate.FILE).write_text(garbage)
-        calibrate.forget()
-        wisdom.forget()
-        with pytest.warns(RuntimeWarning, match="corrupted|unreadable"):
-            assert calibrate.ensure(measure=counting(FAKE, [])) == FAKE
-        data = json.loads((cache / calibrate.FILE).read_text())
-        assert data["entries"][calibrate.key()]["machine"]["cpu"] == "fake"
+    path = cache / calibrate.FILE
+    if callable(garbage):
+        garbage(path)
+    else:
+        data = garbage.replace("KEY", calibrate.key()) if isinstance(garbage, str) else garbage
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="ignored|not a calibration"):
+        assert Tuning(cache, calibration=counting(FAKE, [])).machine() == FAKE
+    assert time.monotonic() - start < 5.0
+    data = json.loads(path.read_text())
+    assert data["entries"][calibrate.key()]["machine"]["cpu"] == "fake"
 
 
-def test_a_read_only_cache_keeps_the_calibration_in_memory(tmp_path, monkeypatch):
+def test_a_read_only_cache_keeps_the_calibration_in_memory(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv("QCIRCUIT_CACHE_DIR", str(blocker / "cache"))  # cannot be created
+    tuning = Tuning(blocker / "cache", calibration=counting(FAKE, []))  # cannot be created
+    cachefiles.forget_warnings()
     with pytest.warns(RuntimeWarning, match="not writable"):
-        assert calibrate.ensure(measure=counting(FAKE, [])) == FAKE
-    assert calibrate.ensure(measure=never) == FAKE  # installed for this process
+        assert tuning.machine() == FAKE
+    tuning.calibration = never
+    assert tuning.machine() == FAKE  # kept by this object
     if os.geteuid() != 0:  # a directory without write permission (root writes anyway)
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
-        monkeypatch.setenv("QCIRCUIT_CACHE_DIR", str(ro))
-        calibrate.forget()
-        wisdom.forget()
+        cachefiles.forget_warnings()
         with pytest.warns(RuntimeWarning, match="not writable"):
-            assert calibrate.ensure(measure=counting(FAKE, [])) == FAKE
+            assert Tuning(ro, calibration=counting(FAKE, [])).machine() == FAKE
         assert not list(ro.iterdir())
 
 
 def test_tune_off_keeps_the_shipped_constants(cache, monkeypatch):
-    monkeypatch.setattr(calibrate, "measure_machine", never)
     monkeypatch.setenv("QCIRCUIT_TUNE", "0")
-    routes.tuning.cache_clear()  # the switch is read once per process
-    try:
-        routes.choose(compile(Circuit(2, 3, 2).all_pairs()), "forward", 8, "cpu", torch.float32)
-    finally:
-        monkeypatch.delenv("QCIRCUIT_TUNE")
-        routes.tuning.cache_clear()
-    assert cm.current() == cm.SHIPPED and not (cache / calibrate.FILE).exists()
-    assert calibrate.ensure(tune=False, measure=never) == cm.SHIPPED
+    tuning = Tuning(cache, calibration=never)
+    assert not tuning.measure
+    decision = tuning.decision(compile(Circuit(2, 3, 2).all_pairs()), "forward", 8, CPU,
+                               torch.float32)
+    assert decision.how in ("model", "only")
+    assert tuning.machine() == cm.SHIPPED and not (cache / calibrate.FILE).exists()
 
 
 @pytest.mark.parametrize("broken", ["raises", "implausible"])
@@ -132,8 +152,9 @@ def test_what_cannot_measure_keeps_the_shipped_constants_and_caches_nothing(cach
         if broken == "raises":
             raise RuntimeError("no timer here")
         return dataclasses.replace(FAKE, overhead=0.5)  # half a second per op: disturbed
+    cachefiles.forget_warnings()
     with pytest.warns(RuntimeWarning, match="shipped constants stay"):
-        assert calibrate.ensure(measure=measure) == cm.SHIPPED
+        assert Tuning(cache, calibration=measure).machine() == cm.SHIPPED
     assert not (cache / calibrate.FILE).exists()  # the next process measures again
 
 
@@ -158,4 +179,4 @@ def test_a_real_calibration_is_bounded_and_gives_positive_finite_constants():
     assert all(v > 0 for k, v in values.items() if k not in ("gemm_half", "fault_per_byte"))
     assert values["gemm_half"] >= 0 and values["fault_per_byte"] >= 0
     assert machine.threads == torch.get_num_threads()
-    assert machine.torch_version == torch.__version__ and machine.cpu == wisdom.cpu_model()
+    assert machine.torch_version == torch.__version__ and machine.cpu == cachefiles.cpu_model()

@@ -122,11 +122,11 @@ def test_build_falls_back_to_plainer_flags_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("QCIRCUIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "FLAGS", (("-O3", "-fno-such-flag-at-all"), ("-O2",)))
     compiler = os.environ.get("CC") or "cc"
-    built = kernels._build(compiler)
+    built = kernels._build(compiler, tmp_path)
     stamp = built.stat().st_mtime_ns
     # no temporary left behind (the lock file that serialises builds stays)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([built.name, "build.lock"])
-    assert kernels._build(compiler) == built and built.stat().st_mtime_ns == stamp  # reused
+    assert kernels._build(compiler, tmp_path) == built and built.stat().st_mtime_ns == stamp  # reused
     assert ctypes.CDLL(str(built)).qc_permute  # the plain build loads and exports the kernel
 
 
@@ -175,3 +175,70 @@ def test_coalesce_merges_axes_that_move_together():
     assert kernels.coalesce((7, 1, 8, 4), (1, 3, 0, 2)) == ((56, 4), (1, 0))
     assert kernels.coalesce((2, 3, 4), (0, 1, 2)) == ((24,), (0,))
     assert kernels.coalesce((1, 1), (1, 0)) == ((), ())
+
+
+# ----------------------------------------------------------------------------- hostile cache
+@pytest.fixture
+def fresh_library():
+    """Build and load the library again in this test; the process's copy again after."""
+    kernels._library.cache_clear()
+    kernels.shared_library.cache_clear()
+    yield
+    kernels._library.cache_clear()
+    kernels.shared_library.cache_clear()
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="building needs a C compiler")
+def test_a_library_without_the_kernel_falls_back_with_one_warning(tmp_path, monkeypatch,
+                                                                  fresh_library):
+    """A library in the cache that lacks ``qc_permute`` (a stale or foreign file) once
+    raised ``AttributeError`` in every forward; now: the ATen copy, one warning."""
+    from qcircuit.compiler import cachefiles
+    src = tmp_path / "empty.c"
+    src.write_text("int qc_unrelated;\n")
+    lib = tmp_path / "permute-foreign.so"
+    compiler = os.environ.get("CC") or "cc"
+    assert os.system(f"{compiler} -shared -fPIC -o {lib} {src}") == 0
+    monkeypatch.setattr(kernels, "_build", lambda compiler, directory: lib)
+    monkeypatch.setattr(kernels, "enabled", lambda: True)
+    cachefiles.forget_warnings()
+    src_t, dst = torch.randn(3, 4, 5), torch.empty(3, 5, 4)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="lacks qc_permute"):
+        kernels.permute_into(dst, src_t, (0, 2, 1))
+    assert torch.equal(dst, src_t.permute(0, 2, 1))
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="building needs a C compiler")
+@pytest.mark.parametrize("squatter", ["fifo", "zero-link"])
+def test_a_non_file_at_the_library_name_is_built_over(tmp_path, squatter):
+    """A FIFO (dlopen would block on it) or a link to ``/dev/zero`` where the build should
+    be: not loaded, replaced by a fresh build."""
+    compiler = os.environ.get("CC") or "cc"
+    (tmp_path / "first").mkdir()
+    name = kernels._build(compiler, tmp_path / "first").name
+    other = tmp_path / "second"
+    other.mkdir()
+    if squatter == "fifo":
+        os.mkfifo(other / name)
+    else:
+        os.symlink("/dev/zero", other / name)
+    built = kernels._build(compiler, other)
+    assert built == other / name and built.is_file() and not built.is_symlink()
+    assert ctypes.CDLL(str(built)).qc_permute
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="building needs a C compiler")
+def test_an_unwritable_cache_leaves_no_temporary_directory(tmp_path, monkeypatch, fresh_library):
+    import tempfile
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("QCIRCUIT_CACHE_DIR", str(blocker / "cache"))   # cannot be created
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert kernels.shared_library() is not None        # built in a scratch folder, loaded
+    assert list(scratch.iterdir()) == []                # and the folder is gone
+    src, dst = torch.randn(3, 4, 5), torch.empty(3, 5, 4)
+    with torch.no_grad():
+        kernels.permute_into(dst, src, (0, 2, 1))
+    assert torch.equal(dst, src.permute(0, 2, 1))
