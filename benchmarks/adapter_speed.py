@@ -10,7 +10,7 @@ model's prediction beside the measurement.
 
 * ``reference``: one opt_einsum expression over the whole network including ``x``, its path
   fixed once at 100 tokens (torch backend, torch autograd).
-* ``route einsum`` / ``route schedule``: one route each (``routes.forced``), whatever the
+* ``route einsum`` / ``route schedule``: one route each (``Tuning.named``), whatever the
   choice; ``module [route, how]``: ``compile(c).module()`` end to end, with the route its
   planner chose for the bucket (measured on this machine, or from wisdom).
   ``sched, permutes apart`` is the schedule without the fused permute + gate kernel
@@ -63,7 +63,7 @@ from qcircuit.compiler import costmodel as cm  # noqa: E402
 from qcircuit.compiler.schedule import build_schedule  # noqa: E402
 from qcircuit.compiler.schedule_exec import Workspace, run_schedule  # noqa: E402
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
-from qcircuit.compiler import routes, token_bucket  # noqa: E402
+from qcircuit.compiler import choice, token_bucket, tuning  # noqa: E402
 
 THREADS = 2
 # rounds per token count: a 16-token step takes milliseconds, so its median is taken over
@@ -138,11 +138,13 @@ def variants(tokens: int, extra: bool = True, device: str = "cpu") -> dict:
         expr(x.view(tokens, *c.in_dims), *gates, backend="torch").reshape(tokens, -1).backward(gy)
         clear(x, *gates)
 
-    out = {"reference": (reference, cm.einsum_reference(tokens, c.in_dims, c.gates))}
+    machine = tuning.default().machine()   # the cost model's constants for this CPU
+    out = {"reference": (reference, cm.einsum_reference(machine, tokens, c.in_dims, c.gates))}
     plan = compile_circuit(c)
     for route in ("einsum", "schedule"):
-        rp = routes.forced(plan, "forward", route, token_bucket(tokens), device, torch.float32)
-        runner = routes.build(plan, rp)
+        rp = tuning.default().named(plan, "forward", route, token_bucket(tokens),
+                                    torch.device(device), torch.float32)
+        runner = choice.build(plan, rp)
 
         def run(runner=runner):
             runner(x, gates).backward(gy)
@@ -151,7 +153,7 @@ def variants(tokens: int, extra: bool = True, device: str = "cpu") -> dict:
     for row, switch in ((APART_ROW, "QCIRCUIT_FUSE"), (ATEN_ROW, "QCIRCUIT_COMPILE"))[
             :2 if extra and device == "cpu" else 0]:
         with switched_off(switch):
-            sched, ws = build_schedule(c, tokens), Workspace()
+            sched, ws = build_schedule(c, tokens, machine=machine), Workspace()
 
         def run(sched=sched, ws=ws, switch=switch):
             with switched_off(switch):
@@ -161,7 +163,7 @@ def variants(tokens: int, extra: bool = True, device: str = "cpu") -> dict:
     module = plan.module(device=device)
     module_params = list(module.parameters())
     # chosen (measured) before any timing
-    chosen = plan.warm_up(tokens, device=device).route(tokens, device)
+    chosen = plan.warm_up(tokens, device=device).decision(tokens, device)
 
     def run_module():
         module(x).backward(gy)
@@ -172,7 +174,7 @@ def variants(tokens: int, extra: bool = True, device: str = "cpu") -> dict:
     def run_base():
         base(x).backward(gy)
         clear(x)
-    gemm = cm.gemm(tokens, c.out_features, c.in_features)
+    gemm = cm.gemm(machine, tokens, c.out_features, c.in_features)
     out["base layer (frozen)"] = (run_base, 2 * gemm)
     out.update(adapted_layers(x, gy, plan, tokens, device, clear))
     try:
@@ -270,11 +272,12 @@ def dense_variants(device: str = "cpu") -> tuple[dict, dict]:
     exact = expr(*[g.double() for g in gates], backend="torch").reshape(c.out_features, -1)
     module = plan.module(seed=0, device=device).requires_grad_(False)
     plan.warm_up(device=device, dtype=torch.float32)
-    chosen = routes.dense_plan(plan, device, torch.float32)
+    chosen = tuning.default().decision(plan, "dense", None, torch.device(device), torch.float32)
     out = {"reference (one expression)": (lambda: expr(*gates, backend="torch"), None)}
     for route in ("einsum", "schedule", "lightcone"):
-        rp = routes.forced(plan, "dense", route, None, device, torch.float32)
-        out[f"route {route}"] = (functools.partial(routes.build(plan, rp), gates),
+        rp = tuning.default().named(plan, "dense", route, None, torch.device(device),
+                                    torch.float32)
+        out[f"route {route}"] = (functools.partial(choice.build(plan, rp), gates),
                                  rp.candidates[0].predicted)
     out[f"m.matrix() [{chosen.route}, {chosen.how}]"] = (module.matrix, None)
     with torch.no_grad():

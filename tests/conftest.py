@@ -79,15 +79,3 @@ def make_llama(tiny_llama_config):
         torch.manual_seed(1)
         return LlamaForCausalLM(tiny_llama_config).eval()
     return make
-
-
-@pytest.fixture
-def shipped_costs():
-    """Price schedules with the cost model's shipped constants: tests that check a
-    schedule's structure (its forms, fusions) must not depend on what a calibration earlier
-    in the run measured on this machine, busy or not."""
-    from qcircuit.compiler import costmodel
-
-    previous = costmodel.install(costmodel.SHIPPED)
-    yield
-    costmodel.install(previous)

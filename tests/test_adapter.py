@@ -376,7 +376,7 @@ def test_gradcheck_inputs_and_gates(kind):
 
 
 def test_attach_plans_the_named_token_counts_once_per_circuit(tiny_llama, monkeypatch):
-    from qcircuit.compiler.planning import Plan
+    from qcircuit.compiler.plan import Plan
     calls = []
     real = Plan.warm_up
 

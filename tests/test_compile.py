@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qcircuit import Circuit
-from qcircuit.compiler import compile, routes
+from qcircuit.compiler import choice, compile
 
 from reference import rel_err
 
@@ -47,7 +47,7 @@ def test_compiled_model_with_three_circuits_trains_like_eager(monkeypatch):
     torch._dynamo.reset()
     eager, compiled = make_model(), make_model()
     calls = []
-    monkeypatch.setattr(routes, "choose", lambda *a, **k: calls.append(a) or pytest.fail(
+    monkeypatch.setattr(choice, "decide", lambda *a, **k: calls.append(a) or pytest.fail(
         "planned while tracing"))
     steps = (3, 40, 300)  # buckets 4, 64, 512: dynamic shapes after the first recompile
     got = train(torch.compile(compiled, backend=backend), steps)

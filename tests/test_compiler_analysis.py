@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qcircuit import Circuit, QCError
-from qcircuit.compiler import compile, planning, routes, token_bucket
+from qcircuit.compiler import choice, compile, networks, token_bucket
 from qcircuit.compiler.analysis import min_cut_wires
 
 from reference import dense_operator, rel_err
@@ -155,11 +155,11 @@ def test_token_buckets():
 
 
 def test_optimizer_is_chosen_by_network_size():
-    assert planning.choose_optimizer(2) == "optimal"
-    assert planning.choose_optimizer(7) == "optimal"
-    assert planning.choose_optimizer(8) == "dp"
-    assert planning.choose_optimizer(12) == "dp"
-    assert planning.choose_optimizer(13) == "greedy"
+    assert networks.choose_optimizer(2) == "optimal"
+    assert networks.choose_optimizer(7) == "optimal"
+    assert networks.choose_optimizer(8) == "dp"
+    assert networks.choose_optimizer(12) == "dp"
+    assert networks.choose_optimizer(13) == "greedy"
     medium = compile(Circuit(2, 2, 2, 2, 2).all_pairs())          # 10 gates + x
     large = compile(Circuit(2, 2, 2, 2, 2).all_pairs().repeat(2))  # 20 gates + x
     assert medium.path(8).optimizer == "dp" and large.path(8).optimizer == "greedy"
@@ -173,13 +173,13 @@ def test_optimizer_is_chosen_by_network_size():
 
 def _count_choices(monkeypatch) -> list:
     calls = []
-    real = routes.choose
+    real = choice.decide
 
-    def counting(plan, kind, bucket, *args, **kwargs):
+    def counting(lowered, kind, bucket, *args, **kwargs):
         calls.append((kind, bucket))
-        return real(plan, kind, bucket, *args, **kwargs)
+        return real(lowered, kind, bucket, *args, **kwargs)
 
-    monkeypatch.setattr(routes, "choose", counting)
+    monkeypatch.setattr(choice, "decide", counting)
     return calls
 
 
@@ -206,7 +206,7 @@ def test_no_planning_after_the_first_forward_of_a_bucket(monkeypatch):
 
 def test_warm_up_chooses_everything_in_advance(monkeypatch):
     plan = compile(Circuit(2, 3, 1).gate((0, 1))).warm_up(16, 100)
-    monkeypatch.setattr(routes, "choose", lambda *a, **k: pytest.fail("planned again"))
+    monkeypatch.setattr(choice, "decide", lambda *a, **k: pytest.fail("planned again"))
     m = plan.module()
     with torch.no_grad():
         m(torch.randn(16, 6)), m(torch.randn(90, 6)), m.matrix()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from qcircuit import ApplyRule, Circuit, Pattern, Program
-from qcircuit.compiler import compile, routes
+from qcircuit.compiler import Tuning, choice, compile, routes, tuning
 from reference import circuit_operator, rel_err, tolerance
 
 DEVICE = os.environ.get("QCIRCUIT_TEST_DEVICE", "cuda")
@@ -149,11 +149,17 @@ def test_module_forward_and_gradients(name, tokens, dtype):
     assert rel_err(m.matrix(), t) <= tol
 
 
+def named_run(plan, kind: str, route: str, bucket, dtype):
+    """The executor of one named route on the device."""
+    d = Tuning(None).named(plan, kind, route, bucket, torch.device(DEVICE), dtype)
+    return choice.build(plan, d)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["square", "up", "paper"])
 @pytest.mark.parametrize("kind", routes.KINDS)
 def test_every_route_forced_on_the_device(kind, name, dtype):
-    """Each route the planner has on this device, forced (``routes.forced``): forward at 300
+    """Each route the planner has on this device, named (``Tuning.named``): forward at 300
     tokens of bucket 512 with gradients; the dense matrix, with gradients where the route
     records them (the light cone is forward only)."""
     circuit, plan, gates, t = case(name)
@@ -163,8 +169,7 @@ def test_every_route_forced_on_the_device(kind, name, dtype):
     tol = bound(dtype, circuit)
     x64, gy64 = inputs(name, 300)
     for route in names:
-        rp = routes.forced(plan, kind, route, 512 if kind == "forward" else None, DEVICE, dtype)
-        run = routes.build(plan, rp)
+        run = named_run(plan, kind, route, 512 if kind == "forward" else None, dtype)
         g = [on(gt, dtype, grad=True) for gt in gates]
         if kind == "forward":
             x = on(x64, dtype, grad=True)
@@ -194,8 +199,9 @@ def test_measured_choice_on_the_device(name, dtype):
     fastest measured one, and the module then runs it exactly."""
     circuit, plan, gates, t = case(name)
     plan.warm_up(*TOKENS, device=DEVICE, dtype=dtype)
-    rps = [plan.route(n, DEVICE, dtype) for n in TOKENS]
-    rps += [routes.dense_plan(plan, DEVICE, d) for d in (dtype, torch.float64)]
+    rps = [plan.decision(n, DEVICE, dtype) for n in TOKENS]
+    rps += [tuning.default().decision(plan, "dense", None, torch.device(DEVICE), d)
+            for d in (dtype, torch.float64)]
     for rp in rps:
         assert rp.device_type == DEVICE and rp.how in ("measured", "wisdom", "only"), rp.explain()
         if rp.how == "measured":
@@ -220,9 +226,9 @@ def test_gradcheck_on_the_device():
     x = torch.randn(3, SMALL.in_features, generator=gen, dtype=torch.float64).to(DEVICE) \
         .requires_grad_()
     for route in ("einsum", "schedule"):
-        run = routes.build(plan, routes.forced(plan, "forward", route, 4, DEVICE, torch.float64))
+        run = named_run(plan, "forward", route, 4, torch.float64)
         assert torch.autograd.gradcheck(lambda x, *g: run(x, g), (x, *gates)), route
-        run = routes.build(plan, routes.forced(plan, "dense", route, None, DEVICE, torch.float64))
+        run = named_run(plan, "dense", route, None, torch.float64)
         assert torch.autograd.gradcheck(lambda *g: run(g), gates), route
     m = plan.module(dtype=torch.float64, device=DEVICE)
     assert torch.autograd.gradcheck(lambda x, *g: torch.func.functional_call(

@@ -8,11 +8,10 @@ import torch
 from qcircuit import Circuit
 from qcircuit.compiler import fused, schedule_exec
 from qcircuit.compiler.schedule import build_schedule
-from qcircuit.compiler.schedule_exec import Workspace, bind, fuse_gathers, run_schedule
+from qcircuit.compiler.schedule_exec import Workspace, bound_steps, fuse_gathers, run_schedule
 from reference import circuit_operator, rel_err, tolerance
 
-pytestmark = [pytest.mark.skipif(not fused.available(), reason="needs a C compiler and torch's BLAS"),
-              pytest.mark.usefixtures("shipped_costs")]   # the planner's forms are cost decisions
+pytestmark = [pytest.mark.skipif(not fused.available(), reason="needs a C compiler and torch's BLAS")]
 
 CIRCUITS = [
     Circuit(4, 3, 2).gate((0, 2)).gate((1, 0), out=(2, 5)).gate((2, 1)),  # non-square
@@ -49,7 +48,7 @@ def _unfused(monkeypatch):
 def test_fused_steps_match_reference_and_separate_steps(c, tokens, monkeypatch):
     sched = build_schedule(c, tokens, fuse=False, layout=False)
     gates, x, gy = _data(c, tokens)
-    kinds = [b.kind for b in fuse_gathers(bind(sched, tokens), x)]
+    kinds = [b.kind for b in fuse_gathers(bound_steps(sched, tokens), x)]
     assert "gather" in kinds  # the planner left a permute before a suffix GEMM, now fused
     got = _step(sched, x, gates, gy)
     op = circuit_operator(c, gates)
@@ -63,7 +62,7 @@ def test_fused_gradcheck_and_double_backward():
     c = CIRCUITS[0]
     sched = build_schedule(c, 3, fuse=False, layout=False)
     gates, x, _ = _data(c, 3)
-    assert "gather" in [b.kind for b in fuse_gathers(bind(sched, 3), x)]
+    assert "gather" in [b.kind for b in fuse_gathers(bound_steps(sched, 3), x)]
     assert torch.autograd.gradcheck(lambda x, *g: run_schedule(sched, x, g), (x, *gates))
     assert torch.autograd.gradgradcheck(lambda x, *g: run_schedule(sched, x, g), (x, *gates))
 
@@ -91,7 +90,7 @@ def test_fused_blocks_split_over_threads(monkeypatch):
     try:
         sched = build_schedule(c, tokens, fuse=False, layout=False)
         gates, x, gy = _data(c, tokens, seed=5)
-        assert "gather" in [b.kind for b in fuse_gathers(bind(sched, tokens), x)]
+        assert "gather" in [b.kind for b in fuse_gathers(bound_steps(sched, tokens), x)]
         got = _step(sched, x, gates, gy)
         assert _close(got[0], x.detach() @ circuit_operator(c, gates).T)
         _unfused(monkeypatch)
@@ -118,12 +117,12 @@ def test_float32_is_fused_and_other_dtypes_are_not():
     gates64, x64, gy64 = _data(c, 6, seed=11)
     gates = [g.detach().float().requires_grad_() for g in gates64]
     x = x64.detach().float().requires_grad_()
-    assert "gather" in [b.kind for b in fuse_gathers(bind(sched, 6), x)]
+    assert "gather" in [b.kind for b in fuse_gathers(bound_steps(sched, 6), x)]
     got = _step(sched, x, gates, gy64.float())
     op = circuit_operator(c, gates64)
     assert rel_err(got[0], x64.detach() @ op.T) <= tolerance(torch.float32)
     for dtype in (torch.bfloat16, torch.float16, torch.complex64):
-        assert "gather" not in [b.kind for b in fuse_gathers(bind(sched, 6), x.to(dtype))]
+        assert "gather" not in [b.kind for b in fuse_gathers(bound_steps(sched, 6), x.to(dtype))]
 
 
 def test_planner_prices_fused_permutes(monkeypatch):

@@ -11,7 +11,7 @@ from qcircuit import Circuit, QCError
 from qcircuit.compiler import compile as compile_circuit
 from qcircuit.compiler import costmodel as cm
 from qcircuit.compiler.dense import dense_matrix
-from qcircuit.compiler.lightcone import _plan_side, plan_lightcone, run_lightcone
+from qcircuit.compiler.lightcone import _plan_side, run_lightcone, search_lightcone
 from qcircuit.compiler.schedule import (FORMS, build_schedule, gate_step_budget, predicted_cost,
                                        transpose_circuit)
 from qcircuit.compiler.schedule_exec import Workspace, run_schedule
@@ -56,8 +56,8 @@ VARIANTS = [dict(), dict(fuse=False), dict(layout=False), dict(reorder=False),
 
 
 # what these tests check of a schedule's structure (which forms a variant picks, whether
-# gates fuse) is a cost decision: price it with the shipped constants (conftest)
-pytestmark = pytest.mark.usefixtures("shipped_costs")
+# gates fuse) is a cost decision: build_schedule prices with the shipped constants unless
+# given a machine, so it does not depend on what a calibration measured on this machine
 
 
 def test_random_circuits_every_variant_matches_reference():
@@ -271,7 +271,7 @@ def test_lightcone_random_circuits_both_sides_match_reference():
     sides = set()
     for c, gates, want in random_cases(random.Random(7), 60):
         for tr, cap in ((False, 1024), (True, 1024), (False, 8), (True, 8)):
-            plan = _plan_side(transpose_circuit(c) if tr else c, tr, cap)
+            plan = _plan_side(cm.SHIPPED, transpose_circuit(c) if tr else c, tr, cap)
             if plan is None:  # only when no gate-closed prefix fits the cap
                 assert cap == 8
                 continue
@@ -289,20 +289,20 @@ def test_lightcone_fold_matches_reference_and_unfolded_plan():
     for c, gates, want in random_cases(random.Random(11), 80, seed0=100):
         for tr, cap in ((False, 4), (True, 4), (False, 8), (True, 8), (False, 16), (True, 16)):
             circ = transpose_circuit(c) if tr else c
-            plan = _plan_side(circ, tr, cap, fold=True)  # folds wherever it can
+            plan = _plan_side(cm.SHIPPED, circ, tr, cap, fold=True)  # folds wherever it can
             if plan is None:
                 continue
             if plan.fold is not None:
                 folded += 1
                 assert plan.fold not in plan.prefix and all(s.gate != plan.fold for s in plan.steps)
-                plain = _plan_side(circ, tr, cap, fold=False)
+                plain = _plan_side(cm.SHIPPED, circ, tr, cap, fold=False)
                 assert plain.fold is None
                 assert_close(run_lightcone(plain, gates, Workspace()), want)
             assert_close(run_lightcone(plan, gates, Workspace()), want)
     assert folded >= 10
     paper = Circuit(16, 8, 8, 4).all_pairs()
-    plan = plan_lightcone(paper)
-    assert plan.cost <= _plan_side(plan.circuit, plan.transposed, fold=False).cost
+    plan = search_lightcone(paper)
+    assert plan.cost <= _plan_side(cm.SHIPPED, plan.circuit, plan.transposed, fold=False).cost
 
 
 def test_lightcone_out_of_order_arity3_non_square_and_paper_circuit():
@@ -311,21 +311,21 @@ def test_lightcone_out_of_order_arity3_non_square_and_paper_circuit():
     p = Circuit(4, 2, 2, 3).all_pairs()
     for circ in (c, p):
         gates = gates_for(circ, seed=3)
-        plan = plan_lightcone(circ, max_prefix=12)
+        plan = search_lightcone(circ, max_prefix=12)
         assert plan is not None and plan.steps
         assert_close(run_lightcone(plan, gates), circuit_operator(circ, gates))
 
 
 def test_lightcone_absent_when_no_small_prefix_and_seam_falls_back():
     big = Circuit(2, 2, 2, 2, 2, 2, 2).gate((0, 1))  # 7 qudits: beyond the layout search
-    assert plan_lightcone(big) is None
+    assert search_lightcone(big) is None
     wide = Circuit(32, 32, 2).gate((0, 1)).gate((1, 2))  # first gate's support 1024 -> 1024 ok
-    assert plan_lightcone(wide) is not None
+    assert search_lightcone(wide) is not None
     huge = Circuit(64, 32).gate((0, 1)).gate((1,))  # every prefix needs a 2048-wide A
-    assert _plan_side(huge, False) is None or _plan_side(huge, False).prefix == (1,)
+    assert _plan_side(cm.SHIPPED, huge, False) is None or _plan_side(cm.SHIPPED, huge, False).prefix == (1,)
     odd = (Circuit(3, 2, 4, 2).gate((2, 0), out=(3, 2)).gate((3, 1, 0), out=(2, 3, 2))
            .gate((1, 2)).gate((0, 3, 2), out=(2, 2, 1)))
-    assert plan_lightcone(odd, max_prefix=12) is None  # no permute-free row order exists
+    assert search_lightcone(odd, max_prefix=12) is None  # no permute-free row order exists
     for circ in (big, huge, odd, Circuit(4, 2, 3).all_pairs()):
         plan = compile_circuit(circ)
         gates = gates_for(circ, seed=5)
