@@ -14,7 +14,8 @@ from qcircuit.errors import QCError
 from qcircuit.ir import Circuit
 
 from .schedule import TOKEN, Schedule, Step, cached_schedule
-from .schedule_exec import bound_steps, run_bound, step_matrices, transposed_gates
+from .schedule_exec import bound_steps, run_bound
+from .step_matrices import step_matrices, transposed_gates
 from .workspace import Workspace
 
 

@@ -27,7 +27,7 @@ from qcircuit.ir import Circuit
 from . import costmodel as cm
 from .schedule import TOKEN, Step, dims_after, transpose_circuit
 from .caps import LIGHTCONE_MAX_PREFIX, LIGHTCONE_MAX_QUDITS
-from .schedule_exec import fused_matrix, gate_matrix, transposed_gates
+from .step_matrices import fused_matrix, gate_matrix, transposed_gates
 from .workspace import Workspace
 
 Rows = tuple[int, ...]
