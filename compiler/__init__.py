@@ -9,7 +9,7 @@ The modules, bottom-up (imports point down only):
   limits, cache files, the cost model's prices, CPU helpers and C kernels
 - ``graph``, ``analysis``, ``networks``, ``lowered``: the circuit as a graph, its analyses,
   einsum networks and contraction paths (pure)
-- ``schedule``, ``schedule_exec``, ``dense``, ``lightcone``: the GEMM schedule and the light
+- ``schedule``, ``step_matrices``, ``schedule_exec``, ``dense``, ``lightcone``: the GEMM schedule and the light
   cone, planned and run
 - ``routes``: the registry of routes (name, device predicate, search, predict, build)
 - ``wisdom``, ``calibrate``, ``measure``, ``choice``: remembered winners, machine constants,
