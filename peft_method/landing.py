@@ -27,13 +27,14 @@ from torch import nn
 
 from qcircuit import QCError
 from qcircuit.runtime import checkpoint
+from qcircuit.runtime.record import TensorRecord
 
 
 class Arrivals:
     """The checkpoint tensors one ``AdaptedLayer`` of a pending adapter waits for."""
 
     def __init__(self, owner: nn.Module, adapter_name: str, module_name: str,
-                 records: Mapping[str, dict]):
+                 records: Mapping[str, TensorRecord]):
         self.owner, self.adapter_name, self.module_name = owner, adapter_name, module_name
         self.records = dict(records)
         self.received: dict[str, torch.Tensor] = {}
@@ -114,7 +115,7 @@ def add_slots(owner: nn.Module, arrivals: Arrivals) -> None:
                 raise QCError(f"{module_name}: checkpoint key {key} would land on {prefix}, "
                               f"which is taken (another adapter still pending there?)")
             node = child
-        node.register_buffer(leaf, torch.empty(rec["shape"], dtype=getattr(torch, rec["dtype"]),
+        node.register_buffer(leaf, torch.empty(rec.shape, dtype=getattr(torch, rec.dtype),
                                                device=device))
 
 

@@ -34,7 +34,7 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
     # the PEFT prefix ("quanta_") on purpose: PEFT reports every model key with the prefix
     # that a checkpoint leaves unfilled as missing, and these containers hold aliases (the
     # base layer, each gate module twice) that a checkpoint never stores. Completeness is
-    # checked by qcircuit's own check_layers when the checkpoint is read.
+    # checked by qcircuit (record.check_fits, checkpoint.check_tensors) when it is read.
     adapter_layer_names = ("qc_gates",)
     other_param_names = ("qc_adapters",)
 

@@ -23,11 +23,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-import qcircuit
 from qcircuit import Circuit, Program, QCError, parse_file
 from qcircuit.compiler import compile as compile_circuit
 
-from . import checkpoint
+from . import checkpoint, record
 from .bind import Target, bind, by_layer
 from .branch import Branch
 from .layer import AdaptedLayer, LayerState
@@ -198,12 +197,9 @@ class Adapted:
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in layers.items():
             tensors.update(layer.tensors(name))
-        config = checkpoint.build_config(
-            self.program, self.model,
-            {name: checkpoint.layer_record(branches, layers[name].state.value)
-             for name, branches in by_layer(self.targets).items()},
-            version=qcircuit.__version__)
-        checkpoint.write(path, config, tensors, overwrite=overwrite)
+        states = {name: layer.state.value for name, layer in layers.items()}
+        adapter = record.from_targets(self.program, self.model, self.targets, states)
+        checkpoint.write(path, adapter, tensors, overwrite=overwrite)
 
 
 def _options_text(target: Target) -> str:
@@ -348,17 +344,15 @@ def load(model: nn.Module, path: str | Path, *, fold: bool = True,
          warm_up: Sequence[int] = ()) -> Adapted:
     """Restore a saved adapter onto a fresh base model (the one it was trained on); like
     ``attach``, fold ``freeze_one`` layers unless ``fold=False``, and plan ``warm_up``."""
-    config, tensors = checkpoint.read(path)   # schema, hashes, dtypes, finite values
+    saved, tensors = checkpoint.read(path)   # the record's checks, hashes, finite values
     _check_fresh(model)
-    program = checkpoint.program_of(config, str(path))   # includes disabled
+    program = saved.program   # parsed from the config's text, includes disabled
     try:
         targets = bind(model, program)
     except QCError as e:
         raise QCError(f"checkpoint {path} does not fit this model: {e.one_line()}") from None
-    current = {name: checkpoint.layer_record(branches)
-               for name, branches in by_layer(targets).items()}
-    checkpoint.check_layers(str(path), config, current)
-    warning = checkpoint.dtype_warning(config, model)
+    record.check_fits(saved, record.layer_records(targets), str(path))
+    warning = record.dtype_warning(saved, model)
     if warning:
         warnings.warn(warning, stacklevel=2)
     adapted = _wrap(model, program, targets, None, warm_up)
