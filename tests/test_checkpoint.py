@@ -501,7 +501,7 @@ def test_no_pickle_in_the_runtime():
     for path in root.glob("*.py"):
         text = path.read_text()
         assert "import pickle" not in text, path
-        if path.name == "reference.py":
+        if path.name == "reference_files.py":
             assert "weights_only=True" in text
         else:
             assert "torch.load" not in text and "load_state_dict(" not in text, path
