@@ -65,7 +65,7 @@ def check_quanta_file(path: str | Path) -> dict | None:
                           "adapters are safetensors, and a .bin (a pickle) is never loaded")
         else:   # the tensors may still be on their way (a hub download): the config now
             checkpoint.read_record(folder)
-        return obj
+        return {**obj, "peft_type": PEFT_TYPE_NAME}   # native saves may lack it: PEFT needs it
     if tensors_beside:
         raise QCError(f"{path}: a QuanTA config with tensors beside it must record them "
                       f"(format, layers, tensors and their hashes): save it with "

@@ -25,6 +25,8 @@ from qcircuit import QCError
 from qcircuit.runtime import AdaptedLayer, bind
 from qcircuit.runtime import checkpoint, record
 from qcircuit.runtime.adapter import build_layers, check_not_shared  # the native layer and refusal
+from qcircuit.runtime.moves import check_all, held_interrupts
+from qcircuit.runtime.weights import warn_large_updates
 
 from .config import QuanTAConfig
 from .landing import Arrivals, add_slots
@@ -176,12 +178,44 @@ class QuanTAModel(BaseTuner):
                           "run one batch per adapter with set_adapter(name)")
         yield
 
+    def _planned_merges(self, adapter_names: Optional[list[str]]) -> dict[str, AdaptedLayer]:
+        """Every layer a merge of ``adapter_names`` would move, labelled for messages."""
+        out = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, QuanTALayer):
+                for adapter in module.to_merge(adapter_names):
+                    module.check_loaded(adapter)
+                    out[f"{name} ({adapter})"] = module.qc_adapters[adapter]
+        return out
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None,
+                      safe_merge: bool = False) -> None:
+        """PEFT's merge, all or nothing: every layer's merge is planned and checked first
+        (qcircuit's ``moves.check_all``), then PEFT's loop writes them, Ctrl-C held."""
+        check_all(self._planned_merges(adapter_names), "merge")
+        with held_interrupts():
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
+                                     safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """``merge_and_unload``/``unload``: with ``merge``, every layer is checked first (a
+        merge for good needs no unmerge: no reversibility bound)."""
+        if merge:
+            check_all(self._planned_merges(adapter_names), "merge", reversible=False)
+        with held_interrupts():
+            return super()._unload_and_optionally_merge(
+                merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                adapter_names=adapter_names)
+
     # --- checkpoints: qcircuit's tensor names ----------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model: nn.Module, config: QuanTAConfig, adapter_name: str,
                                 state_dict: dict[str, torch.Tensor],
                                 unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
         tensors = checkpoint_tensors(model, adapter_name)
+        warn_large_updates({name: layer.update_ratio(name, tensors) for name, (_, layer)
+                            in adapted_layers(model, adapter_name).items()}, "saving")
         # PEFT writes the config after this hook: it then carries the tensors' hashes, so
         # qcircuit's own reader verifies a save_pretrained directory like a native one
         config.record = config.record.with_tensors(checkpoint.tensor_records(tensors))
@@ -204,6 +238,9 @@ class QuanTAModel(BaseTuner):
             checkpoint.check_tensors(where, saved.tensors, state_dict)
         else:   # a state dict for a fresh adapter: the names and shapes its layers need
             checkpoint.check_unrecorded(where, saved, state_dict)
+        checkpoint.check_circuits(where, saved, state_dict)
+        warn_large_updates({name: layer.update_ratio(name, state_dict)
+                            for name, (_, layer) in layers.items()}, "loading")
         out = {}
         for module_name, (full_name, layer) in layers.items():
             here = f"{full_name}.qc_adapters.{adapter_name}"
@@ -234,7 +271,6 @@ def _await_checkpoint(model: nn.Module, config: QuanTAConfig, adapter_name: str)
     for module_name, (full_name, layer) in adapted_layers(model, adapter_name).items():
         keys = layer.checkpoint_names(module_name)
         owner = model.get_submodule(full_name)
-        arrivals = Arrivals(owner, adapter_name, module_name,
-                            {k: config.record.tensors[k] for k in keys})
+        arrivals = Arrivals(owner, adapter_name, module_name, config.record, keys)
         add_slots(owner, arrivals)
         owner.await_tensors(arrivals)

@@ -30,6 +30,8 @@ from . import checkpoint, record
 from .bind import Target, bind, by_layer
 from .branch import Branch
 from .layer import AdaptedLayer, LayerState
+from .moves import move_all
+from .weights import warn_large_updates
 
 __all__ = ["Adapted", "AdaptedLayer", "Branch", "LayerState", "attach", "load"]
 
@@ -95,54 +97,48 @@ class Adapted:
     def merged(self) -> bool:
         return any(layer.merged for layer in self._live().values())
 
-    def _all_layers(self, move: str, undo: str) -> None:
-        """``layer.<move>()`` on every layer, or on none: the gates of all layers are checked
-        first, and a layer that still fails has the layers before it undone."""
-        layers = list(self._live().values())
+    def _all_layers(self, call: str, *, reversible: bool = True) -> None:
+        """``layer.<call>()`` on every layer, or on none: every move is planned and checked
+        before any weight is written (``moves.move_all``)."""
         _check_not_flat_sharded(self.model)
-        for layer in layers:
-            layer.check_gates()
-        done = []
-        try:
-            for layer in layers:
-                getattr(layer, move)()
-                done.append(layer)
-        except BaseException:
-            for layer in reversed(done):
-                getattr(layer, undo)()
-            raise
+        move_all(self._live(), call, reversible=reversible)
 
     def merge(self) -> None:
-        """``W ← W0 + scale·(T_θ − T_θ0)`` in every layer: no adapter cost at inference."""
+        """``W ← W0 + scale·(T_θ − T_θ0)`` in every layer: no adapter cost at inference.
+        Refused, with nothing written, where ``unmerge`` could not give a layer's weight
+        back within rounding (``layer.py``); ``merge_and_unload`` needs no such promise."""
+        self._merge(reversible=True)
+
+    def _merge(self, reversible: bool) -> None:
         if self.merged:
             raise QCError("the adapter is already merged")
         if any(layer.is_meta for layer in self._live().values()):
             raise QCError("cannot merge: the model's weights are on the meta device")
-        self._all_layers("merge", "unmerge")
+        self._all_layers("merge", reversible=reversible)
 
     def unmerge(self) -> None:
-        """Undo ``merge`` (exact up to one float rounding of each weight)."""
+        """Undo ``merge`` (each weight within the merge bound of ``layer.py``)."""
         if not self.merged:
             raise QCError("the adapter is not merged")
-        self._all_layers("unmerge", "merge")
+        self._all_layers("unmerge")
 
     def merge_and_unload(self) -> nn.Module:
         """Merge, then put each base layer back: the model holds only its own module types."""
         if not self.merged:
-            self.merge()
+            self._merge(reversible=False)
         return _unwrap(self)
 
     def fold(self) -> None:
         """Fold every layer that can (``attach``/``load`` do this unless ``fold=False``)."""
         if self.merged:
             raise QCError("unmerge before folding")
-        self._all_layers("fold", "unfold")
+        self._all_layers("fold")
 
     def unfold(self) -> None:
         """Put ``W0`` back in every folded layer: the exact two-circuit form."""
         if self.merged:
             raise QCError("unmerge before unfolding")
-        self._all_layers("unfold", "fold")
+        self._all_layers("unfold")
 
     # --- parameters ----------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -197,6 +193,8 @@ class Adapted:
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in layers.items():
             tensors.update(layer.tensors(name))
+        warn_large_updates({name: layer.update_ratio(name, tensors)
+                            for name, layer in layers.items()}, "saving")
         states = {name: layer.state.value for name, layer in layers.items()}
         adapter = record.from_targets(self.program, self.model, self.targets, states)
         checkpoint.write(path, adapter, tensors, overwrite=overwrite)
@@ -315,8 +313,8 @@ def _unwrap(adapted: Adapted) -> nn.Module:
 
 
 def fold_all(adapted: Adapted) -> Adapted:
-    """Fold every layer that can; on any failure (``fold`` has already unfolded the layers
-    it folded) put the base layers back."""
+    """Fold every layer that can; on any failure (no weight was changed) put the base
+    layers back."""
     try:
         adapted.fold()
     except BaseException:
@@ -358,4 +356,6 @@ def load(model: nn.Module, path: str | Path, *, fold: bool = True,
     adapted = _wrap(model, program, targets, None, warm_up)
     for name, layer in adapted.layers.items():
         layer.load_tensors(name, tensors)
+    warn_large_updates({name: layer.update_ratio(name, tensors)
+                        for name, layer in adapted.layers.items()}, "loading")
     return fold_all(adapted) if fold else adapted

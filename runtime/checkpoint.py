@@ -10,7 +10,8 @@ safetensors only. Version-2 checkpoints (one circuit per layer) are read too.
 Reading trusts nothing (``read``): both files must be regular files of bounded size
 (``files.py``); the config is strict JSON checked by the record's validator; every tensor
 must have exactly the recorded dtype (float32 or float64), shape and hash, be finite and
-at most ``MAX_GATE_ABS`` in magnitude. Every failure is one ``QCError`` naming the file.
+at most ``MAX_GATE_ABS`` in magnitude, and every circuit must stay clear of overflow on
+unit-size inputs (``check_circuits``). Every failure is one ``QCError`` naming the file.
 ``write`` refuses what ``read`` would: the record it writes goes through the validator.
 
 Writes are all-or-nothing (``atomic_dir``): the complete new directory is written beside
@@ -33,17 +34,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from qcircuit import QCError
+from qcircuit import Circuit, QCError, parse
 
 from .atomic_dir import fsync, replace_dir
-from .checkpoint_schema import FORMAT, FORMAT_VERSION
+from .checkpoint_schema import FORMAT, FORMAT_VERSION, branch_tensor_names
 from .files import read_json, regular_size
 from .record import AdapterRecord, TensorRecord
 from .record import from_json as record_from_json
+from .weights import apply_circuit
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "FORMAT_VERSION", "MAX_CONFIG_BYTES",
            "MAX_GATE_ABS", "tensor_records", "write", "read", "read_record", "check_tensors",
-           "check_unrecorded", "check_values"]
+           "check_unrecorded", "check_values", "check_circuits"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,6 +53,9 @@ MAX_CONFIG_BYTES = 16 << 20
 #: Largest gate entry accepted. Gates start at most 1 in magnitude (Kaiming, unit gain) and
 #: training moves them little; 1e6 is far beyond that and far from float32 overflow.
 MAX_GATE_ABS = 1e6
+#: A circuit whose output on unit-size inputs comes within this factor of its dtype's
+#: largest value is refused (``check_circuits``).
+OVERFLOW_MARGIN = 1e-6
 _HEADER_DTYPES = {"F32": "float32", "F64": "float64"}
 _ITEM_BYTES = {"float32": 4, "float64": 8}
 
@@ -123,6 +128,37 @@ def check_unrecorded(where: str, record: AdapterRecord,
         check_values(name, t, where)
 
 
+def check_circuits(where: str, record: AdapterRecord, tensors: Mapping[str, torch.Tensor],
+                   modules: Collection[str] | None = None, probes: int = 8) -> None:
+    """Refuse circuits that overflow: each branch's gates (and frozen gates) applied to
+    ``probes`` fixed Gaussian inputs, in float64, must stay within ``OVERFLOW_MARGIN`` of
+    the largest value of the gates' dtype. The entry bound ``MAX_GATE_ABS`` does not bound
+    a product of gates; this does, on inputs of unit size, before a forward meets it."""
+    circuits: dict[str, Circuit] = {}
+    gen = torch.Generator().manual_seed(0)
+    for module, rec in record.layers.items():
+        if modules is not None and module not in modules:
+            continue
+        x = torch.randn(probes, rec.in_features, dtype=torch.float64, generator=gen)
+        for b in rec.branches:
+            if b.qc not in circuits:
+                circuits[b.qc] = parse(b.qc, file=f"{where} (circuit {b.circuit})",
+                                       includes=False).circuits[b.circuit]
+            names = branch_tensor_names(module, b.circuit, len(rec.branches), len(b.gates),
+                                        b.frozen)
+            for part in ("adapter", "frozen") if b.frozen else ("adapter",):
+                gates = [tensors[k] for k, (p, _) in names.items() if p == part]
+                y = apply_circuit(circuits[b.qc], [g.double() for g in gates], x)
+                peak = float(y.abs().max())
+                limit = torch.finfo(gates[0].dtype).max * OVERFLOW_MARGIN
+                if not peak <= limit:
+                    which = "frozen initial gates" if part == "frozen" else "gates"
+                    raise QCError(f"{where}: the {which} of circuit {b.circuit!r} on {module} "
+                                  f"map unit-size inputs to entries of {peak:.3g}, within "
+                                  f"{1 / OVERFLOW_MARGIN:g} of overflowing "
+                                  f"{gates[0].dtype}: a forward would overflow")
+
+
 # --- reading ------------------------------------------------------------------------------
 def read_record(folder: str | Path) -> AdapterRecord:
     """The checked record of the checkpoint directory ``folder`` (its config only)."""
@@ -165,7 +201,10 @@ def _read_tensors(path: Path, records: Mapping[str, TensorRecord]) -> dict[str, 
 def read(path: str | Path) -> tuple[AdapterRecord, dict[str, torch.Tensor]]:
     """The record and tensors of a checkpoint directory, fully verified; QCError otherwise."""
     record = read_record(path)
-    return record, _read_tensors(Path(path) / WEIGHTS_NAME, record.tensors)
+    weights = Path(path) / WEIGHTS_NAME
+    tensors = _read_tensors(weights, record.tensors)
+    check_circuits(str(weights), record, tensors)
+    return record, tensors
 
 
 # --- writing ------------------------------------------------------------------------------
