@@ -217,6 +217,24 @@ def test_dtype_warning_for_a_model_of_another_dtype(tmp_path, tiny_llama):
     assert "float32 gates are loaded as float64" in text
 
 
+def test_save_after_model_to_bfloat16_keeps_the_gates_exactly(tmp_path, make_llama):
+    """``model.to(torch.bfloat16)`` makes the gates bfloat16 too: saving widens them to
+    float32 (exact), and they load back as the float32 gates a bfloat16 model gets."""
+    model = make_llama()
+    adapted = attach(model, llama_program(), seed=0)
+    perturb(adapted)
+    model.to(torch.bfloat16)
+    gates = [g.detach().clone() for g in adapted.trainable_parameters()]
+    assert {g.dtype for g in gates} == {torch.bfloat16}
+    adapted.save(tmp_path / "c")
+    saved, _ = checkpoint.read(tmp_path / "c")
+    assert {t.dtype for t in saved.tensors.values()} == {"float32"}
+    assert saved.model["dtype"] == "bfloat16"
+    restored = load(make_llama().to(torch.bfloat16), tmp_path / "c")
+    for a, b in zip(gates, restored.trainable_parameters()):
+        assert b.dtype == torch.float32 and torch.equal(a.float(), b)
+
+
 def test_load_onto_an_adapted_model_is_refused(tmp_path, tiny_llama):
     adapted = attach(tiny_llama, llama_program())
     adapted.save(tmp_path / "c")
