@@ -54,8 +54,10 @@ from qcircuit import Circuit, QCError
 
 from .branch import Branch
 from .checkpoint_schema import branch_tensor_names
-from .weights import (MERGE_ROUNDING, apply_circuit, merge_bound, reversal_error,
+from .weights import (MERGE_ROUNDING, full_tensor, merge_bound, reversal_error, update_ratio,
                       warn_large_updates)
+
+__all__ = ["AdaptedLayer", "LayerState", "Move", "full_tensor"]
 
 
 @dataclass(frozen=True)
@@ -79,18 +81,6 @@ class LayerState(enum.Enum):
 
 
 _CODES = tuple(LayerState)  # the state buffer stores an index into this tuple
-
-
-def full_tensor(t: torch.Tensor, shape: torch.Size | tuple[int, ...], what: str) -> torch.Tensor:
-    """``t`` as one whole local tensor: a DTensor is gathered (a collective: every rank must
-    call); a flattened shard (FSDP1) is refused with what to do instead."""
-    if hasattr(t, "full_tensor") and hasattr(t, "device_mesh"):  # a DTensor (FSDP2, TP)
-        t = t.full_tensor()
-    if tuple(t.shape) != tuple(shape):
-        raise QCError(f"{what} is sharded (shape {tuple(t.shape)}, expected {tuple(shape)}): "
-                      "with FSDP1 call this inside `FullyShardedDataParallel.summon_full_params"
-                      "(wrapped_model, writeback=True)`")
-    return t.detach()
 
 
 class AdaptedLayer(nn.Module):
@@ -383,34 +373,10 @@ class AdaptedLayer(nn.Module):
             out[key] = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
         return out
 
-    @torch.no_grad()
-    def update_ratio(self, name: str, tensors: Mapping[str, torch.Tensor],
-                     probes: int = 8) -> float | None:
-        """‖Δ‖_F / ‖W0‖_F estimated from ``probes`` fixed Gaussian vectors x
-        (E‖M·x‖² = ‖M‖_F²), using this layer's checkpoint ``tensors`` (``tensors(name)``);
-        None on the meta device. Cheap: no dense operator is formed."""
-        if self.is_meta:
-            return None
-        gates: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-        for key, k, part, i in self._saved_gates(name):
-            gates.setdefault((k, part), {})[i] = tensors[key].double()
-        x = torch.randn(probes, self.branches[0].circuit.in_features, dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(0))
-        delta, folded = 0.0, 0.0
-        for k, b in enumerate(self.branches):
-            run = (lambda part: apply_circuit(b.circuit, [g for _, g in sorted(
-                gates[k, part].items())], x))
-            t0 = run("frozen") if b.frozen is not None else 0.0
-            delta = delta + b.scale * (run("adapter") - t0)
-            folded = folded + (b.scale * t0 if b.foldable else 0.0)
-        weight = self.base_layer.weight
-        w = full_tensor(weight, weight.shape, f"{self.name}: base weight")
-        wx = (x.to(w.device, w.dtype) @ (w if self.transposed else w.t())).double().cpu()
-        w0x = wx - {LayerState.UNFOLDED: 0.0, LayerState.FOLDED: -folded,
-                    LayerState.MERGED: delta}[self.state]
-        size = torch.linalg.norm(torch.as_tensor(w0x))
-        return float(torch.linalg.norm(torch.as_tensor(delta)) /
-                     size.clamp_min(torch.finfo(torch.float64).tiny))
+    def update_ratio(self, name: str, tensors: Mapping[str, torch.Tensor]) -> float | None:
+        """‖Δ‖_F / ‖W0‖_F estimated from random probes with this layer's checkpoint
+        ``tensors`` (``tensors(name)``): ``weights.update_ratio``."""
+        return update_ratio(self, name, tensors)
 
     @torch.no_grad()
     def load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:

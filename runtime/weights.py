@@ -25,10 +25,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from qcircuit import Circuit
+from qcircuit import Circuit, QCError
 
 __all__ = ["MERGE_ROUNDING", "LARGE_UPDATE", "merge_bound", "reversal_error",
-           "warn_large_updates", "apply_circuit"]
+           "warn_large_updates", "apply_circuit", "full_tensor", "update_ratio"]
 
 #: ``unmerge`` must give ``W`` back within ``MERGE_ROUNDING·eps·‖W‖`` (Frobenius).
 MERGE_ROUNDING = 4
@@ -75,3 +75,44 @@ def apply_circuit(circuit: Circuit, gates: Sequence[torch.Tensor], x: torch.Tens
         h = torch.tensordot(h, gate, dims=(axes, list(range(n, 2 * n))))
         h = torch.movedim(h, list(range(h.dim() - n, h.dim())), axes)
     return h.reshape(x.shape[0], -1)
+
+
+def full_tensor(t: torch.Tensor, shape: torch.Size | tuple[int, ...], what: str) -> torch.Tensor:
+    """``t`` as one whole local tensor: a DTensor is gathered (a collective: every rank must
+    call); a flattened shard (FSDP1) is refused with what to do instead."""
+    if hasattr(t, "full_tensor") and hasattr(t, "device_mesh"):  # a DTensor (FSDP2, TP)
+        t = t.full_tensor()
+    if tuple(t.shape) != tuple(shape):
+        raise QCError(f"{what} is sharded (shape {tuple(t.shape)}, expected {tuple(shape)}): "
+                      "with FSDP1 call this inside `FullyShardedDataParallel.summon_full_params"
+                      "(wrapped_model, writeback=True)`")
+    return t.detach()
+
+
+@torch.no_grad()
+def update_ratio(layer, name: str, tensors: Mapping[str, torch.Tensor],
+                 probes: int = 8) -> float | None:
+    """``‖Δ‖_F / ‖W0‖_F`` of an ``AdaptedLayer`` estimated from ``probes`` fixed Gaussian
+    vectors ``x`` (``E‖M·x‖² = ‖M‖_F²``), with its checkpoint ``tensors`` (saved as
+    ``name``); None on the meta device. Cheap: no dense operator is formed."""
+    if layer.is_meta:
+        return None
+    gates: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    for key, k, part, i in layer._saved_gates(name):
+        gates.setdefault((k, part), {})[i] = tensors[key].double()
+    x = torch.randn(probes, layer.branches[0].circuit.in_features, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    delta, folded = 0.0, 0.0
+    for k, b in enumerate(layer.branches):
+        def run(part: str) -> torch.Tensor:
+            return apply_circuit(b.circuit, [g for _, g in sorted(gates[k, part].items())], x)
+        t0 = run("frozen") if b.frozen is not None else 0.0
+        delta = delta + b.scale * (run("adapter") - t0)
+        folded = folded + (b.scale * t0 if b.foldable else 0.0)
+    weight = layer.base_layer.weight
+    w = full_tensor(weight, weight.shape, f"{layer.name}: base weight")
+    wx = (x.to(w.device, w.dtype) @ (w if layer.transposed else w.t())).double().cpu()
+    w0x = wx - {"unfolded": 0.0, "folded": -folded, "merged": delta}[layer.state.value]
+    size = torch.linalg.norm(torch.as_tensor(w0x))
+    return float(torch.linalg.norm(torch.as_tensor(delta)) /
+                 size.clamp_min(torch.finfo(torch.float64).tiny))

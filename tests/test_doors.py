@@ -211,6 +211,16 @@ def test_the_checkpoint_loads_through_every_door(saved, make_llama, token_ids):
         assert rel(logits(model if door == "load_adapter" else got, token_ids), want) <= 1e-5
 
 
+def test_a_config_without_peft_type_loads_through_every_door(saved, make_llama, token_ids):
+    """Native ``load`` never needed ``peft_type``; the PEFT doors used to raise KeyError."""
+    edit(saved, lambda c: c.pop("peft_type"))
+    want = logits(load(make_llama(), saved, fold=False), token_ids)
+    model = make_llama()
+    model.load_adapter(str(saved))
+    assert rel(logits(model, token_ids), want) <= 1e-6
+    assert rel(logits(PeftModel.from_pretrained(make_llama(), saved), token_ids), want) <= 1e-6
+
+
 def test_a_program_that_names_a_qc_file_is_text(saved, make_llama, tmp_path, monkeypatch):
     """A stored program that looks like a path is parsed as text, never read or copied."""
     (tmp_path / "other.qc").write_text(PROGRAM.replace("q_proj, v_proj", "k_proj"))

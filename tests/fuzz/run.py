@@ -52,7 +52,8 @@ class Report:
 
     def lines(self, top: int = 15) -> list[str]:
         refused = sum(self.refused.values())
-        out = [f"inputs: {self.cases} (largest {self.largest_input} bytes) in {self.wall_s:.1f} s",
+        largest = f" (largest {self.largest_input} bytes)" if self.largest_input else ""
+        out = [f"inputs: {self.cases}{largest} in {self.wall_s:.1f} s",
                f"{self.accepted_as}: {self.accepted}   refused with a QCError: {refused}",
                f"rule breaks (other exceptions, unlocated errors, leaks, slow): "
                f"{len(self.findings)}",
