@@ -106,7 +106,7 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
               reversible: bool = True) -> None:
         """Merge each named adapter (default: the active ones) this layer has into its weight.
 
-        ``AdaptedLayer.plan`` always checks the gates and the new weight before writing
+        ``AdaptedLayer.plan_move`` always checks the gates and the new weight before writing
         (what ``safe_merge`` asks for) and, with ``reversible``, that unmerging gives the
         weight back; if a later adapter fails, the weight is put back exactly as it was."""
         # an adapter need not cover every layer: layers without it have nothing to merge
@@ -119,7 +119,7 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         try:
             for name in names:
                 layer = self.qc_adapters[name]
-                move = layer.plan("merge", reversible=reversible)
+                move = layer.plan_move("merge", reversible=reversible)
                 warn_large_updates({f"{layer.name} ({name})": move.update_ratio})
                 layer.apply(move)
                 done.append(name)

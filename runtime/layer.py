@@ -20,7 +20,7 @@ Only named calls move a layer between states (``fold``, ``unfold``, ``merge``, `
 and ``load_state_dict``, which restores the state stored with the weights); ``forward``
 only reads it, so DDP, FSDP, DataParallel replicas and ``torch.compile`` all run the model
 the user built. Every move adds ``offset(new) − offset(old)`` (the table's ``W − W0``)
-computed in float64 from the gates and rounded once into ``W``'s dtype. ``plan`` computes
+computed in float64 from the gates and rounded once into ``W``'s dtype. ``plan_move`` computes
 and checks a move and writes nothing (finite gates, a result that fits ``W``'s dtype);
 ``apply`` writes it. A refused move leaves ``W`` bit for bit as it was, and
 ``moves.move_all`` plans every layer before it writes any.
@@ -32,7 +32,7 @@ Reversible means reversible: ``merge`` also computes, before writing, exactly th
 (``‖U − W‖_F ≤ 4·eps·‖W‖_F``, ``eps`` of ``W``'s dtype: 4.8e-7 for float32, 3.1e-2 for
 bfloat16). Two roundings cost at most ``½eps·(‖W + Δ‖ + ‖W‖)``, so any update up to the
 size of ``W`` passes with room; one of 6 to 20 times ``W`` or more (a diverged run) does
-not. Updates over ``LARGE_UPDATE`` (4) times ``‖W0‖`` are reported when merged, saved or
+not. Updates over ``LARGE_UPDATE`` (10) times ``‖W0‖`` are reported when merged, saved or
 loaded (``weights.py``).
 
 A layer folds only on real weights (not the meta device) and when a branch is foldable;
@@ -62,7 +62,7 @@ __all__ = ["AdaptedLayer", "LayerState", "Move", "full_tensor"]
 
 @dataclass(frozen=True)
 class Move:
-    """A checked state change of one layer (``AdaptedLayer.plan``): the call that makes it,
+    """A checked state change of one layer (``AdaptedLayer.plan_move``): the call that makes it,
     the state it reaches, the new base weight (None: ``W`` does not change) and, for a
     merge, ‖Δ‖_F / ‖W0‖_F."""
 
@@ -164,24 +164,24 @@ class AdaptedLayer(nn.Module):
     def fold(self) -> None:
         """unfolded -> folded: ``W ← W − Σ_foldable s·T_θ0`` (no-op where ``can_fold`` is
         false)."""
-        self.apply(self.plan("fold"))
+        self.apply(self.plan_move("fold"))
 
     def unfold(self) -> None:
         """folded -> unfolded: back to the base weight ``W0`` (one rounding)."""
-        self.apply(self.plan("unfold"))
+        self.apply(self.plan_move("unfold"))
 
     def merge(self, *, reversible: bool = True) -> None:
         """-> merged: ``W ← W0 + Σ s·(T_θ − T_θ0)``; the forward is the base layer's alone.
         Refused, before anything is written, where ``unmerge`` could not give ``W`` back
         within the bound of the module doc (``reversible=False``: no such check, for
         ``merge_and_unload``); an update over ``LARGE_UPDATE``·‖W0‖ is reported."""
-        move = self.plan("merge", reversible=reversible)
+        move = self.plan_move("merge", reversible=reversible)
         warn_large_updates({self.name: move.update_ratio})
         self.apply(move)
 
     def unmerge(self) -> None:
         """merged -> the state before ``merge`` (``W`` within the merge bound)."""
-        self.apply(self.plan("unmerge"))
+        self.apply(self.plan_move("unmerge"))
 
     def _target(self, call: str) -> LayerState:
         """The state ``call`` moves this layer to (its preconditions checked)."""
@@ -206,7 +206,7 @@ class AdaptedLayer(nn.Module):
         raise ValueError(f"unknown state change {call!r}")
 
     @torch.no_grad()
-    def plan(self, call: str, *, reversible: bool = True) -> "Move":
+    def plan_move(self, call: str, *, reversible: bool = True) -> "Move":
         """What ``call`` (``fold``, ``unfold``, ``merge`` or ``unmerge``) does to this layer,
         computed in float64 and checked; nothing is written (``apply`` writes it)."""
         new = self._target(call)

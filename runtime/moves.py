@@ -1,7 +1,7 @@
 """Moving many adapted layers at once, all or nothing, with no weight changed by a refusal.
 
 ``move_all(layers, call)`` runs ``fold``/``unfold``/``merge``/``unmerge`` on every layer in
-two passes. The first plans every layer's move (``AdaptedLayer.plan``: float64, every
+two passes. The first plans every layer's move (``AdaptedLayer.plan_move``: float64, every
 check: non-finite gates, overflow, a merge that unmerge could not undo) and writes
 nothing, so a refusal leaves every weight bit for bit as it was. The second plans each
 layer again (the same computation on the same numbers: the same result) and writes it,
@@ -26,7 +26,7 @@ def check_all(layers: Mapping[str, AdaptedLayer], call: str, *, reversible: bool
               when: str | None = None) -> None:
     """Plan ``call`` on every layer and write nothing: a ``QCError`` names the first layer
     that refuses; updates far larger than the base weight are reported (one warning)."""
-    ratios = {name: layer.plan(call, reversible=reversible).update_ratio
+    ratios = {name: layer.plan_move(call, reversible=reversible).update_ratio
               for name, layer in layers.items()}
     warn_large_updates(ratios, when or "merging")
 
@@ -36,7 +36,7 @@ def move_all(layers: Mapping[str, AdaptedLayer], call: str, *, reversible: bool 
     check_all(layers, call, reversible=reversible)
     with held_interrupts():
         for layer in layers.values():
-            layer.apply(layer.plan(call, reversible=reversible))
+            layer.apply(layer.plan_move(call, reversible=reversible))
 
 
 @contextmanager

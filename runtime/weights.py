@@ -33,7 +33,7 @@ __all__ = ["MERGE_ROUNDING", "LARGE_UPDATE", "merge_bound", "reversal_error",
 #: ``unmerge`` must give ``W`` back within ``MERGE_ROUNDING·eps·‖W‖`` (Frobenius).
 MERGE_ROUNDING = 4
 #: An update ``‖Δ‖ > LARGE_UPDATE·‖W0‖`` is reported: training probably diverged.
-LARGE_UPDATE = 4.0
+LARGE_UPDATE = 10.0
 
 
 def merge_bound(dtype: torch.dtype) -> float:

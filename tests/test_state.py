@@ -46,7 +46,7 @@ def test_fold_refuses_a_non_finite_frozen_gate(tiny_llama):
 
 def test_attach_puts_the_model_back_bit_for_bit_when_a_fold_fails(tiny_llama, monkeypatch):
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    real = AdaptedLayer.plan
+    real = AdaptedLayer.plan_move
     calls = []
 
     def failing(self, call, **kwargs):
@@ -55,7 +55,7 @@ def test_attach_puts_the_model_back_bit_for_bit_when_a_fold_fails(tiny_llama, mo
             raise QCError("boom")
         return real(self, call, **kwargs)
 
-    monkeypatch.setattr(AdaptedLayer, "plan", failing)
+    monkeypatch.setattr(AdaptedLayer, "plan_move", failing)
     with pytest.raises(QCError, match="boom"):
         attach(tiny_llama, llama_program(), seed=0)
     assert not any(isinstance(m, AdaptedLayer) for m in tiny_llama.modules())
