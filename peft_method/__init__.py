@@ -9,9 +9,12 @@ PEFT's own ``register_peft_method`` accepts only names of its closed ``PeftType`
 Its maps are keyed by those members, which are ``str`` subclasses equal to (and hashing
 like) their value, so the string ``"QUANTA"`` is a key like theirs: :func:`register`
 writes the three entries directly, and refuses if another method already took the name.
+It also puts qcircuit's checks in front of PEFT's config reader (``guard.py``), so both
+PEFT doors refuse a bad QuanTA directory exactly as native ``load`` does.
 """
 from __future__ import annotations
 
+from . import guard
 from .config import PEFT_TYPE_NAME, QUANTA, QuanTAConfig
 from .layer import QuanTALayer
 from .model import QuanTAModel
@@ -49,6 +52,7 @@ def register() -> None:
         raise RuntimeError(f"PEFT method {taken[0]} already uses the prefix {QuanTAModel.prefix!r}")
     for table, value in entries:
         table[QUANTA] = value
+    guard.install()
 
 
 register()

@@ -1,27 +1,34 @@
-"""``QuanTAConfig``: a PEFT config whose fields are a qcircuit adapter config.
+"""``QuanTAConfig``: a PEFT config that carries a qcircuit adapter record.
 
-The JSON PEFT writes (``adapter_config.json``) is a superset of the native one
-(``runtime/checkpoint.py``): ``format``, ``program`` (``Program.to_qc()``), ``options``,
-``model`` and ``layers`` are filled in when the adapter is injected, so
-``qcircuit.runtime.load`` reads a directory written by ``save_pretrained``, and PEFT reads
-one written by ``Adapted.save()`` once that file carries ``peft_type``.
+A new adapter is described by ``program`` (a ``.qc`` path, ``.qc`` text or a
+``Program``), ``options`` (overrides of the program's options) and ``seed``; its
+``record`` (``qcircuit.runtime.record.AdapterRecord``) is made when the adapter is
+injected and gains its tensor records when it is saved. A config that PEFT reads from
+``adapter_config.json`` arrives with the record's fields (``format``, ``format_version``,
+``qcircuit_version``, ``model``, ``layers``, ``tensors``, the program *text* and its
+``options``): they are not kept as fields but turned into the record by the one validator
+native ``load`` uses (``record.from_json``), so the program is parsed as text with
+includes off, and the options, layers and tensors must agree with it exactly as there.
+``to_dict`` (what PEFT writes) is PEFT's bookkeeping plus ``record.to_json()``: one format
+for both doors.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Optional
 
 from peft import PeftConfig
 
-import qcircuit
 from qcircuit import Program, QCError, parse, parse_file
-from qcircuit.runtime.checkpoint import FORMAT, FORMAT_VERSION  # one format, both doors
-from qcircuit.runtime.checkpoint_schema import upgrade
+from qcircuit.runtime.record import AdapterRecord
+from qcircuit.runtime.record import from_json as record_from_json
 
 #: The ``peft_type`` string. PEFT's maps are keyed by ``PeftType`` members, which are
 #: ``str`` subclasses equal to their value, so this string is a key among theirs.
 PEFT_TYPE_NAME = "QUANTA"
+#: Fields of a saved config that make up its record (besides ``program`` and ``options``).
+RECORD_FIELDS = ("format", "format_version", "qcircuit_version", "model", "layers", "tensors")
 
 
 class QuanTAType(str):
@@ -40,16 +47,14 @@ class QuanTAType(str):
 QUANTA = QuanTAType(PEFT_TYPE_NAME)
 
 
-def _looks_like_path(text: str) -> bool:
-    return "\n" not in text and (text.endswith(".qc") or os.path.isfile(text))
-
-
 def as_program(program: str | os.PathLike | Program, options: dict | None = None) -> Program:
-    """A ``Program`` from a ``.qc`` path, ``.qc`` text or a ``Program``; ``options`` (keys as
-    in ``.qc``: init, scale, dropout) override the program's own."""
+    """A ``Program`` from a ``.qc`` path (a ``PathLike``, or one line ending in ``.qc``
+    that holds no ``{``), ``.qc`` text or a ``Program``; ``options`` (init, scale,
+    dropout) override its own."""
     if isinstance(program, Program):
         prog = program
-    elif isinstance(program, os.PathLike) or (isinstance(program, str) and _looks_like_path(program)):
+    elif isinstance(program, os.PathLike) or (isinstance(program, str) and program.endswith(".qc")
+                                              and not any(c in program for c in "\n{")):
         prog = parse_file(os.fspath(program))
     elif isinstance(program, str):
         prog = parse(program)
@@ -70,38 +75,48 @@ class QuanTAConfig(PeftConfig):
     ``program``: a ``.qc`` path, ``.qc`` text or a ``Program``; it is stored as ``.qc`` text.
     ``options``: overrides of the program's options (``init``, ``scale``, ``dropout``).
     ``seed``: seeds the gate initialisation (the same gates as ``attach(..., seed=seed)``).
-    ``model``, ``layers``, ``target_modules``: filled in when the adapter is injected.
+    ``record``: the adapter as saved or to be saved (see the module doc); None until the
+    adapter is injected. ``target_modules``: filled in when the adapter is injected.
     """
 
     program: Optional[str] = field(default=None, metadata={"help": ".qc path or .qc text"})
     options: Optional[dict] = field(default=None, metadata={"help": "init, scale, dropout"})
     seed: Optional[int] = field(default=None, metadata={"help": "gate initialisation seed"})
-    format: str = field(default=FORMAT, metadata={"help": "qcircuit checkpoint format"})
-    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "of the format"})
-    tensors: Optional[dict] = field(default=None, metadata={
-        "help": "dtype, shape and sha256 of each saved tensor (filled in at save)"})
-    qcircuit_version: Optional[str] = field(default=None)
-    model: Optional[dict] = field(default=None, metadata={"help": "base model identity"})
-    layers: Optional[dict] = field(default=None, metadata={"help": "adapted modules"})
     target_modules: Optional[list] = field(default=None, metadata={"help": "adapted modules"})
+    # a saved checkpoint's fields, as PEFT passes them from adapter_config.json: the record
+    format: InitVar[object] = None
+    format_version: InitVar[object] = None
+    qcircuit_version: InitVar[object] = None
+    model: InitVar[object] = None
+    layers: InitVar[object] = None
+    tensors: InitVar[object] = None
 
-    def __post_init__(self):
+    def __post_init__(self, *saved: object):
         super().__post_init__()
         self.peft_type = QUANTA
-        if self.program is None:
+        self.record: AdapterRecord | None = None
+        if any(value is not None for value in saved):   # read from a checkpoint's config
+            config = {**dict(zip(RECORD_FIELDS, saved)), "program": self.program,
+                      "options": self.options, "peft_type": PEFT_TYPE_NAME}
+            self.record = record_from_json(config, "adapter_config.json (QuanTAConfig)")
+            self.target_modules = list(self.record.layers)
+            prog = self.record.program
+        elif self.program is None:
             raise QCError("QuanTAConfig needs program= (a .qc path or .qc text)")
-        if self.format != FORMAT:
-            raise QCError(f"not a qcircuit adapter config: format {self.format!r}, "
-                          f"expected {FORMAT!r}")
-        prog = as_program(self.program, self.options)
+        else:
+            prog = as_program(self.program, self.options)
         self.program = prog.to_qc()
         self.options = {k: prog.option(k) for k in ("init", "scale", "dropout")}
-        if self.format_version == 2 and self.layers is not None:   # written by qcircuit 0.2
-            old = {"format_version": 2, "layers": self.layers, "options": self.options}
-            self.format_version, self.layers = FORMAT_VERSION, upgrade(old)["layers"]
-        if self.qcircuit_version is None:
-            self.qcircuit_version = qcircuit.__version__
 
     def to_program(self) -> Program:
         """The program with this config's options."""
-        return as_program(self.program, self.options)
+        return self.record.program if self.record is not None else \
+            as_program(self.program, self.options)
+
+    def to_dict(self) -> dict:
+        """What PEFT writes: its own fields, then the record (``record.to_json()``)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["peft_type"] = PEFT_TYPE_NAME
+        if self.record is not None:
+            out.update(self.record.to_json())
+        return out

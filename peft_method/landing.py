@@ -12,30 +12,33 @@ buffers, gate-sized, with the recorded dtype, at exactly the checkpoint's key pa
 (``<module>.gates.<i>`` is buffer ``i`` of a ``gates`` child of the module's
 ``QuanTALayer``; a sum's ``<module>.<circuit>.gates.<i>`` one level deeper). A slot hands what
 it is given to the layer's :class:`Arrivals`; when the layer's last tensor has come, the
-set is checked against the config's records (``checkpoint.check_tensors``: what
-``checkpoint.read`` checks) and copied into the gates (``AdaptedLayer.load_tensors``), and
+set is checked against the config's records (``checkpoint.check_tensors`` and
+``check_circuits``: what ``checkpoint.read`` checks) and copied into the gates (``AdaptedLayer.load_tensors``), and
 the slots go away. Until then the adapter is *pending* on that layer and the layer
 refuses to run, merge or save it: a tensor the file lacks, one the loader renamed, or one
 that fails its hash never leaves random gates in use.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Collection
 
 import torch
 from torch import nn
 
 from qcircuit import QCError
 from qcircuit.runtime import checkpoint
+from qcircuit.runtime.record import AdapterRecord, TensorRecord
+from qcircuit.runtime.weights import warn_large_updates
 
 
 class Arrivals:
     """The checkpoint tensors one ``AdaptedLayer`` of a pending adapter waits for."""
 
     def __init__(self, owner: nn.Module, adapter_name: str, module_name: str,
-                 records: Mapping[str, dict]):
+                 record: AdapterRecord, keys: Collection[str]):
         self.owner, self.adapter_name, self.module_name = owner, adapter_name, module_name
-        self.records = dict(records)
+        self.record = record
+        self.records: dict[str, TensorRecord] = {k: record.tensors[k] for k in keys}
         self.received: dict[str, torch.Tensor] = {}
         self.failure: str | None = None
 
@@ -66,7 +69,11 @@ class Arrivals:
         remove_slots(owner, self)
         try:
             checkpoint.check_tensors(where, self.records, tensors)
-            owner.qc_adapters[self.adapter_name].load_tensors(self.module_name, tensors)
+            checkpoint.check_circuits(where, self.record, tensors, modules=[self.module_name])
+            layer = owner.qc_adapters[self.adapter_name]
+            layer.load_tensors(self.module_name, tensors)
+            warn_large_updates({self.module_name: layer.update_ratio(self.module_name, tensors)},
+                               "loading")
         except QCError as e:
             self.failure = str(e)
             raise
@@ -114,7 +121,7 @@ def add_slots(owner: nn.Module, arrivals: Arrivals) -> None:
                 raise QCError(f"{module_name}: checkpoint key {key} would land on {prefix}, "
                               f"which is taken (another adapter still pending there?)")
             node = child
-        node.register_buffer(leaf, torch.empty(rec["shape"], dtype=getattr(torch, rec["dtype"]),
+        node.register_buffer(leaf, torch.empty(rec.shape, dtype=getattr(torch, rec.dtype),
                                                device=device))
 
 

@@ -21,6 +21,8 @@ from torch import nn
 
 from qcircuit import QCError
 from qcircuit.runtime import AdaptedLayer
+from qcircuit.runtime.layer import Move, full_tensor
+from qcircuit.runtime.weights import warn_large_updates
 
 from .landing import Arrivals, remove_slots
 
@@ -34,7 +36,7 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
     # the PEFT prefix ("quanta_") on purpose: PEFT reports every model key with the prefix
     # that a checkpoint leaves unfilled as missing, and these containers hold aliases (the
     # base layer, each gate module twice) that a checkpoint never stores. Completeness is
-    # checked by qcircuit's own check_layers when the checkpoint is read.
+    # checked by qcircuit (record.check_fits, checkpoint.check_tensors) when it is read.
     adapter_layer_names = ("qc_gates",)
     other_param_names = ("qc_adapters",)
 
@@ -94,25 +96,47 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
             self.unmerge()
         super().enable_adapters(enabled)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def to_merge(self, adapter_names: Optional[list[str]] = None) -> list[str]:
+        """The adapters a merge of ``adapter_names`` (default: the active ones) merges here:
+        those this layer has and has not merged yet."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        return [n for n in names if n in self.qc_adapters and n not in self.merged_adapters]
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None, *,
+              reversible: bool = True) -> None:
         """Merge each named adapter (default: the active ones) this layer has into its weight.
 
-        ``AdaptedLayer.merge`` always checks the gates and the new weight before writing
-        (what ``safe_merge`` asks for); on a failure the adapters merged here are undone."""
+        ``AdaptedLayer.plan_move`` always checks the gates and the new weight before writing
+        (what ``safe_merge`` asks for) and, with ``reversible``, that unmerging gives the
+        weight back; if a later adapter fails, the weight is put back exactly as it was."""
         # an adapter need not cover every layer: layers without it have nothing to merge
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.qc_adapters]
         for name in names:
             self.check_loaded(name)
+        weight = self.base_layer.weight
+        old = full_tensor(weight, weight.shape, "base weight").clone() if len(names) > 1 else None
         done = []
         try:
             for name in names:
-                self.qc_adapters[name].merge()
+                layer = self.qc_adapters[name]
+                move = layer.plan_move("merge", reversible=reversible)
+                warn_large_updates({f"{layer.name} ({name})": move.update_ratio})
+                layer.apply(move)
                 done.append(name)
         except BaseException:
-            for name in reversed(done):
-                self.qc_adapters[name].unmerge()
+            for name in done:   # the exact old weight, and each layer's state before merge
+                layer = self.qc_adapters[name]
+                layer.apply(Move("unmerge", layer.rest, old))
             raise
         self.merged_adapters.extend(done)
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool,
+                                           adapter_names: Optional[list[str]]) -> nn.Module:
+        """PEFT's ``merge_and_unload``/``unload`` for this layer: merging for good needs no
+        unmerge, so it is not held to the reversibility bound."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names, reversible=False)
+        return self.base_layer
 
     def unmerge(self) -> None:
         """Unmerge every merged adapter, last merged first."""

@@ -23,10 +23,10 @@ from torch import nn
 
 from qcircuit import QCError
 from qcircuit.runtime import AdaptedLayer, bind
-from qcircuit.runtime.bind import by_layer
-from qcircuit.runtime import checkpoint
-from qcircuit.runtime.checkpoint_schema import check_config
+from qcircuit.runtime import checkpoint, record
 from qcircuit.runtime.adapter import build_layers, check_not_shared  # the native layer and refusal
+from qcircuit.runtime.moves import check_all, held_interrupts
+from qcircuit.runtime.weights import warn_large_updates
 
 from .config import QuanTAConfig
 from .landing import Arrivals, add_slots
@@ -114,20 +114,18 @@ class QuanTAModel(BaseTuner):
             raise QCError("QuanTA adapters do not support low_cpu_mem_usage=True (gates are "
                           "drawn and checked on real tensors)")
         program = config.to_program()
-        saved = self._bare_door and _check_saved(config)
+        saved = config.record if config.record is not None and \
+            config.record.tensors is not None else None   # a checkpoint's: tensors to come
         view = _BaseView(model)
         targets = bind(view, program)
         check_not_shared(view, targets)
-        records = {name: checkpoint.layer_record(branches)
-                   for name, branches in by_layer(targets).items()}
-        if config.layers is not None:  # a loaded config: it must describe these very layers
-            shapes = checkpoint.expected_tensors(config.layers)  # tensors come later: shapes only
-            checkpoint.check_layers("adapter config", _native(config), records,
-                                    {k: torch.empty(s, device="meta") for k, s in shapes.items()})
+        current = record.from_targets(program, model, targets)
+        if saved is not None:  # it must describe these very layers
+            record.check_fits(saved, current.layers, "adapter config")
+            current = current.with_tensors(saved.tensors)   # what the loaded tensors must be
         generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
         self._pending = build_layers(view, targets, generator)   # attach's order
-        config.layers = records
-        config.model = checkpoint.model_identity(model)
+        config.record = current
         config.target_modules = [t.module_name for t in targets]
         if self._bare_door:  # new layers run what the model's other QuanTA layers run
             self.active_adapter = _model_active(model) or adapter_name
@@ -136,7 +134,7 @@ class QuanTAModel(BaseTuner):
                                    low_cpu_mem_usage=False, state_dict=None)
         finally:
             self._pending = {}
-        if saved:
+        if saved is not None and self._bare_door:
             _await_checkpoint(model, config, adapter_name)
 
     @staticmethod
@@ -180,15 +178,47 @@ class QuanTAModel(BaseTuner):
                           "run one batch per adapter with set_adapter(name)")
         yield
 
+    def _planned_merges(self, adapter_names: Optional[list[str]]) -> dict[str, AdaptedLayer]:
+        """Every layer a merge of ``adapter_names`` would move, labelled for messages."""
+        out = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, QuanTALayer):
+                for adapter in module.to_merge(adapter_names):
+                    module.check_loaded(adapter)
+                    out[f"{name} ({adapter})"] = module.qc_adapters[adapter]
+        return out
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None,
+                      safe_merge: bool = False) -> None:
+        """PEFT's merge, all or nothing: every layer's merge is planned and checked first
+        (qcircuit's ``moves.check_all``), then PEFT's loop writes them, Ctrl-C held."""
+        check_all(self._planned_merges(adapter_names), "merge")
+        with held_interrupts():
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
+                                     safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """``merge_and_unload``/``unload``: with ``merge``, every layer is checked first (a
+        merge for good needs no unmerge: no reversibility bound)."""
+        if merge:
+            check_all(self._planned_merges(adapter_names), "merge", reversible=False)
+        with held_interrupts():
+            return super()._unload_and_optionally_merge(
+                merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                adapter_names=adapter_names)
+
     # --- checkpoints: qcircuit's tensor names ----------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model: nn.Module, config: QuanTAConfig, adapter_name: str,
                                 state_dict: dict[str, torch.Tensor],
                                 unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
         tensors = checkpoint_tensors(model, adapter_name)
+        warn_large_updates({name: layer.update_ratio(name, tensors) for name, (_, layer)
+                            in adapted_layers(model, adapter_name).items()}, "saving")
         # PEFT writes the config after this hook: it then carries the tensors' hashes, so
         # qcircuit's own reader verifies a save_pretrained directory like a native one
-        config.tensors = checkpoint.tensor_records(tensors)
+        config.record = config.record.with_tensors(checkpoint.tensor_records(tensors))
         return tensors
 
     @classmethod
@@ -203,10 +233,14 @@ class QuanTAModel(BaseTuner):
         tensors are exactly the ones the adapter's layers need (and, where the config
         records them, the very tensors that were saved)."""
         layers = adapted_layers(model, adapter_name)
-        checkpoint.check_layers("adapter", _native(config), config.layers, state_dict)
-        if config.tensors is not None:  # PEFT read the file as it is: check what it holds
-            checkpoint.check_tensors(f"checkpoint of adapter {adapter_name!r}", config.tensors,
-                                     state_dict)
+        where, saved = f"checkpoint of adapter {adapter_name!r}", config.record
+        if saved.tensors is not None:   # the very tensors that were saved
+            checkpoint.check_tensors(where, saved.tensors, state_dict)
+        else:   # a state dict for a fresh adapter: the names and shapes its layers need
+            checkpoint.check_unrecorded(where, saved, state_dict)
+        checkpoint.check_circuits(where, saved, state_dict)
+        warn_large_updates({name: layer.update_ratio(name, state_dict)
+                            for name, (_, layer) in layers.items()}, "loading")
         out = {}
         for module_name, (full_name, layer) in layers.items():
             here = f"{full_name}.qc_adapters.{adapter_name}"
@@ -224,13 +258,6 @@ def _new_parameters_are_meta() -> bool:
     return probe.p.is_meta
 
 
-def _native(config: QuanTAConfig) -> dict:
-    """The config as the native checkpoint reader sees it."""
-    return {"format": config.format, "format_version": config.format_version,
-            "program": config.program, "options": config.options,
-            "model": config.model or {}, "layers": config.layers}
-
-
 def _model_active(model: nn.Module) -> list[str]:
     """The adapters the model's QuanTA layers run (the first layer's), if it has any."""
     for module in model.modules():
@@ -239,33 +266,11 @@ def _model_active(model: nn.Module) -> list[str]:
     return []
 
 
-def _check_saved(config: QuanTAConfig) -> bool:
-    """True if ``config`` was read from a checkpoint (it records the saved tensors), after
-    checking it like ``checkpoint.read`` checks ``adapter_config.json``."""
-    if config.tensors is None:
-        if config.layers is not None:
-            raise QCError("this QuanTAConfig describes adapted layers but records no tensor "
-                          "hashes: a checkpoint written without them cannot be verified (save "
-                          "it again with this qcircuit); for a new adapter pass a fresh "
-                          "QuanTAConfig(program=...)")
-        return False
-    native = {**_native(config), "tensors": config.tensors,
-              "qcircuit_version": config.qcircuit_version, "peft_type": str.__str__(config.peft_type)}
-    where = f"{checkpoint.CONFIG_NAME} (as read by PeftConfig.from_pretrained)"
-    check_config(native, where)
-    checkpoint.program_of(native, where)
-    return True
-
-
 def _await_checkpoint(model: nn.Module, config: QuanTAConfig, adapter_name: str) -> None:
     """Landing slots on each layer of ``adapter_name`` for its recorded tensors."""
     for module_name, (full_name, layer) in adapted_layers(model, adapter_name).items():
         keys = layer.checkpoint_names(module_name)
-        unrecorded = sorted(keys - config.tensors.keys())
-        if unrecorded:
-            raise QCError(f"adapter config of {adapter_name!r} records no tensor {unrecorded[0]}")
         owner = model.get_submodule(full_name)
-        arrivals = Arrivals(owner, adapter_name, module_name,
-                            {k: config.tensors[k] for k in keys})
+        arrivals = Arrivals(owner, adapter_name, module_name, config.record, keys)
         add_slots(owner, arrivals)
         owner.await_tensors(arrivals)

@@ -4,14 +4,15 @@ written), ``build_gates`` (infer and check every gate's dims), ``parse_dims``,
 """
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from .errors import QCError, Span
-from .limits import MAX_DIM, MAX_PARAMS
+from .errors import QCError, Span, quoted
+from .limits import MAX_DIM, MAX_PARAMS, MAX_QUDITS
 
 __all__ = ["Dims", "Gate", "GateSpec", "build_gates", "check_params", "parse_dims",
            "all_pairs_qudits"]
@@ -80,20 +81,23 @@ def parse_dims(text: str | Sequence[int] | int, span: Span | None = None) -> Dim
     """``"16x43"`` or ``(16, 43)`` or ``16`` -> ``(16, 43)``; every dim must be positive."""
     if isinstance(text, str):
         parts = text.strip().lower().split("x")
-        if not all(re.fullmatch(r"\s*-?\d{1,9}\s*", p) for p in parts):
-            raise QCError(f"bad dims {text!r}", span, expected="dims like 16x8")
+        if len(parts) > 2 * MAX_QUDITS or not all(re.fullmatch(r"\s*-?\d{1,9}\s*", p) for p in parts):
+            raise QCError(f"bad dims {quoted(text)}", span, expected="dims like 16x8")
         values: tuple = tuple(int(p) for p in parts)
     elif as_int(text) is not None:
         values = (as_int(text),)
     else:
         try:
-            values = tuple(text)  # type: ignore[arg-type]
+            values = tuple(itertools.islice(text, 2 * MAX_QUDITS + 1))  # type: ignore[arg-type]
         except TypeError:
-            raise QCError(f"bad dims {text!r}", span, expected="dims like 16x8 or (16, 8)") from None
+            raise QCError(f"bad dims {quoted(text)}", span,
+                          expected="dims like 16x8 or (16, 8)") from None
+        if len(values) > 2 * MAX_QUDITS:
+            raise QCError(f"too many dims (at most {MAX_QUDITS} per side)", span)
     dims = tuple(as_int(d) for d in values)
     for d, v in zip(dims, values):
         if d is None or d <= 0:
-            raise QCError(f"dims must be positive integers, got {v!r}", span)
+            raise QCError(f"dims must be positive integers, got {quoted(v)}", span)
         if d > MAX_DIM:
             raise QCError(f"dim {d} is too large (at most {MAX_DIM})", span)
     return dims  # type: ignore[return-value]

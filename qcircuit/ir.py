@@ -8,14 +8,16 @@ operator is ``T = G_K ⋯ G_1`` (first gate applied first). Equality ignores sou
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import QCError, Span
+from .errors import QCError, Span, quoted
 from .gates import (Dims, Gate, GateSpec, all_pairs_qudits, as_int, build_gates,  # noqa: F401
                     check_params, parse_dims, split_gate_dims)
-from .limits import MAX_DIM, MAX_FEATURES, MAX_GATES, MAX_PARAMS, MAX_QUDITS  # noqa: F401
+from .limits import (MAX_DIM, MAX_FEATURES, MAX_GATES, MAX_PARAMS, MAX_QUDITS,  # noqa: F401
+                     MAX_REPEAT)
 from .program import (INIT_MODES, OPTION_DEFAULTS, ApplyRule, Pattern, Program,  # noqa: F401
                       check_option)
 
@@ -135,8 +137,9 @@ class Circuit:
         if len(dims) > MAX_QUDITS:
             raise QCError(f"too many qudits: {len(dims)} (at most {MAX_QUDITS})", span)
         checked = tuple(None if d is None else _one_dim(d, span) for d in dims)
-        if auto is not None and (dims or as_int(auto) is None or auto <= 0):
-            raise QCError("an auto circuit takes a positive qudit count and no dims", span)
+        if auto is not None and (dims or as_int(auto) is None or not 0 < auto <= MAX_QUDITS):
+            raise QCError(f"an auto circuit takes a qudit count from 1 to {MAX_QUDITS} and no "
+                          f"dims, got {quoted(auto)}", span)
         gates = tuple(gates)
         if _wires is None:  # builder methods pass the wires they already checked
             _wires = _check_gates(checked, gates, auto, span)
@@ -152,8 +155,12 @@ class Circuit:
 
     @classmethod
     def auto_dims(cls, n: int) -> "Circuit":
-        """A circuit on ``n`` qudits whose dims come from the layer at bind time."""
-        return cls(auto=n)
+        """A circuit on ``n`` qudits (1 to ``MAX_QUDITS``) whose dims come from the layer at
+        bind time."""
+        if as_int(n) is None or not 0 < as_int(n) <= MAX_QUDITS:
+            raise QCError(f"Circuit.auto_dims takes a qudit count from 1 to {MAX_QUDITS}, "
+                          f"got {quoted(n)}")
+        return cls(auto=as_int(n))
 
     # --- shape -----------------------------------------------------------------------
     @property
@@ -239,8 +246,12 @@ class Circuit:
         if as_int(qudits) is not None:
             qudits = (as_int(qudits),)
         elif isinstance(qudits, (str, bytes)) or not hasattr(qudits, "__iter__"):
-            raise QCError(f"a gate's qudits are a tuple of indices, got {qudits!r}")
-        qudits = tuple(q if as_int(q) is None else as_int(q) for q in qudits)
+            raise QCError(f"a gate's qudits are a tuple of indices, got {quoted(qudits)}")
+        given = tuple(itertools.islice(qudits, MAX_QUDITS + 1))
+        if len(given) > MAX_QUDITS or any(as_int(q) is None or as_int(q) < 0 for q in given):
+            raise QCError(f"a gate's qudits are up to {MAX_QUDITS} non-negative integer "
+                          f"indices, got {quoted(given)}")
+        qudits = tuple(as_int(q) for q in given)
         ins, outs = split_gate_dims(dims, out)
         return self._with([GateSpec(qudits, ins, outs)])
 
@@ -250,12 +261,15 @@ class Circuit:
 
     def then(self, other: "Circuit") -> "Circuit":
         """This circuit followed by ``other``'s gates (on the same qudits)."""
+        if not isinstance(other, Circuit):
+            raise QCError(f"then() takes a Circuit, got {type(other).__name__}")
         return self._with(_specs_of(other.gates))
 
     def repeat(self, k: int) -> "Circuit":
         """The gate sequence played ``k`` times."""
-        if as_int(k) is None or k < 1:
-            raise QCError(f"repeat count must be a positive integer, got {k!r}")
+        if as_int(k) is None or not 1 <= k <= MAX_REPEAT:
+            raise QCError(f"repeat count must be an integer from 1 to {MAX_REPEAT}, got "
+                          f"{quoted(k)}")
         if len(self.gates) * k > MAX_GATES:
             raise QCError(f"too many gates: {len(self.gates)} x {k} (at most {MAX_GATES})")
         return self._with(_specs_of(self.gates) * (k - 1))

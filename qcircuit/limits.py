@@ -31,6 +31,8 @@ MAX_REPEAT = MAX_GATES
 #: ``repeat`` blocks nested in one another.
 MAX_REPEAT_DEPTH = 32
 
+#: Characters of one module pattern (a name suffix; a module name is at most this long).
+MAX_PATTERN_CHARS = 1000
 #: Characters of one ``/regex/`` (see ``regex_safety.py`` for the subset accepted).
 MAX_REGEX_CHARS = 256
 #: Repeating quantifiers (``*``, ``+``, ``{m,n}``) in one ``/regex/``.
@@ -41,4 +43,4 @@ SCALE_RANGE = (1e-6, 1e4)
 
 __all__ = ["MAX_TEXT_BYTES", "MAX_TOTAL_BYTES", "MAX_INCLUDES", "MAX_INCLUDE_DEPTH", "MAX_DIM",
            "MAX_QUDITS", "MAX_FEATURES", "MAX_GATES", "MAX_PARAMS", "MAX_REPEAT",
-           "MAX_REPEAT_DEPTH", "MAX_REGEX_CHARS", "MAX_REGEX_REPEATS", "SCALE_RANGE"]
+           "MAX_REPEAT_DEPTH", "MAX_PATTERN_CHARS", "MAX_REGEX_CHARS", "MAX_REGEX_REPEATS", "SCALE_RANGE"]

@@ -8,7 +8,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
 from .errors import QCError, Span, quoted
-from .limits import SCALE_RANGE
+from .limits import MAX_PATTERN_CHARS, SCALE_RANGE
 from .regex_safety import regex_problem
 
 if TYPE_CHECKING:
@@ -36,7 +36,15 @@ class Pattern:
     def __post_init__(self):
         if not isinstance(self.text, str) or not self.text:
             raise QCError(f"a pattern must be a non-empty string, got {quoted(self.text)}", self.span)
+        if len(self.text) > MAX_PATTERN_CHARS:
+            raise QCError(f"a pattern has at most {MAX_PATTERN_CHARS} characters, got "
+                          f"{len(self.text)}", self.span)
         if self.regex:
+            breaks = [i for i, c in enumerate(self.text) if c in "\r\n"]
+            if breaks:   # .qc text could not hold it: a program must print back to text
+                raise QCError("a /regex/ cannot hold a line break (\\r or \\n)",
+                              _shifted(self.span, 1 + breaks[0]),
+                              expected="a pattern on one line")
             problem = regex_problem(self.text)
             if problem:
                 why, offset = problem
@@ -75,6 +83,14 @@ class ApplyRule:
     options: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.circuit, str) or not _NAME.fullmatch(self.circuit):
+            raise QCError(f"apply names a circuit by name, got {quoted(self.circuit)}", self.span)
+        if not isinstance(self.patterns, tuple) or not self.patterns or \
+                not all(isinstance(p, Pattern) for p in self.patterns):
+            raise QCError("an apply rule takes a non-empty tuple of Patterns", self.span)
+        if not isinstance(self.options, Mapping):
+            raise QCError(f"an apply rule's options are a mapping, got {quoted(self.options)}",
+                          self.span)
         checked = {k: check_option(k, v, self.span) for k, v in dict(self.options).items()}
         object.__setattr__(self, "options", MappingProxyType(checked))
 
@@ -102,7 +118,7 @@ def check_option(key: str, value: object, span: Span | None = None) -> object:
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+){0,64}")  # as the grammar's PATH
 
 
 def as_pattern(pattern: object) -> Pattern:
@@ -129,7 +145,20 @@ class Program:
     options: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self):
+        from .ir import Circuit
+        if not isinstance(self.circuits, Mapping) or not isinstance(self.options, Mapping) or \
+                not isinstance(self.rules, (tuple, list)):
+            raise QCError("Program takes a mapping of circuits, a tuple of rules and a mapping "
+                          "of options")
+        for name, circuit in self.circuits.items():
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise QCError(f"bad circuit name {quoted(name)}", expected="a name like attn")
+            if not isinstance(circuit, Circuit):
+                raise QCError(f"circuit {quoted(name)} is a {type(circuit).__name__}, not a "
+                              "Circuit")
         for rule in self.rules:
+            if not isinstance(rule, ApplyRule):
+                raise QCError(f"a program's rules are ApplyRules, got {type(rule).__name__}")
             if rule.circuit not in self.circuits:
                 raise QCError(f"apply names unknown circuit {quoted(rule.circuit)}", rule.span,
                               expected=" or ".join(self.circuits) or "a circuit defined in the program")

@@ -23,14 +23,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-import qcircuit
 from qcircuit import Circuit, Program, QCError, parse_file
 from qcircuit.compiler import compile as compile_circuit
 
-from . import checkpoint
+from . import checkpoint, record
 from .bind import Target, bind, by_layer
 from .branch import Branch
 from .layer import AdaptedLayer, LayerState
+from .moves import move_all
+from .weights import warn_large_updates
 
 __all__ = ["Adapted", "AdaptedLayer", "Branch", "LayerState", "attach", "load"]
 
@@ -96,54 +97,48 @@ class Adapted:
     def merged(self) -> bool:
         return any(layer.merged for layer in self._live().values())
 
-    def _all_layers(self, move: str, undo: str) -> None:
-        """``layer.<move>()`` on every layer, or on none: the gates of all layers are checked
-        first, and a layer that still fails has the layers before it undone."""
-        layers = list(self._live().values())
+    def _all_layers(self, call: str, *, reversible: bool = True) -> None:
+        """``layer.<call>()`` on every layer, or on none: every move is planned and checked
+        before any weight is written (``moves.move_all``)."""
         _check_not_flat_sharded(self.model)
-        for layer in layers:
-            layer.check_gates()
-        done = []
-        try:
-            for layer in layers:
-                getattr(layer, move)()
-                done.append(layer)
-        except BaseException:
-            for layer in reversed(done):
-                getattr(layer, undo)()
-            raise
+        move_all(self._live(), call, reversible=reversible)
 
     def merge(self) -> None:
-        """``W ← W0 + scale·(T_θ − T_θ0)`` in every layer: no adapter cost at inference."""
+        """``W ← W0 + scale·(T_θ − T_θ0)`` in every layer: no adapter cost at inference.
+        Refused, with nothing written, where ``unmerge`` could not give a layer's weight
+        back within rounding (``layer.py``); ``merge_and_unload`` needs no such promise."""
+        self._merge(reversible=True)
+
+    def _merge(self, reversible: bool) -> None:
         if self.merged:
             raise QCError("the adapter is already merged")
         if any(layer.is_meta for layer in self._live().values()):
             raise QCError("cannot merge: the model's weights are on the meta device")
-        self._all_layers("merge", "unmerge")
+        self._all_layers("merge", reversible=reversible)
 
     def unmerge(self) -> None:
-        """Undo ``merge`` (exact up to one float rounding of each weight)."""
+        """Undo ``merge`` (each weight within the merge bound of ``layer.py``)."""
         if not self.merged:
             raise QCError("the adapter is not merged")
-        self._all_layers("unmerge", "merge")
+        self._all_layers("unmerge")
 
     def merge_and_unload(self) -> nn.Module:
         """Merge, then put each base layer back: the model holds only its own module types."""
         if not self.merged:
-            self.merge()
+            self._merge(reversible=False)
         return _unwrap(self)
 
     def fold(self) -> None:
         """Fold every layer that can (``attach``/``load`` do this unless ``fold=False``)."""
         if self.merged:
             raise QCError("unmerge before folding")
-        self._all_layers("fold", "unfold")
+        self._all_layers("fold")
 
     def unfold(self) -> None:
         """Put ``W0`` back in every folded layer: the exact two-circuit form."""
         if self.merged:
             raise QCError("unmerge before unfolding")
-        self._all_layers("unfold", "fold")
+        self._all_layers("unfold")
 
     # --- parameters ----------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -198,12 +193,11 @@ class Adapted:
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in layers.items():
             tensors.update(layer.tensors(name))
-        config = checkpoint.build_config(
-            self.program, self.model,
-            {name: checkpoint.layer_record(branches, layers[name].state.value)
-             for name, branches in by_layer(self.targets).items()},
-            version=qcircuit.__version__)
-        checkpoint.write(path, config, tensors, overwrite=overwrite)
+        warn_large_updates({name: layer.update_ratio(name, tensors)
+                            for name, layer in layers.items()}, "saving")
+        states = {name: layer.state.value for name, layer in layers.items()}
+        adapter = record.from_targets(self.program, self.model, self.targets, states)
+        checkpoint.write(path, adapter, tensors, overwrite=overwrite)
 
 
 def _options_text(target: Target) -> str:
@@ -319,8 +313,8 @@ def _unwrap(adapted: Adapted) -> nn.Module:
 
 
 def fold_all(adapted: Adapted) -> Adapted:
-    """Fold every layer that can; on any failure (``fold`` has already unfolded the layers
-    it folded) put the base layers back."""
+    """Fold every layer that can; on any failure (no weight was changed) put the base
+    layers back."""
     try:
         adapted.fold()
     except BaseException:
@@ -348,20 +342,20 @@ def load(model: nn.Module, path: str | Path, *, fold: bool = True,
          warm_up: Sequence[int] = ()) -> Adapted:
     """Restore a saved adapter onto a fresh base model (the one it was trained on); like
     ``attach``, fold ``freeze_one`` layers unless ``fold=False``, and plan ``warm_up``."""
-    config, tensors = checkpoint.read(path)   # schema, hashes, dtypes, finite values
+    saved, tensors = checkpoint.read(path)   # the record's checks, hashes, finite values
     _check_fresh(model)
-    program = checkpoint.program_of(config, str(path))   # includes disabled
+    program = saved.program   # parsed from the config's text, includes disabled
     try:
         targets = bind(model, program)
     except QCError as e:
         raise QCError(f"checkpoint {path} does not fit this model: {e.one_line()}") from None
-    current = {name: checkpoint.layer_record(branches)
-               for name, branches in by_layer(targets).items()}
-    checkpoint.check_layers(str(path), config, current)
-    warning = checkpoint.dtype_warning(config, model)
+    record.check_fits(saved, record.layer_records(targets), str(path))
+    warning = record.dtype_warning(saved, model)
     if warning:
         warnings.warn(warning, stacklevel=2)
     adapted = _wrap(model, program, targets, None, warm_up)
     for name, layer in adapted.layers.items():
         layer.load_tensors(name, tensors)
+    warn_large_updates({name: layer.update_ratio(name, tensors)
+                        for name, layer in adapted.layers.items()}, "loading")
     return fold_all(adapted) if fold else adapted

@@ -8,6 +8,13 @@ that are undone on error. The old directory is removed afterwards. Whatever happ
 before the swap (an exception, Ctrl-C, SIGTERM), the temporary directory is removed and
 ``target`` is as it was. A target holding names outside ``owned`` is refused: this
 module never deletes files it did not write.
+
+Several writers: if another process puts a directory at ``target`` between the checks and
+the swap (two first saves into one new directory), the target is checked again and the
+swap becomes an exchange (``overwrite``) or a ``QCError`` (the other one won). A process
+killed outright (``kill -9``) cannot clean up: its temporary directories carry its host
+and process id (``.NAME.tmp-HOST.PID-…``), and the next save of the same target removes
+those whose process is gone from this host.
 """
 from __future__ import annotations
 
@@ -15,8 +22,10 @@ import ctypes
 import errno
 import functools
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -96,7 +105,7 @@ def _swap_in(new: Path, target: Path) -> None:
         return
     if _exchange(new, target):
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    aside = Path(tempfile.mkdtemp(prefix=_prefix(target, "old"), dir=target.parent))
     os.replace(target, aside)     # the old directory aside, onto an empty placeholder
     try:
         os.replace(new, target)
@@ -121,6 +130,36 @@ def _check_target(target: Path, owned: Collection[str], overwrite: bool, what: s
                       f"to replace it")
 
 
+def _prefix(target: Path, kind: str) -> str:
+    """``.NAME.tmp-HOST.PID-``: whose temporary directory this is, for ``_remove_stale``."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40]
+    return f".{target.name}.{kind}-{host}.{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0   # someone else's process, or not a pid we can ask about
+    return True
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove temporary directories of ``target`` left by dead processes of this host."""
+    host = _prefix(target, "tmp").split(".tmp-", 1)[1].rsplit(".", 1)[0]
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-{re.escape(host)}\.(\d{{1,10}})-")
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if m and not _alive(int(m[1])) and not os.path.islink(target.parent / name):
+            shutil.rmtree(target.parent / name, ignore_errors=True)
+
+
 def replace_dir(target: Path, fill: Callable[[Path], None], *, owned: Collection[str],
                 overwrite: bool, what: str) -> None:
     """Make ``target`` (an absolute path) a directory holding what ``fill`` writes."""
@@ -130,14 +169,34 @@ def replace_dir(target: Path, fill: Callable[[Path], None], *, owned: Collection
     except OSError as e:
         raise QCError(f"cannot save {what} to {target}: cannot make its parent directory "
                       f"({e.strerror or e})") from None
+    _remove_stale(target)
     with _sigterm_raises():
         tmp = None
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=_prefix(target, "tmp"), dir=target.parent))
             fill(tmp)
             fsync(tmp)
-            _swap_in(tmp, target)
+            _swap_in_checked(tmp, target, owned, overwrite, what)
             fsync(target.parent)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in_checked(tmp: Path, target: Path, owned: Collection[str], overwrite: bool,
+                     what: str) -> None:
+    """``_swap_in``, race-free against other writers: without ``overwrite`` only a rename
+    onto nothing (or an empty directory), which fails if another writer got there first;
+    with it, the target is checked again when it changed under us."""
+    for _ in range(3):
+        try:
+            if overwrite:
+                _swap_in(tmp, target)
+            else:
+                os.replace(tmp, target)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR):
+                raise
+        _check_target(target, owned, overwrite, what)   # a QCError if it may not be replaced
+    raise QCError(f"cannot save {what} to {target}: other processes keep changing it")

@@ -12,19 +12,17 @@ located at the pattern in the ``.qc`` text when there is one.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
-
-from torch import nn
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from qcircuit.errors import QCError, Span
-from qcircuit.ir import OPTION_DEFAULTS, ApplyRule, Circuit, Pattern, Program
 
-try:  # transformers' GPT-2 style linear layer
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()
+if TYPE_CHECKING:   # imported when used: ``qcompile`` imports this package first, light
+    from torch import nn
+
+    from qcircuit.ir import ApplyRule, Circuit, Pattern, Program
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,7 @@ class Target:
     options: Mapping[str, object] = field(default_factory=dict)
 
     def option(self, key: str) -> object:
+        from qcircuit.ir import OPTION_DEFAULTS
         return self.options.get(key, OPTION_DEFAULTS[key])
 
 
@@ -53,9 +52,22 @@ def by_layer(targets: Sequence[Target]) -> dict[str, tuple[Target, ...]]:
     return {name: tuple(branches) for name, branches in out.items()}
 
 
+@functools.cache
+def _linear_types() -> tuple[type, type | tuple]:
+    """``nn.Linear`` and transformers' GPT-2 style ``Conv1D`` (imported when first needed:
+    the package is imported by ``qcompile`` before anything heavy)."""
+    from torch import nn
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        Conv1D = ()
+    return nn.Linear, Conv1D
+
+
 def layer_shape(module: nn.Module) -> tuple[str, int, int] | None:
     """``(kind, in_features, out_features)`` of a linear-like module, else ``None``."""
-    if isinstance(module, nn.Linear):
+    linear, Conv1D = _linear_types()
+    if isinstance(module, linear):
         return "linear", module.in_features, module.out_features
     if Conv1D and isinstance(module, Conv1D):
         n_in, n_out = module.weight.shape

@@ -6,8 +6,8 @@ field (``$.layers["model.layers.0.mlp.up_proj"].gates[1][0]``). Nothing is trust
 list where a dict belongs, a missing key, a bool where an int belongs, an unknown key or
 an unknown future ``format_version`` are all refused the same way, never as a raw
 ``KeyError``/``TypeError``. Besides types it checks what the fields must agree on: the
-tensor set is exactly the one the layer records call for, with their shapes, and the
-``frozen`` flags and layer states agree with ``options.init``.
+``frozen`` flags and layer states agree with ``options.init``. What needs the program or
+the whole record (the tensor set the layers call for) is ``record.from_json``'s.
 
 Format version 3 (this one) stores each layer as a sum of *branches* (one per ``apply``
 rule matching it, ``layers[M].branches``), each with its circuit, gate shapes, frozen flag
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Mapping
-
 from qcircuit import QCError
 from qcircuit.ir import MAX_DIM, MAX_QUDITS, OPTION_DEFAULTS, check_option
 
@@ -65,17 +63,6 @@ def branch_tensor_names(module: str, circuit: str, branches: int, gates: int,
     return out
 
 
-def expected_tensors(layers: Mapping[str, dict]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape that a checkpoint with these (checked) layer records holds."""
-    out = {}
-    for name, rec in layers.items():
-        for b in rec["branches"]:
-            names = branch_tensor_names(name, b["circuit"], len(rec["branches"]),
-                                        len(b["gates"]), b["frozen"])
-            out.update({key: tuple(b["gates"][i]) for key, (_, i) in names.items()})
-    return out
-
-
 def upgrade(config: object) -> object:
     """A version-2 config rewritten as version 3 (one branch per layer, with the program's
     options); anything else is returned as it is, for ``check_config`` to judge. Only the
@@ -95,7 +82,7 @@ def upgrade(config: object) -> object:
 
 
 def check_config(config: object, where: str) -> None:
-    """Refuse (``QCError``) any ``config`` that is not a well-formed version-2 config."""
+    """Refuse (``QCError``) any ``config`` that is not a well-formed version-3 config."""
     root = _dict(config, "$", where)
     fmt = root.get("format")
     if fmt != FORMAT:
@@ -127,7 +114,6 @@ def check_config(config: object, where: str) -> None:
     tensors = _dict(root["tensors"], "$.tensors", where)
     for name, entry in tensors.items():
         _check_tensor_entry(entry, f"$.tensors[{_key(name)}]", where)
-    _check_tensor_set(layers, tensors, where)
 
 
 # --- fields ------------------------------------------------------------------------------
@@ -245,21 +231,6 @@ def _check_agreement(layers: dict, where: str) -> None:
         if rec["state"] == "folded" and not any(b["frozen"] for b in rec["branches"]):
             raise QCError(f"{where}: {path}.state is \"folded\" but the layer has no "
                           f"frozen initial gates to fold")
-
-
-def _check_tensor_set(layers: dict, tensors: dict, where: str) -> None:
-    want = expected_tensors(layers)
-    missing = sorted(want.keys() - tensors.keys())
-    extra = sorted(tensors.keys() - want.keys())
-    if missing or extra:
-        parts = ([f"lacks {', '.join(missing[:5])}"] if missing else []) + \
-                ([f"has unexpected {', '.join(extra[:5])}"] if extra else [])
-        raise QCError(f"{where}: $.tensors {' and '.join(parts)} (the layer records call "
-                      f"for {len(want)} tensors)")
-    for name, shape in want.items():
-        if tuple(tensors[name]["shape"]) != shape:
-            raise QCError(f"{where}: $.tensors[{_key(name)}].shape is "
-                          f"{tensors[name]['shape']} but the layer record says {list(shape)}")
 
 
 # --- primitives --------------------------------------------------------------------------

@@ -7,20 +7,33 @@ layer), where ``W0`` is the base weight the layer had at ``attach``/``load``. It
 forward adds to ``W·x + b`` (sums over branches; "foldable" branches keep a frozen copy
 and have no dropout):
 
-=========  ==================================  ==========================================
-state      ``W`` holds                         forward adds, per branch
-=========  ==================================  ==========================================
-unfolded   ``W0``                              ``s·(T_θ − T_θ0)·dropout(x)``
-folded     ``W0 − Σ_foldable s·T_θ0``          ``s·T_θ·x`` if foldable, else as unfolded
-merged     ``W0 + Σ s·(T_θ − T_θ0)``           nothing (no adapter cost)
-=========  ==================================  ==========================================
+=========  ==============================  =======================================  ================================
+state      ``W`` holds                     forward adds, per branch                 leaving it gives back
+=========  ==============================  =======================================  ================================
+unfolded   ``W0``                          ``s·(T_θ − T_θ0)·dropout(x)``            (the start)
+folded     ``W0 − Σ_foldable s·T_θ0``      ``s·T_θ·x`` if foldable, else unfolded   ``W0``, one rounding
+merged     ``W0 + Σ s·(T_θ − T_θ0)``       nothing (no adapter cost)                ``W`` before merge, within
+                                                                                    ``4·eps·‖W‖`` (else refused)
+=========  ==============================  =======================================  ================================
 
 Only named calls move a layer between states (``fold``, ``unfold``, ``merge``, ``unmerge``,
 and ``load_state_dict``, which restores the state stored with the weights); ``forward``
 only reads it, so DDP, FSDP, DataParallel replicas and ``torch.compile`` all run the model
 the user built. Every move adds ``offset(new) − offset(old)`` (the table's ``W − W0``)
-computed in float64 from the gates and rounded once into ``W``'s dtype, after checking
-that the gates and the result are finite: a bad gate is refused before ``W`` is touched.
+computed in float64 from the gates and rounded once into ``W``'s dtype. ``plan_move`` computes
+and checks a move and writes nothing (finite gates, a result that fits ``W``'s dtype);
+``apply`` writes it. A refused move leaves ``W`` bit for bit as it was, and
+``moves.move_all`` plans every layer before it writes any.
+
+Reversible means reversible: ``merge`` also computes, before writing, exactly the weight
+``unmerge`` would give back, and refuses (a ``QCError`` naming the layer and pointing to
+``merge_and_unload``, which needs no unmerge) unless it is within
+``MERGE_ROUNDING·eps = 4·eps`` of the weight before the merge, normwise
+(``‖U − W‖_F ≤ 4·eps·‖W‖_F``, ``eps`` of ``W``'s dtype: 4.8e-7 for float32, 3.1e-2 for
+bfloat16). Two roundings cost at most ``½eps·(‖W + Δ‖ + ‖W‖)``, so any update up to the
+size of ``W`` passes with room; one of 6 to 20 times ``W`` or more (a diverged run) does
+not. Updates over ``LARGE_UPDATE`` (10) times ``‖W0‖`` are reported when merged, saved or
+loaded (``weights.py``).
 
 A layer folds only on real weights (not the meta device) and when a branch is foldable;
 ``zero_last`` branches have no frozen copy (``T_θ0 = 0``), so a layer of those alone stays
@@ -30,7 +43,8 @@ circuits run with autocast disabled. All branches run in one call of the layer.
 from __future__ import annotations
 
 import enum
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +54,22 @@ from qcircuit import Circuit, QCError
 
 from .branch import Branch
 from .checkpoint_schema import branch_tensor_names
+from .weights import (MERGE_ROUNDING, full_tensor, merge_bound, reversal_error, update_ratio,
+                      warn_large_updates)
+
+__all__ = ["AdaptedLayer", "LayerState", "Move", "full_tensor"]
+
+
+@dataclass(frozen=True)
+class Move:
+    """A checked state change of one layer (``AdaptedLayer.plan_move``): the call that makes it,
+    the state it reaches, the new base weight (None: ``W`` does not change) and, for a
+    merge, ‖Δ‖_F / ‖W0‖_F."""
+
+    call: str
+    state: "LayerState"
+    weight: torch.Tensor | None = None
+    update_ratio: float | None = None
 
 
 class LayerState(enum.Enum):
@@ -51,18 +81,6 @@ class LayerState(enum.Enum):
 
 
 _CODES = tuple(LayerState)  # the state buffer stores an index into this tuple
-
-
-def full_tensor(t: torch.Tensor, shape: torch.Size | tuple[int, ...], what: str) -> torch.Tensor:
-    """``t`` as one whole local tensor: a DTensor is gathered (a collective: every rank must
-    call); a flattened shard (FSDP1) is refused with what to do instead."""
-    if hasattr(t, "full_tensor") and hasattr(t, "device_mesh"):  # a DTensor (FSDP2, TP)
-        t = t.full_tensor()
-    if tuple(t.shape) != tuple(shape):
-        raise QCError(f"{what} is sharded (shape {tuple(t.shape)}, expected {tuple(shape)}): "
-                      "with FSDP1 call this inside `FullyShardedDataParallel.summon_full_params"
-                      "(wrapped_model, writeback=True)`")
-    return t.detach()
 
 
 class AdaptedLayer(nn.Module):
@@ -146,35 +164,98 @@ class AdaptedLayer(nn.Module):
     def fold(self) -> None:
         """unfolded -> folded: ``W ← W − Σ_foldable s·T_θ0`` (no-op where ``can_fold`` is
         false)."""
-        if self.state is LayerState.MERGED:
-            raise QCError(f"{self.name}: unmerge before folding")
-        if self.can_fold and self.state is LayerState.UNFOLDED:
-            self._move(LayerState.FOLDED)
-        self.rest = self.state
-        self._store_state()
+        self.apply(self.plan_move("fold"))
 
     def unfold(self) -> None:
         """folded -> unfolded: back to the base weight ``W0`` (one rounding)."""
-        if self.state is LayerState.MERGED:
-            raise QCError(f"{self.name}: unmerge before unfolding")
-        if self.state is LayerState.FOLDED:
-            self._move(LayerState.UNFOLDED)
-        self.rest = self.state
-        self._store_state()
+        self.apply(self.plan_move("unfold"))
 
-    def merge(self) -> None:
-        """-> merged: ``W ← W0 + Σ s·(T_θ − T_θ0)``; the forward is the base layer's alone."""
-        if self.state is LayerState.MERGED:
-            raise QCError(f"{self.name}: layer is already merged")
-        if self.is_meta:
-            raise QCError("cannot merge: the model's weights are on the meta device")
-        self._move(LayerState.MERGED)
+    def merge(self, *, reversible: bool = True) -> None:
+        """-> merged: ``W ← W0 + Σ s·(T_θ − T_θ0)``; the forward is the base layer's alone.
+        Refused, before anything is written, where ``unmerge`` could not give ``W`` back
+        within the bound of the module doc (``reversible=False``: no such check, for
+        ``merge_and_unload``); an update over ``LARGE_UPDATE``·‖W0‖ is reported."""
+        move = self.plan_move("merge", reversible=reversible)
+        warn_large_updates({self.name: move.update_ratio})
+        self.apply(move)
 
     def unmerge(self) -> None:
-        """merged -> the state before ``merge`` (exact up to one rounding of ``W``)."""
-        if self.state is not LayerState.MERGED:
-            raise QCError(f"{self.name}: layer is not merged")
-        self._move(self.rest)
+        """merged -> the state before ``merge`` (``W`` within the merge bound)."""
+        self.apply(self.plan_move("unmerge"))
+
+    def _target(self, call: str) -> LayerState:
+        """The state ``call`` moves this layer to (its preconditions checked)."""
+        merged = self.state is LayerState.MERGED
+        if call in ("fold", "unfold") and merged:
+            raise QCError(f"{self.name}: unmerge before {call}ing")
+        if call == "fold":
+            fold = self.can_fold and self.state is LayerState.UNFOLDED
+            return LayerState.FOLDED if fold else self.state
+        if call == "unfold":
+            return LayerState.UNFOLDED
+        if call == "merge":
+            if merged:
+                raise QCError(f"{self.name}: layer is already merged")
+            if self.is_meta:
+                raise QCError("cannot merge: the model's weights are on the meta device")
+            return LayerState.MERGED
+        if call == "unmerge":
+            if not merged:
+                raise QCError(f"{self.name}: layer is not merged")
+            return self.rest
+        raise ValueError(f"unknown state change {call!r}")
+
+    @torch.no_grad()
+    def plan_move(self, call: str, *, reversible: bool = True) -> "Move":
+        """What ``call`` (``fold``, ``unfold``, ``merge`` or ``unmerge``) does to this layer,
+        computed in float64 and checked; nothing is written (``apply`` writes it)."""
+        new = self._target(call)
+        dense = self._operators(new, self.state)
+        before = self._offset(self.state, dense)
+        step = self._offset(new, dense) - before
+        if not torch.is_tensor(step):
+            return Move(call, new)
+        weight = self.base_layer.weight
+        full = full_tensor(weight, weight.shape, f"{self.name}: base weight")
+        as_weight = (lambda t: t.t() if self.transposed else t)
+        step = as_weight(step).to(full.device)
+        new_w = full.double() + step
+        limit = torch.finfo(weight.dtype).max
+        if not bool(torch.isfinite(new_w).all()) or float(new_w.abs().max()) > limit:
+            raise QCError(f"{self.name}: moving to {new.value} would make the base weight "
+                          f"non-finite or overflow {weight.dtype} (|delta| up to "
+                          f"{float(step.abs().max()):.3g}); the base weight is left untouched")
+        rounded = new_w.to(weight.dtype)
+        if new is not LayerState.MERGED:
+            return Move(call, new, rounded)
+        w0 = full.double() - (as_weight(before).to(full.device) if torch.is_tensor(before) else 0)
+        ratio = float(torch.linalg.norm(as_weight(self._offset(new, dense)).to(full.device))
+                      / torch.linalg.norm(w0).clamp_min(torch.finfo(torch.float64).tiny))
+        if reversible:
+            error, bound = reversal_error(full, rounded, step), merge_bound(weight.dtype)
+            if error > bound:
+                raise QCError(
+                    f"{self.name}: merge() refused: unmerge() could not give this layer's base "
+                    f"weight back (the update is {ratio:.3g} times the base weight, and "
+                    f"rounding W + update to {str(weight.dtype)[6:]} would lose "
+                    f"{error:.2g} of W, over the bound {MERGE_ROUNDING}·eps = {bound:.2g}); "
+                    "nothing was written. Use merge_and_unload(), which needs no unmerge, or "
+                    "check the training run (an update this large usually means it diverged)")
+        return Move(call, new, rounded, ratio)
+
+    @torch.no_grad()
+    def apply(self, move: "Move") -> None:
+        """Write a planned move: the new base weight (if any), the state, ``rest``."""
+        if move.weight is not None:
+            weight, new_w = self.base_layer.weight, move.weight
+            if hasattr(weight, "device_mesh"):  # DTensor: every rank holds new_w, keep its shard
+                from torch.distributed.tensor import distribute_tensor
+                new_w = distribute_tensor(new_w, weight.device_mesh, weight.placements)
+            weight.copy_(new_w)
+        self.state = move.state
+        if move.call in ("fold", "unfold"):
+            self.rest = self.state
+        self._store_state()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -201,13 +282,6 @@ class AdaptedLayer(nn.Module):
                               "the base weight is left untouched")
             gates.append(g)
         return gates
-
-    def check_gates(self) -> None:
-        """Refuse (``QCError`` naming layer and gate) a non-finite gate or frozen gate."""
-        for b in self.branches:
-            self._checked_gates(b, "adapter")
-            if b.frozen is not None:
-                self._checked_gates(b, "frozen")
 
     def _dense64(self, branch: Branch, part: str) -> torch.Tensor:
         """The circuit operator of ``branch``'s (checked) gates in float64, (out, in)."""
@@ -253,31 +327,6 @@ class AdaptedLayer(nn.Module):
                 dense[k, "frozen"] = self._dense64(b, "frozen")
         return dense
 
-    @torch.no_grad()
-    def _move(self, new: LayerState) -> None:
-        """``W ← W + offset(new) − offset(state)``, checked before anything is written."""
-        dense = self._operators(new, self.state)
-        step = self._offset(new, dense) - self._offset(self.state, dense)
-        if not torch.is_tensor(step):
-            self.state = new
-            self._store_state()
-            return
-        weight = self.base_layer.weight
-        full = full_tensor(weight, weight.shape, f"{self.name}: base weight")
-        new_w = full.double() + (step.t() if self.transposed else step).to(full.device)
-        limit = torch.finfo(weight.dtype).max
-        if not bool(torch.isfinite(new_w).all()) or float(new_w.abs().max()) > limit:
-            raise QCError(f"{self.name}: moving to {new.value} would make the base weight "
-                          f"non-finite or overflow {weight.dtype} (|delta| up to "
-                          f"{float(step.abs().max()):.3g}); the base weight is left untouched")
-        new_w = new_w.to(weight.dtype)
-        if hasattr(weight, "device_mesh"):  # DTensor: every rank holds new_w, keep its shard
-            from torch.distributed.tensor import distribute_tensor
-            new_w = distribute_tensor(new_w, weight.device_mesh, weight.placements)
-        weight.copy_(new_w)
-        self.state = new
-        self._store_state()
-
     # --- compute -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -313,13 +362,21 @@ class AdaptedLayer(nn.Module):
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Copies of the gates (and frozen initial gates) under their checkpoint names,
-        whole, on the CPU (a collective for DTensor gates: every rank must call)."""
+        whole, on the CPU (a collective for DTensor gates: every rank must call). Gates
+        made half precision (``model.to(torch.bfloat16)``) are widened to float32, exactly:
+        checkpoints hold float32 or float64 gates."""
         out = {}
         for key, k, part, i in self._saved_gates(name):
             b = self.branches[k]
             gate = getattr(b, part).gates[i]
-            out[key] = full_tensor(gate, b.circuit.gates[i].shape, key).to("cpu", copy=True)
+            t = full_tensor(gate, b.circuit.gates[i].shape, key).to("cpu", copy=True)
+            out[key] = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
         return out
+
+    def update_ratio(self, name: str, tensors: Mapping[str, torch.Tensor]) -> float | None:
+        """‖Δ‖_F / ‖W0‖_F estimated from random probes with this layer's checkpoint
+        ``tensors`` (``tensors(name)``): ``weights.update_ratio``."""
+        return update_ratio(self, name, tensors)
 
     @torch.no_grad()
     def load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -17,18 +17,15 @@ Each module's qudit dims come from its gate shapes and its targets from the keys
 config is needed, and the base model may sit on the meta device. The result is a
 ``freeze_one`` adapter with scale 1 (the fork has no scale), ``W0 + T(θ) − T(θ0)``.
 
-A ``.bin`` is a pickle. It is read by transformers' ``load_state_dict`` (the loader of
-Trainer checkpoints), which unpickles with torch's ``weights_only=True`` (tensors and
-plain containers only, never code) and memory-maps the file, so only the gates are read
-into memory. This is the one place qcircuit unpickles anything; convert once, then keep
-the safetensors adapter.
+Reading the files (``reference_files.py``) treats them as hostile input: regular files
+inside the directory given, bounded, schema-checked, real floating-point gates only. A
+``.bin`` is a pickle, read tensors-only there: the one place qcircuit unpickles anything;
+convert once, then keep the safetensors adapter.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -38,62 +35,9 @@ from qcircuit import Circuit, Program, QCError, parse
 
 from .adapter import Adapted, fold_all, attach
 from .bind import layer_shape
+from .reference_files import gate_key, read_reference
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.quanta_weights(?P<frozen>2?)"
-                  r"\.(?P<i>-\d+) (?P<j>-\d+)$")
-_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def _quanta_keys(keys) -> list[str]:
-    return [k for k in keys if _KEY.match(k)]
-
-
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    """The QuanTA tensors of one ``.safetensors`` or ``.bin`` file."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in _quanta_keys(f.keys())}
-    from transformers.modeling_utils import load_state_dict
-
-    try:  # a pickle: weights_only refuses anything but tensors and plain containers
-        state = load_state_dict(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-        raise QCError(f"cannot read {path} as a weights-only torch checkpoint: {e}") from None
-    if not isinstance(state, dict):
-        raise QCError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return {k: v.clone() for k, v in state.items() if _KEY.match(k)}
-
-
-def read_reference(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The QuanTA tensors of a reference checkpoint: a ``.bin``/``.safetensors`` file, or a
-    ``checkpoint-*`` directory (single file or sharded with an index)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        for name in _INDEX_FILES:
-            if (path / name).is_file():
-                index = json.loads((path / name).read_text(encoding="utf-8"))
-                shards = sorted({f for k, f in index.get("weight_map", {}).items() if _KEY.match(k)})
-                state: dict[str, torch.Tensor] = {}
-                for shard in shards:
-                    state.update(_read_file(path / shard))
-                return _nonempty(state, path)
-        for name in _SINGLE_FILES:
-            if (path / name).is_file():
-                return _nonempty(_read_file(path / name), path)
-        raise QCError(f"{path} holds none of {', '.join(_SINGLE_FILES + _INDEX_FILES)}")
-    if not path.is_file():
-        raise QCError(f"no such checkpoint: {path}")
-    return _nonempty(_read_file(path), path)
-
-
-def _nonempty(state: dict, path: Path) -> dict:
-    if not state:
-        raise QCError(f"{path} holds no QuanTA gates (no '...quanta_weights.<i> <j>' keys)")
-    return state
-
+__all__ = ["import_reference", "read_reference", "reference_program"]
 
 def _module_gates(module: str, gates: dict, frozen: dict
                   ) -> tuple[tuple[int, ...], list, list]:
@@ -134,11 +78,12 @@ def reference_program(model: nn.Module, state: dict[str, torch.Tensor]
     and frozen gates under qcircuit's checkpoint names (``AdaptedLayer.load_tensors``)."""
     found: dict[str, tuple[dict, dict]] = {}
     for key, tensor in state.items():
-        m = _KEY.match(key)
-        if m is None:
+        parsed = gate_key(key)
+        if parsed is None:
             continue
-        gates, frozen = found.setdefault(m["module"], ({}, {}))
-        (frozen if m["frozen"] else gates)[(int(m["i"]), int(m["j"]))] = tensor
+        module, is_frozen, i, j = parsed
+        gates, frozen = found.setdefault(module, ({}, {}))
+        (frozen if is_frozen else gates)[(i, j)] = tensor
     modules = dict(model.named_modules())
     circuits: dict[Circuit, list[str]] = {}
     tensors = {}

@@ -1,6 +1,7 @@
 """Adapter checkpoints: round trips, what the files hold, refusals, atomic writes."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,8 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import qcircuit
 from qcircuit import QCError, parse
-from qcircuit.runtime.bind import by_layer
-from qcircuit.runtime import atomic_dir, checkpoint
+from qcircuit.runtime import atomic_dir, checkpoint, record
 from qcircuit.runtime.adapter import attach, load
 from test_adapter import gpt2_program, llama_program, perturb, rel_err
 
@@ -77,12 +77,13 @@ def test_checkpoint_contents(tiny_llama, tmp_path):
     assert (branch["scale"], branch["dropout"]) == (1.0, 0.1)
     assert branch["gates"] == [[4, 4, 4, 4], [1, 43, 4, 4]]
     tensors = load_file(str(tmp_path / "ckpt" / "adapter_model.safetensors"))
-    assert tensors.keys() == checkpoint.expected_tensors(config["layers"]).keys()
+    assert tensors.keys() == checkpoint.read(tmp_path / "ckpt")[0].expected_tensors().keys()
     layer = adapted.layers["model.layers.0.mlp.up_proj"]
     assert torch.equal(tensors["model.layers.0.mlp.up_proj.gates.1"], layer.adapter.gates[1])
     assert torch.equal(tensors["model.layers.0.mlp.up_proj.init_gates.0"], layer.frozen.gates[0])
     assert len(tensors) == 2 * sum(len(t.circuit.gates) for t in adapted.targets)
-    assert config["tensors"] == checkpoint.tensor_records(tensors)
+    assert config["tensors"] == {k: r.to_json()
+                                 for k, r in checkpoint.tensor_records(tensors).items()}
     entry = config["tensors"]["model.layers.0.mlp.up_proj.gates.1"]
     assert (entry["dtype"], entry["shape"]) == ("float32", [1, 43, 4, 4])
     assert entry["sha256"] == hashlib.sha256(tensors["model.layers.0.mlp.up_proj.gates.1"]
@@ -142,22 +143,28 @@ def test_load_refuses_a_different_circuit(tmp_path, tiny_llama):
     up = config["layers"]["model.layers.0.mlp.up_proj"]
     up["branches"][0]["qc"] = up["branches"][0]["qc"].replace("gate (0, 1)", "gate (1, 0)")
     config_path.write_text(json.dumps(config))
-    with pytest.raises(QCError, match=r"up_proj: different circuits: circuit 'up' is defined differently"):
+    with pytest.raises(QCError, match=r"up_proj\"\]: the record and the stored program differ: "
+                                      r"circuit 'up' is defined differently"):
         load(base, tmp_path / "c")
 
 
-def test_check_layers_names_every_bad_tensor(tmp_path, tiny_llama):
+def test_check_tensors_names_what_is_missing_extra_or_reshaped(tmp_path, tiny_llama):
     attach(tiny_llama, llama_program(), seed=0).save(tmp_path / "c")
-    config, tensors = checkpoint.read(tmp_path / "c")
-    tensors["model.layers.1.self_attn.v_proj.gates.2"] = torch.zeros(4, 4, 4, 3)
-    del tensors["model.layers.0.self_attn.q_proj.init_gates.1"]
-    tensors["stray"] = torch.zeros(1)
-    with pytest.raises(QCError) as info:
-        checkpoint.check_layers("c", config, config["layers"], tensors)
-    text = str(info.value)
-    assert "v_proj.gates.2 has shape (4, 4, 4, 3), expected (4, 4, 4, 4)" in text
-    assert "q_proj.init_gates.1 is missing" in text and "unexpected tensor stray" in text
-    checkpoint.check_layers("c", config, config["layers"], checkpoint.read(tmp_path / "c")[1])
+    saved, tensors = checkpoint.read(tmp_path / "c")
+    unhashed = dataclasses.replace(saved, tensors=None)
+    for check, records in ((checkpoint.check_tensors, saved.tensors),
+                           (checkpoint.check_unrecorded, unhashed)):
+        check("c", records, tensors)
+        wrong = dict(tensors)
+        del wrong["model.layers.0.self_attn.q_proj.init_gates.1"]
+        wrong["stray"] = torch.zeros(1)
+        with pytest.raises(QCError, match=r"c: the tensors differ from the config's: missing "
+                                          r"\['model.layers.0.self_attn.q_proj.init_gates.1'\], "
+                                          r"unexpected \['stray'\]"):
+            check("c", records, wrong)
+        wrong = {**tensors, "model.layers.1.self_attn.v_proj.gates.2": torch.zeros(4, 4, 4, 3)}
+        with pytest.raises(QCError, match=r"v_proj.gates.2 is float32 \[4, 4, 4, 3\]"):
+            check("c", records, wrong)
 
 
 def test_load_refuses_what_is_not_a_checkpoint(tmp_path, tiny_llama):
@@ -197,17 +204,35 @@ def test_symlinked_checkpoint_files_load(tmp_path, tiny_llama):
 def test_dtype_warning_for_a_model_of_another_dtype(tmp_path, tiny_llama):
     base, base64 = _fresh(tiny_llama), _fresh(tiny_llama).double()
     attach(tiny_llama, llama_program()).save(tmp_path / "c")
-    config, _ = checkpoint.read(tmp_path / "c")
-    assert checkpoint.dtype_warning(config, base) is None
-    text = checkpoint.dtype_warning(config, base.to(torch.bfloat16))
+    saved, _ = checkpoint.read(tmp_path / "c")
+    assert record.dtype_warning(saved, base) is None
+    text = record.dtype_warning(saved, base.to(torch.bfloat16))
     assert "saved from a float32 model and is loaded into a bfloat16 model" in text
     assert "float32 gates are loaded as float32" in text
     restored = pytest.warns(UserWarning, match="loaded into a bfloat16 model")
     with restored:
         adapted = load(base, tmp_path / "c")
     assert {g.dtype for g in adapted.trainable_parameters()} == {torch.float32}
-    text = checkpoint.dtype_warning(config, base64)
+    text = record.dtype_warning(saved, base64)
     assert "float32 gates are loaded as float64" in text
+
+
+def test_save_after_model_to_bfloat16_keeps_the_gates_exactly(tmp_path, make_llama):
+    """``model.to(torch.bfloat16)`` makes the gates bfloat16 too: saving widens them to
+    float32 (exact), and they load back as the float32 gates a bfloat16 model gets."""
+    model = make_llama()
+    adapted = attach(model, llama_program(), seed=0)
+    perturb(adapted)
+    model.to(torch.bfloat16)
+    gates = [g.detach().clone() for g in adapted.trainable_parameters()]
+    assert {g.dtype for g in gates} == {torch.bfloat16}
+    adapted.save(tmp_path / "c")
+    saved, _ = checkpoint.read(tmp_path / "c")
+    assert {t.dtype for t in saved.tensors.values()} == {"float32"}
+    assert saved.model["dtype"] == "bfloat16"
+    restored = load(make_llama().to(torch.bfloat16), tmp_path / "c")
+    for a, b in zip(gates, restored.trainable_parameters()):
+        assert b.dtype == torch.float32 and torch.equal(a.float(), b)
 
 
 def test_load_onto_an_adapted_model_is_refused(tmp_path, tiny_llama):
@@ -337,9 +362,10 @@ def test_write_refuses_what_read_would_refuse(tmp_path, tiny_llama):
             checkpoint.write(tmp_path / "bad", config, broken)
     with pytest.raises(QCError, match=r'\.dtype: expected "float32" or "float64"'):
         checkpoint.write(tmp_path / "bad", config, {**tensors, name: tensors[name].half()})
-    with pytest.raises(QCError, match=r"\$\.options\.scale is 3\.0 but the stored program"):
-        checkpoint.write(tmp_path / "bad", {**config, "options": {**config["options"],
-                                                                  "scale": 3.0}}, tensors)
+    edited = dataclasses.replace(config, program=config.program.with_options(scale=3.0))
+    with pytest.raises(QCError, match=r"the record and the stored program differ: circuit "
+                                      r"'attn': the checkpoint has scale 1.0, the program gives 3.0"):
+        checkpoint.write(tmp_path / "bad", edited, tensors)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
@@ -350,17 +376,16 @@ def test_build_config_and_a_folded_state_round_trip(tmp_path, tiny_llama):
     tensors = {}
     for name, layer in adapted.layers.items():
         tensors.update(layer.tensors(name))
-    records = {name: checkpoint.layer_record(branches, "folded")
-               for name, branches in by_layer(adapted.targets).items()}
-    config = checkpoint.build_config(adapted.program, adapted.model, records, tensors,
-                                     version=qcircuit.__version__)
-    assert config["tensors"] == checkpoint.tensor_records(tensors)
-    checkpoint.write(tmp_path / "c", config, tensors)
-    got_config, got = checkpoint.read(tmp_path / "c")
-    assert got_config == config
+    states = {name: "folded" for name in adapted.layers}
+    written = record.from_targets(adapted.program, adapted.model, adapted.targets, states)
+    checkpoint.write(tmp_path / "c", written, tensors)
+    got_record, got = checkpoint.read(tmp_path / "c")
+    assert got_record == written.with_tensors(checkpoint.tensor_records(tensors))
+    assert got_record.qcircuit_version == qcircuit.__version__
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in got)
-    assert checkpoint.program_of(got_config, str(tmp_path / "c")) == adapted.program
-    assert {r["state"] for r in got_config["layers"].values()} == {"folded"}
+    assert got_record.program == adapted.program
+    assert {r.state for r in got_record.layers.values()} == {"folded"}
+    assert record.from_json(got_record.to_json(), "again") == got_record
 
 
 def test_sigterm_while_writing_cleans_up_and_reaches_the_old_handler(tmp_path, tiny_llama,
@@ -494,7 +519,7 @@ def test_no_pickle_in_the_runtime():
     for path in root.glob("*.py"):
         text = path.read_text()
         assert "import pickle" not in text, path
-        if path.name == "reference.py":
+        if path.name == "reference_files.py":
             assert "weights_only=True" in text
         else:
             assert "torch.load" not in text and "load_state_dict(" not in text, path
@@ -513,16 +538,16 @@ def test_load_refuses_a_bad_program_in_the_config(tmp_path, tiny_llama):
 
 def test_program_of_parses_with_includes_off_where_parse_can(tmp_path, tiny_llama, monkeypatch):
     attach(tiny_llama, llama_program()).save(tmp_path / "c")
-    config, _ = checkpoint.read(tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
     seen = []
 
     def parse_with_switch(text, file=None, base_dir=None, includes=True):
         seen.append((file, includes))
         return parse(text, file=file)
 
-    monkeypatch.setattr(checkpoint, "parse", parse_with_switch)
-    assert checkpoint.program_of(config, "here") == parse(config["program"])
-    assert seen == [("here/adapter_config.json (program)", False)]
+    monkeypatch.setattr(record, "parse", parse_with_switch)
+    assert record.from_json(config, "here").program == parse(config["program"])
+    assert seen == [("here (program)", False)]
 
 
 def test_save_from_another_thread(tmp_path, tiny_llama):

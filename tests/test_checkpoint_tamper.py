@@ -93,7 +93,8 @@ def _tensors(change, rehash: bool = False):
         save_file(tensors, str(folder / WEIGHTS))
         if rehash:
             config = _config(folder)
-            config["tensors"] = checkpoint.tensor_records(tensors)
+            config["tensors"] = {k: r.to_json()
+                                 for k, r in checkpoint.tensor_records(tensors).items()}
             (folder / CONFIG).write_text(json.dumps(config))
     return mutate
 
@@ -211,7 +212,8 @@ CASES = [
     (F1, "branches_empty", _edit(_record("branches", [])), r"a layer has at least one branch"),
     (F1, "branch_twice", _edit(lambda c: c["layers"][Q0]["branches"].append(
         c["layers"][Q0]["branches"][0])), r"appears twice in one layer"),
-    (F1, "branch_scale_edited", _edit(_branch("scale", 2.0)), r"different circuits"),
+    (F1, "branch_scale_edited", _edit(_branch("scale", 2.0)),
+     r"record and the stored program differ: circuit .attn.: the checkpoint has scale 2.0"),
     (F1, "branch_scale_a_string", _edit(_branch("scale", "2")), r"scale takes a number"),
     (F1, "version_2_record_edited", _edit(lambda c: (_as_version_2(c), c["layers"][Q0].update(
         frozen=1))), r'q_proj"\]\.branches\[0\]\.frozen: expected true or false'),
@@ -284,7 +286,8 @@ CASES = [
     (F1, "program_syntax_error", _edit(lambda c: c.update(program="circuit {")),
      r"adapter_config\.json \(program\):1"),
     (F1, "program_circuit_edited", _edit(lambda c: c.update(program=c["program"].replace(
-        "qudits 4 4 4\n    all_pairs", "qudits 4 16\n    all_pairs", 1))), r"different circuits"),
+        "qudits 4 4 4\n    all_pairs", "qudits 4 16\n    all_pairs", 1))),
+     r"record and the stored program differ: circuit 'attn': the checkpoint has gate shapes"),
     # the tensors section of the config
     (F1, "tensors_section_missing", _edit(lambda c: c.pop("tensors")), r'"tensors" is missing'),
     (F1, "sha256_not_hex", _edit(lambda c: c["tensors"][GATE].update(sha256="z" * 64)),
@@ -388,7 +391,7 @@ def test_random_byte_edits_are_refused_or_harmless(templates, tmp_path, which):
     """300 seeded edits of 1-4 bytes (the config anywhere; the weights in the header and the
     first data): each is refused with a QCError, or reads back the template's exact
     program, options and tensors (an edit of whitespace or of an informative field)."""
-    want_config, want = checkpoint.read(templates[F1])
+    want_record, want = checkpoint.read(templates[F1])
     folder = tmp_path / "c"
     shutil.copytree(templates[F1], folder)
     data = (folder / which).read_bytes()
@@ -402,12 +405,12 @@ def test_random_byte_edits_are_refused_or_harmless(templates, tmp_path, which):
         (folder / which).write_bytes(bytes(edited))
         start = time.perf_counter()
         try:
-            config, tensors = checkpoint.read(folder)
+            record, tensors = checkpoint.read(folder)
         except QCError:
             refused += 1
         else:
-            assert (config["program"], config["options"]) == (want_config["program"],
-                                                              want_config["options"])
+            assert record.program == want_record.program
+            assert record.layers == want_record.layers
             assert tensors.keys() == want.keys()
             assert all(torch.equal(tensors[k], want[k]) for k in want)
         assert time.perf_counter() - start < TIME_BOUND

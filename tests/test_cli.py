@@ -7,6 +7,7 @@ import re
 import math
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,8 +234,39 @@ def test_python_dash_m_in_a_subprocess():
 def test_console_script_entry_point():
     from importlib.metadata import entry_points
 
+    from qcircuit.runtime import console
+
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "qcompile"]
-    assert script.value == "qcircuit.runtime.cli:main" and script.load() is main
+    assert script.value == "qcircuit.runtime.console:main" and script.load() is console.main
+
+
+def test_importing_the_entry_point_is_light():
+    """What runs before qcompile can handle Ctrl-C imports neither torch nor transformers."""
+    code = ("import sys; import qcircuit.runtime.console; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'lark', 'safetensors')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout == "[]\n", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_ctrl_c_while_qcompile_starts(delay):
+    """Ctrl-C at start-up (while torch and transformers are imported, then while the model
+    is built): exit 130 and one line, never a traceback."""
+    script = shutil.which("qcompile", path=os.path.dirname(sys.executable))
+    assert script is not None
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([script, PAPER, "-m", "llama-2-7b"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:   # it finished first: a whole report, nothing on stderr
+        assert out.startswith("model: llama-2-7b") and err == ""
+    else:
+        assert (proc.returncode, out, err) == (130, "", "qcompile: interrupted\n")
 
 
 # --- report building ------------------------------------------------------------------------

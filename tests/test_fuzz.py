@@ -124,3 +124,28 @@ def test_fuzz_checks_catch_what_they_claim():
     assert "not the text's line" in check_error(QCError("x", Span("fuzz.qc", 2, 3, "qudits")), text)
     assert "past the end" in check_error(QCError("x", Span("fuzz.qc", 9, 1)), text)
     assert "echoes" in check_error(QCError(CANARY, Span("inc.qc", 1, 1)), text)
+
+
+def test_the_builder_api_raises_only_qcerrors_and_prints_back_what_it_built():
+    """The builder fuzzer (tests/fuzz/builder.py): hostile arguments to every builder call;
+    100,000 cases on demand with ``python -m tests.fuzz --builder --cases 100000``."""
+    from fuzz.builder import run_builder
+    report = run_builder(2000, seed=23)
+    print("\n".join(report.lines()))
+    assert report.findings == []
+    assert report.accepted > 50 and len(report.refused) > 30
+    assert report.slowest_s < 1.0
+
+
+def test_parsed_programs_print_back_and_the_check_catches_one_that_does_not(monkeypatch):
+    from fuzz import run as fuzz_run
+    from qcircuit import printer
+    program = parse("circuit c { qudits 4 4 all_pairs }\napply c to /q_proj$/\n")
+    fuzz_run._printable(program)
+    monkeypatch.setattr(printer, "program_to_qc", lambda p: "circuit c { qudits 2 2 all_pairs }"
+                                                           "\napply c to /q_proj$/\n")
+    with pytest.raises(fuzz_run.NotPrintable, match="parses to another program"):
+        fuzz_run._printable(program)
+    monkeypatch.setattr(printer, "program_to_qc", lambda p: "circuit {")
+    with pytest.raises(fuzz_run.NotPrintable, match="does not print back"):
+        fuzz_run._printable(program)

@@ -285,3 +285,40 @@ def test_low_rank_compiles_to_its_rank_and_lora_parameter_count():
     assert dense.shape == (172, 64)
     assert torch.linalg.norm(dense - b @ a) <= 1e-12 * torch.linalg.norm(b @ a)
     assert torch.linalg.matrix_rank(dense).item() == 8
+
+
+# --- the builder validates as the parser does (issue 22) --------------------------------------
+@pytest.mark.parametrize("n", [None, 10**30, 4096, 65, 0, -1, 2.0, "3", True])
+def test_auto_dims_takes_a_bounded_qudit_count(n):
+    with pytest.raises(QCError, match=r"Circuit\.auto_dims takes a qudit count from 1 to 64"):
+        Circuit.auto_dims(n)
+    assert Circuit.auto_dims(64).all_pairs().num_qudits == 64
+
+
+@pytest.mark.parametrize("qudits", [(0, [2, 2]), (0, None), (0.5,), (-1,), range(10**9),
+                                    tuple(range(65))])
+def test_gate_qudits_are_bounded_integers(qudits):
+    with pytest.raises(QCError, match="a gate's qudits are up to 64 non-negative integer"):
+        Circuit(2, 2).gate(qudits)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: Circuit(range(10**12)), lambda: Circuit(2, 2).gate((0, 1), range(10**12)),
+    lambda: Circuit().repeat(10**30), lambda: Circuit(2).then(5),
+    lambda: Program({"c": 5}), lambda: Program({}, (5,)),
+    lambda: Program().define("c", Circuit(2).gate(0)).apply("c", "a" * 2000)])
+def test_hostile_builder_arguments_are_qcerrors(call):
+    with pytest.raises(QCError):
+        call()
+
+
+@pytest.mark.parametrize("text", ["a\rb", "a\nb", "q_proj\r"])
+def test_a_regex_holding_a_line_break_is_refused_where_it_is_made(text):
+    with pytest.raises(QCError, match="cannot hold a line break"):
+        Pattern(text, regex=True)
+
+
+def test_a_regex_holding_a_cr_does_not_parse_so_every_parsed_program_prints():
+    with pytest.raises(QCError, match="cannot hold a line break") as info:
+        parse("circuit c { qudits 2 gate (0) }\napply c to /a\rb/\n")
+    assert (info.value.line, info.value.column) == (2, 14)   # at the CR

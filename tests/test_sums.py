@@ -190,8 +190,8 @@ def test_loading_into_a_program_with_other_branch_options_is_refused(tiny_llama,
     config["program"] = config["program"].replace("scale = 2", "scale = 3")
     config_path.write_text(json.dumps(config))
     fresh = type(tiny_llama)(tiny_llama.config)
-    with pytest.raises(QCError, match="different circuits: circuit 'lora': the checkpoint "
-                                      "has scale 2.0, the model binds 3.0"):
+    with pytest.raises(QCError, match="the record and the stored program differ: circuit 'lora': "
+                                      "the checkpoint has scale 2.0, the program gives 3.0"):
         load(fresh, tmp_path / "h")
 
 

@@ -1,8 +1,9 @@
 """Run generated cases through ``qcircuit.parse`` and check what comes out.
 
-Each case must either parse or raise ``QCError`` located in the text (line and column
-within it, the shown line equal to the text's line), with a message of bounded length that
-never holds the contents of a file it refused (a canary in the environment and in a
+Each case must either parse, and then print back to ``.qc`` text that parses to the same
+program (a program that parses can always be saved), or raise ``QCError`` located in the
+text (line and column within it, the shown line equal to the text's line), with a message
+of bounded length that never holds the contents of a file it refused (a canary in the environment and in a
 ``.txt`` file checks that). Each case must take under ``time_limit`` seconds of CPU time
 (process time, so other processes on the machine do not count), and every ``trace_every``-th
 case is parsed again under ``tracemalloc`` to record the peak memory it allocates.
@@ -43,6 +44,7 @@ class Report:
     max_traced_mib: float = 0.0
     traced_cases: int = 0
     wall_s: float = 0.0
+    accepted_as: str = "parsed"   # what an accepted case did ("built" for the builder)
 
     @property
     def max_rss_mib(self) -> float:
@@ -50,8 +52,9 @@ class Report:
 
     def lines(self, top: int = 15) -> list[str]:
         refused = sum(self.refused.values())
-        out = [f"inputs: {self.cases} (largest {self.largest_input} bytes) in {self.wall_s:.1f} s",
-               f"parsed: {self.accepted}   refused with a located QCError: {refused}",
+        largest = f" (largest {self.largest_input} bytes)" if self.largest_input else ""
+        out = [f"inputs: {self.cases}{largest} in {self.wall_s:.1f} s",
+               f"{self.accepted_as}: {self.accepted}   refused with a QCError: {refused}",
                f"rule breaks (other exceptions, unlocated errors, leaks, slow): "
                f"{len(self.findings)}",
                f"slowest input: {self.slowest_s * 1000:.1f} ms CPU ({self.slowest_input}); "
@@ -137,10 +140,26 @@ def _run(cases: int, seed: int, max_bytes: int, time_limit: float, trace_every: 
 
 def _parse(data: str | bytes, root: Path) -> QCError | None:
     try:
-        parse(data, file="fuzz.qc", base_dir=root)
+        program = parse(data, file="fuzz.qc", base_dir=root)
     except QCError as err:
         return err
+    _printable(program)
     return None
+
+
+class NotPrintable(Exception):
+    """A program that parsed but does not print back to text that parses to it."""
+
+
+def _printable(program) -> None:
+    """A program that parses can always be saved: its ``.qc`` text parses back equal."""
+    try:
+        again = parse(program.to_qc(), file="printed.qc", includes=False)
+    except QCError as err:
+        raise NotPrintable(f"the parsed program does not print back: {err.one_line()[:120]}") \
+            from None
+    if again != program:
+        raise NotPrintable("the parsed program prints as text that parses to another program")
 
 
 def _one(data: str | bytes, root: Path, report: Report, time_limit: float, trace: bool) -> None:
