@@ -3,6 +3,7 @@
 ``bind(model, program)`` walks the ``apply`` rules in order; each pattern (a dotted-name
 suffix or a ``/regex/``) selects modules by name. Every selected module must be an
 ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 style: weight stored ``(in, out)``),
+with a floating-point weight or a quantized one of a supported kind (``quantized.py``),
 may be selected by several rules (its update is then the sum of their circuits, one
 *branch* per rule, in rule order) but never twice by the same circuit, and must fit each
 of its circuits: ``qudits auto N`` circuits are
@@ -20,6 +21,8 @@ from torch import nn
 
 from qcircuit.errors import QCError, Span
 from qcircuit.ir import OPTION_DEFAULTS, ApplyRule, Circuit, Pattern, Program
+
+from . import quantized
 
 try:  # transformers' GPT-2 style linear layer
     from transformers.pytorch_utils import Conv1D
@@ -96,6 +99,10 @@ def bind(model: nn.Module, program: Program) -> tuple[Target, ...]:
                 raise _no_match(model, rule, pattern, span)
             for name in names:
                 shape = layer_shape(modules[name])
+                problem = quantized.unsupported(modules[name])
+                if problem is not None:
+                    raise QCError(f"pattern {str(pattern)!r} matches module {name!r}: {problem}",
+                                  span, expected="a pattern naming supported layers only")
                 if shape is None:
                     raise QCError(
                         f"pattern {str(pattern)!r} matches module {name!r}, a "

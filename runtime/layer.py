@@ -15,6 +15,19 @@ folded     ``W0 − Σ_foldable s·T_θ0``          ``s·T_θ·x`` if foldable, 
 merged     ``W0 + Σ s·(T_θ − T_θ0)``           nothing (no adapter cost)
 =========  ==================================  ==========================================
 
+A *quantized* base layer (bitsandbytes 4-bit/8-bit, torchao int8: ``quantized.py``) keeps
+its stored weight ``Q0`` and ``W0`` means ``deq(Q0)``, the weight it computes with:
+
+=========  ==================================  ==========================================
+state      stored weight holds                 forward adds, per branch
+=========  ==================================  ==========================================
+unfolded   ``Q0``, untouched by training       as above (``zero_last``: ``s·T_θ·x``)
+folded     never: a quantized layer never folds
+merged     ``Q(W0 + Σ s·(T_θ − T_θ0))``: the   nothing; ``Q0`` is kept in memory and
+           sum in float64, requantized in the  ``unmerge`` writes it back bit for bit
+           layer's own scheme
+=========  ==================================  ==========================================
+
 Only named calls move a layer between states (``fold``, ``unfold``, ``merge``, ``unmerge``,
 and ``load_state_dict``, which restores the state stored with the weights); ``forward``
 only reads it, so DDP, FSDP, DataParallel replicas and ``torch.compile`` all run the model
@@ -38,6 +51,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qcircuit import Circuit, QCError
 
+from . import quantized
 from .branch import Branch
 from .checkpoint_schema import branch_tensor_names
 
@@ -83,6 +97,9 @@ class AdaptedLayer(nn.Module):
         self.branches = nn.ModuleList(branches)
         self.state = LayerState.UNFOLDED
         self.rest = LayerState.UNFOLDED  # where unmerge() returns: the training form
+        # a quantized base (quantized.py): its scheme, and while merged what unmerge needs
+        self.quant = quantized.scheme_of(base, name)
+        self.quant_merged: quantized.Merged | None = None
         weight = base.weight
         device = torch.device("cpu") if weight.is_meta else weight.device
         # [state, rest] as indices into _CODES, so model.state_dict() round trips (resume)
@@ -131,8 +148,8 @@ class AdaptedLayer(nn.Module):
 
     @property
     def can_fold(self) -> bool:
-        """A foldable branch (frozen copy, no dropout) and real weights."""
-        return any(b.foldable for b in self.branches) and not self.is_meta
+        """A foldable branch (frozen copy, no dropout) and real, unquantized weights."""
+        return any(b.foldable for b in self.branches) and not self.is_meta and self.quant is None
 
     @property
     def folded(self) -> bool:
@@ -168,13 +185,41 @@ class AdaptedLayer(nn.Module):
             raise QCError(f"{self.name}: layer is already merged")
         if self.is_meta:
             raise QCError("cannot merge: the model's weights are on the meta device")
+        if self.quant is not None:   # requantized in the layer's scheme (quantized.py)
+            self.quant_merged = quantized.merge(self.base_layer, self.quant, self.delta64(),
+                                                self.name)
+            self.state = LayerState.MERGED
+            self._store_state()
+            return
         self._move(LayerState.MERGED)
 
     def unmerge(self) -> None:
-        """merged -> the state before ``merge`` (exact up to one rounding of ``W``)."""
+        """merged -> the state before ``merge`` (exact up to one rounding of ``W``; a
+        quantized layer gets its original storage back, bit for bit)."""
         if self.state is not LayerState.MERGED:
             raise QCError(f"{self.name}: layer is not merged")
+        if self.quant is not None:
+            quantized.unmerge(self.base_layer, self.quant, self.quant_merged, self.name)
+            self.quant_merged = None
+            self.state = self.rest
+            self._store_state()
+            return
         self._move(self.rest)
+
+    def exported(self, dtype: torch.dtype) -> nn.Module:
+        """A plain ``nn.Linear`` (``Conv1D`` for a ``Conv1D`` base) in ``dtype`` holding the
+        exact merge ``W0 + Σ s·(T_θ − T_θ0)`` (float64, rounded once); ``W0`` is
+        dequantized for a quantized base. Call it unmerged; the layer is not changed."""
+        if self.merged:
+            raise QCError(f"{self.name}: unmerge before exporting")
+        if self.quant is not None:
+            base = quantized.dequantized(self.base_layer, self.quant)
+        else:
+            weight = full_tensor(self.base_layer.weight, self.base_layer.weight.shape,
+                                 f"{self.name}: base weight").double()
+            base = (weight.t() if self.transposed else weight) - self.offset64().to(weight.device)
+        return quantized.linear_like(self.base_layer, base + self.delta64().to(base.device),
+                                     dtype, self.transposed)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
