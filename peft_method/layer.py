@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from qcircuit import QCError
-from qcircuit.runtime import AdaptedLayer
+from qcircuit.runtime import AdaptedLayer, quantized
 
 from .landing import Arrivals, remove_slots
 
@@ -113,6 +113,8 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
                 self.qc_adapters[name].unmerge()
             raise
         self.merged_adapters.extend(done)
+        quantized.warn_lossy({name: self.qc_adapters[name].quant_merged.report for name in done
+                              if self.qc_adapters[name].quant_merged is not None}, named=False)
 
     def unmerge(self) -> None:
         """Unmerge every merged adapter, last merged first."""
@@ -122,6 +124,25 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         while self.merged_adapters:
             self.qc_adapters[self.merged_adapters[-1]].unmerge()
             self.merged_adapters.pop()
+
+    def exported(self, dtype: torch.dtype, adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """A plain layer in ``dtype`` holding the exact merge into the base weight (dequantized
+        for a quantized base: ``AdaptedLayer.exported``) of the adapters merged already and
+        the named ones (default: the active ones); the merged ones are unmerged first."""
+        wanted = self.active_adapters if adapter_names is None else adapter_names
+        names = [n for n in dict.fromkeys([*self.merged_adapters, *wanted])
+                 if n in self.qc_adapters]
+        if self.merged:
+            self.unmerge()
+        if not names:
+            return self.base_layer
+        for name in names:
+            self.check_loaded(name)
+        layer = self.qc_adapters[names[0]].exported(torch.float64)
+        with torch.no_grad():   # PEFT layers stay unfolded: each adds its delta to W0
+            for name in names[1:]:
+                layer.weight += self.qc_adapters[name].delta64().to(layer.weight.device)
+        return layer.to(dtype)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str,
                                               device: Optional[torch.device] = None) -> None:
