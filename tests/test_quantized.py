@@ -24,8 +24,12 @@ import torch
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")   # the optional extra: pip install 'qcircuit[quant]'
-pytest.importorskip("torchao")
 peft = pytest.importorskip("peft")
+try:   # in the quant extra, not in test: see pyproject.toml
+    import torchao  # noqa: F401
+except ImportError:
+    torchao = None
+NEEDS_TORCHAO = pytest.mark.skipif(torchao is None, reason="torchao: pip install 'qcircuit[quant]'")
 
 import bitsandbytes.functional as BF  # noqa: E402
 import qcircuit.peft  # noqa: E402,F401  (registers the method)
@@ -39,7 +43,7 @@ from qcircuit.peft import QuanTAConfig  # noqa: E402
 from qcircuit.runtime import AdaptedLayer, attach, load, quantized  # noqa: E402
 from qcircuit.runtime.reference import import_reference  # noqa: E402
 
-KINDS = ("nf4", "int8", "torchao")
+KINDS = ("nf4", "int8", pytest.param("torchao", marks=NEEDS_TORCHAO))
 F32 = 1e-5          # float32, the same function, another summation order
 INT8_EVAL = 3e-2    # LLM.int8's activation rounding in eval mode (about 1 %)
 PROGRAM = """
@@ -81,12 +85,13 @@ def base_dir(tmp_path_factory):
 
 
 def load_quantized(base_dir, kind: str) -> LlamaForCausalLM:
-    from torchao.quantization import Int8WeightOnlyConfig
-    config = {"nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_use_double_quant=True,
-                                        bnb_4bit_compute_dtype=torch.float32),
-              "int8": BitsAndBytesConfig(load_in_8bit=True),
-              "torchao": TorchAoConfig(Int8WeightOnlyConfig())}[kind]
+    if kind == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig
+        config = TorchAoConfig(Int8WeightOnlyConfig())
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
     return LlamaForCausalLM.from_pretrained(base_dir, quantization_config=config,
                                             device_map="cpu", dtype=torch.float32).eval()
 
@@ -379,7 +384,8 @@ def _bnb_meta():
 
 
 @pytest.mark.parametrize("build, message", [
-    (_torchao_float8, "torchao Float8Tensor weights are not supported"),
+    pytest.param(_torchao_float8, "torchao Float8Tensor weights are not supported",
+                 marks=NEEDS_TORCHAO),
     (lambda: one_layer(QuantLinear()), "QuantLinear is a quantized layer type qcircuit does not"),
     (_int8_plain, "its weight is a Parameter of torch.int8"),
     (lambda: one_layer(bnb.nn.Linear4bit(64, 64)), "whose weight is not quantized"),
@@ -395,8 +401,8 @@ def test_unsupported_layers_are_refused_by_name(build, message):
     assert "pattern 'proj' matches module 'proj'" in str(err.value)
 
 
-@pytest.mark.parametrize("kind, library", [("nf4", "bitsandbytes"),
-                                           ("torchao", "torchao.quantization")])
+@pytest.mark.parametrize("kind, library", [
+    ("nf4", "bitsandbytes"), pytest.param("torchao", "torchao.quantization", marks=NEEDS_TORCHAO)])
 def test_without_the_extra_a_quantized_layer_names_it(kind, library, base_dir, monkeypatch):
     model = load_quantized(base_dir, kind)
     monkeypatch.setitem(sys.modules, library, None)   # as if it were not installed
