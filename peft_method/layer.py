@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from qcircuit import QCError
-from qcircuit.runtime import AdaptedLayer
+from qcircuit.runtime import AdaptedLayer, quantized
 from qcircuit.runtime.layer import Move, full_tensor
 from qcircuit.runtime.weights import warn_large_updates
 
@@ -114,7 +114,9 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         for name in names:
             self.check_loaded(name)
         weight = self.base_layer.weight
-        old = full_tensor(weight, weight.shape, "base weight").clone() if len(names) > 1 else None
+        quantized_base = bool(names) and self.qc_adapters[names[0]].quant is not None
+        old = full_tensor(weight, weight.shape, "base weight").clone() \
+            if len(names) > 1 and not quantized_base else None
         done = []
         try:
             for name in names:
@@ -124,11 +126,16 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
                 layer.apply(move)
                 done.append(name)
         except BaseException:
-            for name in done:   # the exact old weight, and each layer's state before merge
+            if quantized_base:   # each unmerge writes back the storage its merge kept: exact
+                for name in reversed(done):
+                    self.qc_adapters[name].unmerge()
+            for name in [] if quantized_base else done:   # the exact old weight and states
                 layer = self.qc_adapters[name]
                 layer.apply(Move("unmerge", layer.rest, old))
             raise
         self.merged_adapters.extend(done)
+        quantized.warn_lossy({name: self.qc_adapters[name].quant_merged.report for name in done
+                              if self.qc_adapters[name].quant_merged is not None}, named=False)
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool,
                                            adapter_names: Optional[list[str]]) -> nn.Module:
@@ -146,6 +153,25 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
         while self.merged_adapters:
             self.qc_adapters[self.merged_adapters[-1]].unmerge()
             self.merged_adapters.pop()
+
+    def exported(self, dtype: torch.dtype, adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """A plain layer in ``dtype`` holding the exact merge into the base weight (dequantized
+        for a quantized base: ``AdaptedLayer.exported``) of the adapters merged already and
+        the named ones (default: the active ones); the merged ones are unmerged first."""
+        wanted = self.active_adapters if adapter_names is None else adapter_names
+        names = [n for n in dict.fromkeys([*self.merged_adapters, *wanted])
+                 if n in self.qc_adapters]
+        if self.merged:
+            self.unmerge()
+        if not names:
+            return self.base_layer
+        for name in names:
+            self.check_loaded(name)
+        layer = self.qc_adapters[names[0]].exported(torch.float64)
+        with torch.no_grad():   # PEFT layers stay unfolded: each adds its delta to W0
+            for name in names[1:]:
+                layer.weight += self.qc_adapters[name].delta64().to(layer.weight.device)
+        return layer.to(dtype)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str,
                                               device: Optional[torch.device] = None) -> None:

@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 
 import torch
 from peft import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from torch import nn
 
 from qcircuit import QCError
@@ -207,6 +207,24 @@ class QuanTAModel(BaseTuner):
             return super()._unload_and_optionally_merge(
                 merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                 adapter_names=adapter_names)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None,
+                         dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """PEFT's ``merge_and_unload``; with ``dtype``, each adapted layer becomes a plain
+        ``nn.Linear`` (``Conv1D``) in ``dtype`` holding the exact merge, its base weight
+        dequantized if quantized (``QuanTALayer.exported``): the export path for a
+        quantized base model."""
+        if dtype is None:
+            return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
+                                            adapter_names=adapter_names)
+        self._check_merge_allowed()
+        for name in [n for n, m in self.model.named_modules() if isinstance(m, QuanTALayer)]:
+            parent, target, child = _get_submodules(self.model, name)
+            setattr(parent, child, target.exported(dtype, adapter_names))
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
 
     # --- checkpoints: qcircuit's tensor names ----------------------------------------------
     @classmethod

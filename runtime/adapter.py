@@ -26,7 +26,7 @@ from torch import nn
 from qcircuit import Circuit, Program, QCError, parse_file
 from qcircuit.compiler import compile as compile_circuit
 
-from . import checkpoint, record
+from . import checkpoint, quantized, record
 from .bind import Target, bind, by_layer
 from .branch import Branch
 from .layer import AdaptedLayer, LayerState
@@ -106,7 +106,9 @@ class Adapted:
     def merge(self) -> None:
         """``W ← W0 + scale·(T_θ − T_θ0)`` in every layer: no adapter cost at inference.
         Refused, with nothing written, where ``unmerge`` could not give a layer's weight
-        back within rounding (``layer.py``); ``merge_and_unload`` needs no such promise."""
+        back within rounding (``layer.py``); ``merge_and_unload`` needs no such promise.
+        Quantized layers are requantized (``merge_reports`` says how closely; a warning
+        names those that lost more than ``quantized.MERGE_WARN`` of their update)."""
         self._merge(reversible=True)
 
     def _merge(self, reversible: bool) -> None:
@@ -115,6 +117,14 @@ class Adapted:
         if any(layer.is_meta for layer in self._live().values()):
             raise QCError("cannot merge: the model's weights are on the meta device")
         self._all_layers("merge", reversible=reversible)
+        quantized.warn_lossy(self.merge_reports)
+
+    @property
+    def merge_reports(self) -> dict[str, quantized.MergeReport]:
+        """Per merged quantized layer, how far its requantized weight is from the exact
+        merge (``quantized.MergeReport``); empty when nothing quantized is merged."""
+        return {name: layer.quant_merged.report for name, layer in self._live().items()
+                if layer.quant_merged is not None}
 
     def unmerge(self) -> None:
         """Undo ``merge`` (each weight within the merge bound of ``layer.py``)."""
@@ -122,11 +132,21 @@ class Adapted:
             raise QCError("the adapter is not merged")
         self._all_layers("unmerge")
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge, then put each base layer back: the model holds only its own module types."""
-        if not self.merged:
-            self._merge(reversible=False)
-        return _unwrap(self)
+    def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """Merge, then put each base layer back: the model holds only its own module types.
+
+        With ``dtype``, each adapted layer becomes a plain ``nn.Linear`` (``Conv1D`` for a
+        ``Conv1D`` base) in ``dtype`` holding the exact merge ``W0 + scale·(T_θ − T_θ0)``,
+        computed in float64 and rounded once, with ``W0`` dequantized for a quantized
+        base: the export path for a quantized model (other layers are left as they are)."""
+        if dtype is None:
+            if not self.merged:
+                self._merge(reversible=False)
+            return _unwrap(self)
+        if self.merged:
+            self.unmerge()
+        return _unwrap(self, {name: layer.exported(dtype)
+                              for name, layer in self._live().items()})
 
     def fold(self) -> None:
         """Fold every layer that can (``attach``/``load`` do this unless ``fold=False``)."""
@@ -153,7 +173,8 @@ class Adapted:
     def num_base(self) -> int:
         """Parameters of the base model (adapter and frozen gates excluded)."""
         extra = {id(p) for layer in self._live().values() for p in layer.branches.parameters()}
-        return sum(p.numel() for p in self.model.parameters() if id(p) not in extra)
+        return sum(quantized.logical_numel(p) for p in self.model.parameters()
+                   if id(p) not in extra)
 
     def summary(self) -> str:
         layers = self._live()
@@ -300,12 +321,13 @@ def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
     return Adapted(model, program, targets, layers, requires_grad)
 
 
-def _unwrap(adapted: Adapted) -> nn.Module:
-    """Put each base layer back and restore the parameters' ``requires_grad``."""
-    model = adapted.model
+def _unwrap(adapted: Adapted, replacements: dict[str, nn.Module] | None = None) -> nn.Module:
+    """Put each base layer back (or its replacement, by module name) and restore the
+    parameters' ``requires_grad``."""
+    model, replacements = adapted.model, replacements or {}
     for name, layer in adapted.layers.items():
         parent, child = _split(name)
-        setattr(model.get_submodule(parent), child, layer.base_layer)
+        setattr(model.get_submodule(parent), child, replacements.get(name, layer.base_layer))
     for name, param in model.named_parameters():
         param.requires_grad_(adapted._requires_grad.get(name, param.requires_grad))
     adapted._unloaded = True

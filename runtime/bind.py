@@ -3,6 +3,7 @@
 ``bind(model, program)`` walks the ``apply`` rules in order; each pattern (a dotted-name
 suffix or a ``/regex/``) selects modules by name. Every selected module must be an
 ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 style: weight stored ``(in, out)``),
+with a floating-point weight or a quantized one of a supported kind (``quantized.py``),
 may be selected by several rules (its update is then the sum of their circuits, one
 *branch* per rule, in rule order) but never twice by the same circuit, and must fit each
 of its circuits: ``qudits auto N`` circuits are
@@ -88,6 +89,7 @@ def linear_layers(model: nn.Module) -> dict[str, tuple[str, int, int]]:
 def bind(model: nn.Module, program: Program) -> tuple[Target, ...]:
     """The branches ``program``'s rules put on ``model``'s layers (rule order), each with
     its resolved circuit and options; ``by_layer`` groups them per layer."""
+    from . import quantized   # imported when used, as the layer types are (see above)
     if not program.rules:
         raise QCError("the program has no 'apply' rule: nothing to bind",
                       expected="a line like: apply NAME to q_proj, v_proj")
@@ -108,6 +110,10 @@ def bind(model: nn.Module, program: Program) -> tuple[Target, ...]:
                 raise _no_match(model, rule, pattern, span)
             for name in names:
                 shape = layer_shape(modules[name])
+                problem = quantized.unsupported(modules[name])
+                if problem is not None:
+                    raise QCError(f"pattern {str(pattern)!r} matches module {name!r}: {problem}",
+                                  span, expected="a pattern naming supported layers only")
                 if shape is None:
                     raise QCError(
                         f"pattern {str(pattern)!r} matches module {name!r}, a "

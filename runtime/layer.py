@@ -16,6 +16,19 @@ merged     ``W0 + Σ s·(T_θ − T_θ0)``       nothing (no adapter cost)      
                                                                                     ``4·eps·‖W‖`` (else refused)
 =========  ==============================  =======================================  ================================
 
+A *quantized* base layer (bitsandbytes 4-bit/8-bit, torchao int8: ``quantized.py``) keeps
+its stored weight ``Q0`` and ``W0`` means ``deq(Q0)``, the weight it computes with:
+
+=========  ==================================  ==========================================
+state      stored weight holds                 forward adds, per branch
+=========  ==================================  ==========================================
+unfolded   ``Q0``, untouched by training       as above (``zero_last``: ``s·T_θ·x``)
+folded     never: a quantized layer never folds
+merged     ``Q(W0 + Σ s·(T_θ − T_θ0))``: the   nothing; ``Q0`` is kept in memory and
+           sum in float64, requantized in the  ``unmerge`` writes it back bit for bit
+           layer's own scheme
+=========  ==================================  ==========================================
+
 Only named calls move a layer between states (``fold``, ``unfold``, ``merge``, ``unmerge``,
 and ``load_state_dict``, which restores the state stored with the weights); ``forward``
 only reads it, so DDP, FSDP, DataParallel replicas and ``torch.compile`` all run the model
@@ -52,6 +65,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qcircuit import Circuit, QCError
 
+from . import quantized
 from .branch import Branch
 from .checkpoint_schema import branch_tensor_names
 from .weights import (MERGE_ROUNDING, full_tensor, merge_bound, reversal_error, update_ratio,
@@ -70,6 +84,7 @@ class Move:
     state: "LayerState"
     weight: torch.Tensor | None = None
     update_ratio: float | None = None
+    quantized: "quantized.Planned | None" = None   # a quantized layer's storage to write
 
 
 class LayerState(enum.Enum):
@@ -101,6 +116,9 @@ class AdaptedLayer(nn.Module):
         self.branches = nn.ModuleList(branches)
         self.state = LayerState.UNFOLDED
         self.rest = LayerState.UNFOLDED  # where unmerge() returns: the training form
+        # a quantized base (quantized.py): its scheme, and while merged what unmerge needs
+        self.quant = quantized.scheme_of(base, name)
+        self.quant_merged: quantized.Merged | None = None
         weight = base.weight
         device = torch.device("cpu") if weight.is_meta else weight.device
         # [state, rest] as indices into _CODES, so model.state_dict() round trips (resume)
@@ -150,7 +168,7 @@ class AdaptedLayer(nn.Module):
     @property
     def can_fold(self) -> bool:
         """A foldable branch (frozen copy, no dropout) and real weights."""
-        return any(b.foldable for b in self.branches) and not self.is_meta
+        return any(b.foldable for b in self.branches) and not self.is_meta and self.quant is None
 
     @property
     def folded(self) -> bool:
@@ -210,6 +228,8 @@ class AdaptedLayer(nn.Module):
         """What ``call`` (``fold``, ``unfold``, ``merge`` or ``unmerge``) does to this layer,
         computed in float64 and checked; nothing is written (``apply`` writes it)."""
         new = self._target(call)
+        if self.quant is not None and call in ("merge", "unmerge"):
+            return self._plan_quantized(call, new)
         dense = self._operators(new, self.state)
         before = self._offset(self.state, dense)
         step = self._offset(new, dense) - before
@@ -243,9 +263,22 @@ class AdaptedLayer(nn.Module):
                     "check the training run (an update this large usually means it diverged)")
         return Move(call, new, rounded, ratio)
 
+    def _plan_quantized(self, call: str, new: LayerState) -> "Move":
+        """A quantized layer's merge (``W0 + Δ`` in float64, requantized in its own scheme)
+        or unmerge (the storage kept at merge, bit for bit); nothing is written."""
+        if call == "merge":
+            planned = quantized.plan_merge(self.base_layer, self.quant, self.delta64(), self.name)
+            return Move(call, new, update_ratio=planned.merged.report.update_ratio,
+                        quantized=planned)
+        return Move(call, new, quantized=quantized.plan_unmerge(
+            self.base_layer, self.quant, self.quant_merged, self.name))
+
     @torch.no_grad()
     def apply(self, move: "Move") -> None:
         """Write a planned move: the new base weight (if any), the state, ``rest``."""
+        if move.quantized is not None:
+            quantized.write(self.base_layer, self.quant, move.quantized)
+            self.quant_merged = move.quantized.merged
         if move.weight is not None:
             weight, new_w = self.base_layer.weight, move.weight
             if hasattr(weight, "device_mesh"):  # DTensor: every rank holds new_w, keep its shard
@@ -256,6 +289,21 @@ class AdaptedLayer(nn.Module):
         if move.call in ("fold", "unfold"):
             self.rest = self.state
         self._store_state()
+
+    def exported(self, dtype: torch.dtype) -> nn.Module:
+        """A plain ``nn.Linear`` (``Conv1D`` for a ``Conv1D`` base) in ``dtype`` holding the
+        exact merge ``W0 + Σ s·(T_θ − T_θ0)`` (float64, rounded once); ``W0`` is
+        dequantized for a quantized base. Call it unmerged; the layer is not changed."""
+        if self.merged:
+            raise QCError(f"{self.name}: unmerge before exporting")
+        if self.quant is not None:
+            base = quantized.dequantized(self.base_layer, self.quant)
+        else:
+            weight = full_tensor(self.base_layer.weight, self.base_layer.weight.shape,
+                                 f"{self.name}: base weight").double()
+            base = (weight.t() if self.transposed else weight) - self.offset64().to(weight.device)
+        return quantized.linear_like(self.base_layer, base + self.delta64().to(base.device),
+                                     dtype, self.transposed)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -27,6 +27,8 @@ import torch
 
 from qcircuit import Circuit, QCError
 
+from . import quantized
+
 __all__ = ["MERGE_ROUNDING", "LARGE_UPDATE", "merge_bound", "reversal_error",
            "warn_large_updates", "apply_circuit", "full_tensor", "update_ratio"]
 
@@ -109,9 +111,13 @@ def update_ratio(layer, name: str, tensors: Mapping[str, torch.Tensor],
         t0 = run("frozen") if b.frozen is not None else 0.0
         delta = delta + b.scale * (run("adapter") - t0)
         folded = folded + (b.scale * t0 if b.foldable else 0.0)
-    weight = layer.base_layer.weight
-    w = full_tensor(weight, weight.shape, f"{layer.name}: base weight")
-    wx = (x.to(w.device, w.dtype) @ (w if layer.transposed else w.t())).double().cpu()
+    if layer.quant is not None:   # a quantized base: the weight it computes with
+        w = quantized.dequantized(layer.base_layer, layer.quant)
+        wx = (x.to(w.device) @ w.t()).cpu()
+    else:
+        weight = layer.base_layer.weight
+        w = full_tensor(weight, weight.shape, f"{layer.name}: base weight")
+        wx = (x.to(w.device, w.dtype) @ (w if layer.transposed else w.t())).double().cpu()
     w0x = wx - {"unfolded": 0.0, "folded": -folded, "merged": delta}[layer.state.value]
     size = torch.linalg.norm(torch.as_tensor(w0x))
     return float(torch.linalg.norm(torch.as_tensor(delta)) /
