@@ -19,7 +19,7 @@ from torch import nn
 from qcircuit.errors import QCError
 from qcircuit.ir import Gate
 
-from . import routes
+from . import routes, triton_route
 from .planning import run_steps
 
 if TYPE_CHECKING:
@@ -98,7 +98,10 @@ class CircuitModule(nn.Module):
                           f"this circuit takes {self.in_features}")
         gates = self._gate_list()
         like = gates[0] if gates else self._anchor
-        if x.dtype != like.dtype:
+        # 16-bit activations reach a route that takes them against float32 gates uncast
+        direct = x.dtype != like.dtype and routes.plain(x, *gates) and triton_route.takes(
+            self.plan, x, like.dtype)
+        if x.dtype != like.dtype and not direct:
             x = x.to(like.dtype)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
@@ -109,7 +112,8 @@ class CircuitModule(nn.Module):
             gates = routes.gathered(gates)
             y = run_steps(self.trace_path.steps, [x2d.reshape(n, *self.plan.in_dims), *gates])
         else:
-            run = routes.forward_executor(self.plan, n, x2d.device.type, x2d.dtype)
+            run = (triton_route.mixed_executor if direct else routes.forward_executor)(
+                self.plan, n, x2d.device.type, x2d.dtype)
             y = run(x2d, gates)
         return y.reshape(*lead, self.out_features)
 

@@ -43,7 +43,7 @@ from qcircuit.errors import QCError
 from . import calibrate
 from . import costmodel as cm
 from . import measure as measure_mod
-from . import wisdom
+from . import triton_route, wisdom
 from .planning import (MAX_DENSE_NUMEL, einsum_dense_executor, einsum_executor, plan_path,
                        token_bucket)
 
@@ -177,6 +177,12 @@ ROUTES: tuple[Route, ...] = (
           lambda plan, sched, bucket, dtype: sched.cost, _dense_schedule_make),
     Route("lightcone", "dense", ("cpu", "cuda"), _lightcone_search,
           lambda plan, lc, bucket, dtype: lc.cost, _lightcone_make),
+    # fused Triton kernels (triton_route.py), measured on CUDA; no cost model prices them
+    Route("triton", "forward", ("cuda",) if triton_route.available() else (),
+          triton_route.search, lambda *args: None, triton_route.build),
+    Route("triton", "dense", ("cuda",) if triton_route.available() else (),
+          lambda plan, bucket, dtype, deadline: triton_route.dense_search(plan, dtype, deadline),
+          lambda *args: None, triton_route.dense_build),
 )
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qcircuit import Circuit, QCError
+from qcircuit.compiler import triton_route
 
 from .branch import Branch
 from .checkpoint_schema import branch_tensor_names
@@ -284,7 +285,9 @@ class AdaptedLayer(nn.Module):
         if self.state is LayerState.MERGED:
             return y
         folded = self.state is LayerState.FOLDED
-        h = x.to(self.branches[0].adapter.gates[0].dtype)
+        gate_dtype = self.branches[0].adapter.gates[0].dtype
+        h = x if all(triton_route.takes(b.plan, x, gate_dtype) for b in self.branches) \
+            else x.to(gate_dtype)   # the circuits run in the gates' dtype, or take x uncast
         with torch.autocast(h.device.type, enabled=False):  # circuits run in the gates' dtype
             d = None
             for b in self.branches:
