@@ -27,6 +27,9 @@ from .triton_plan import Axes, Pass
 
 #: whether these kernels run in Triton's interpreter (read when the kernels were defined)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the interpreter multiplies 16-bit dot operands wrongly (triton 3.8): there the operands
+# are rounded to 16 bits and multiplied in float32, which gives the same products
+_ROUNDED_IN_FP32 = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -84,9 +87,18 @@ def _store_grad(part_ptr, acc, R: tl.constexpr, C: tl.constexpr, RN: tl.constexp
 
 @triton.jit
 def _mm(a, b, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """``a @ b``: a tensor-core dot, or multiply-adds where a side is under 16."""
+    """``a @ b``: a tensor-core dot (``PREC`` "bf16"/"fp16": operands rounded to that type
+    first), or multiply-adds where a side is under 16."""
     if DOT:
-        return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+        if PREC == "bf16" or PREC == "fp16":
+            half = tl.bfloat16 if PREC == "bf16" else tl.float16
+            if _ROUNDED_IN_FP32:
+                out = tl.dot(a.to(half).to(ACC), b.to(half).to(ACC), out_dtype=ACC)
+            else:
+                out = tl.dot(a.to(half), b.to(half), out_dtype=ACC)
+        else:
+            out = tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+        return out
     else:
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
@@ -200,6 +212,25 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def forward_constants(p: Pass, acc: torch.dtype, precision: str, identity: bool) -> dict:
+    """``pass_forward``'s compile-time constants (and warps) for pass ``p``."""
+    return dict(_constants(p), ACC=_acc(acc), PREC=precision, IDENTITY=identity,
+                num_warps=p.warps)
+
+
+def _offsets(p: Pass) -> tuple[int, ...]:
+    sizes = [f.size for f in p.fused]
+    return tuple(sum(sizes[:j]) for j in range(len(sizes)))
+
+
+def backward_constants(p: Pass, acc: torch.dtype, precision: str, store_gx: bool) -> dict:
+    """``pass_backward``'s compile-time constants (and warps) for pass ``p``."""
+    f = p.fused
+    return dict(_constants(p), INV=tuple(g.inv for g in f), SIN=tuple(g.shape_in for g in f),
+                GOFF=_offsets(p), GSIZE=sum(g.size for g in f), ACC=_acc(acc), PREC=precision,
+                STORE_GX=store_gx, num_warps=p.warps)
+
+
 def forward(p: Pass, x: torch.Tensor | None, gates: Sequence[torch.Tensor], n: int,
             dtype: torch.dtype, acc: torch.dtype, precision: str,
             device: torch.device | None = None) -> torch.Tensor:
@@ -210,8 +241,7 @@ def forward(p: Pass, x: torch.Tensor | None, gates: Sequence[torch.Tensor], n: i
     if n:
         pass_forward[(p.tiles(n),)](
             y if x is None else x, y, tuple(gates[g] for g in p.gates), n, p.blocks,
-            ACC=_acc(acc), PREC=precision, IDENTITY=x is None, num_warps=p.warps,
-            **_constants(p))
+            **forward_constants(p, acc, precision, x is None))
     return y
 
 
@@ -223,19 +253,14 @@ def backward(p: Pass, x: torch.Tensor, c: torch.Tensor, gates: Sequence[torch.Te
     n = x.shape[0]
     tiles = p.tiles(n)
     progs = max(1, min(tiles, programs))
-    sizes = [f.size for f in p.fused]
-    offsets = tuple(sum(sizes[:j]) for j in range(len(sizes)))
+    sizes, offsets = [f.size for f in p.fused], _offsets(p)
     part = torch.empty(progs, sum(sizes), dtype=acc, device=x.device)
     gx = None if gx_dtype is None else torch.empty(n, p.in_features, dtype=gx_dtype,
                                                    device=x.device)
     if n:
-        f = p.fused
         pass_backward[(progs,)](
             x, c, part if gx is None else gx, part, tuple(gates[g] for g in p.gates), n,
-            p.blocks, tiles, INV=tuple(g.inv for g in f), SIN=tuple(g.shape_in for g in f),
-            GOFF=offsets, GSIZE=sum(sizes),
-            ACC=_acc(acc), PREC=precision, STORE_GX=gx is not None, num_warps=p.warps,
-            **_constants(p))
+            p.blocks, tiles, **backward_constants(p, acc, precision, gx is not None))
     else:
         part.zero_()
     sums = part.sum(0)

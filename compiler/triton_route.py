@@ -16,9 +16,9 @@ Route interface (what the routes registry calls):
 
 Precision: activations float32, bfloat16, float16 (or float64); gates load as float32
 (float64 for float64 runs); every product accumulates in float32 (float64), and the output
-takes the activation's dtype. Float32 runs multiply in IEEE float32 (as torch with TF32
-off); 16-bit runs multiply in TF32 and keep the states between passes in the activation's
-dtype, as a 16-bit einsum would. The activation dtype may differ from the gates': the
+takes the activation's dtype. 16-bit runs round each product's operands to the 16-bit type
+and keep the states between passes in it, as autocast and a 16-bit einsum would; float32
+runs are float32-grade (see :func:`_precision`). The activation dtype may differ from the gates': the
 module and the layer hand 16-bit activations over uncast where :func:`takes` says so.
 
 Backward: gradients need each pass's input; the forward saves only ``x`` and the gates,
@@ -154,14 +154,16 @@ def _recompute(apps: Sequence[tp.App], dims: Sequence[int], backward: Sequence[t
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """Products in IEEE float64/float32 in the interpreter and for float64; on the GPU,
-    float32 runs use 3xTF32 (float32-grade, on tensor cores) unless torch allows TF32
-    matmuls, 16-bit runs TF32."""
+    """How products multiply (always accumulating in float32, float64 for float64): 16-bit
+    runs round both operands to the activation's 16-bit type (what autocast does; half the
+    shared memory of TF32 operands, which the 128×128 gates' backward needs); float32 runs
+    use TF32 where torch allows it, else 6 bfloat16 products (float32-grade); float64 and
+    float32 in the interpreter multiply in IEEE."""
+    if dtype in HALF:
+        return "bf16" if dtype == torch.bfloat16 else "fp16"
     if dtype == torch.float64 or interpreted():
         return "ieee"
-    if dtype in HALF or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "tf32x3"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "bf16x6"
 
 
 def _plan(plan: "Plan", bucket: int, dtype: torch.dtype, scale: float) -> TritonSteps:
