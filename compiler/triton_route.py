@@ -189,13 +189,13 @@ def _probe(plan: "Plan", steps: TritonSteps) -> bool:
         return True
     from triton.runtime.errors import OutOfResources
     dtype, device = _dtype(steps.dtype), torch.device("cuda", torch.cuda.current_device())
-    x = torch.zeros(1, plan.in_features, dtype=dtype, device=device, requires_grad=True)
-    gates = [torch.zeros(g.shape, dtype=_dtype(steps.acc), device=device)
-             for g in plan.circuit.gates]
     run = build(plan, steps)
     try:
         with torch.inference_mode(False), torch.enable_grad(), \
                 torch.autocast("cuda", enabled=False):
+            x = torch.zeros(1, plan.in_features, dtype=dtype, device=device, requires_grad=True)
+            gates = [torch.zeros(g.shape, dtype=_dtype(steps.acc), device=device)
+                     for g in plan.circuit.gates]
             run(x, gates).sum().backward()
             run(x, [g.requires_grad_() for g in gates]).sum().backward()
     except OutOfResources:
