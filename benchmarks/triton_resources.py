@@ -54,8 +54,8 @@ def assemble(kernel, args: dict, constants: dict, arch: int) -> str:
             f"{'/'.join(spills) or '?'} bytes (stores/loads), {warps} warps{over}")
 
 
-def report(plan, dtype: torch.dtype, bucket: int, arch: int) -> list[str]:
-    steps = triton_route._plan(plan, bucket, dtype, 1.0)
+def report(plan, dtype: torch.dtype, bucket: int, arch: int, precision: str) -> list[str]:
+    steps = triton_route._plan(plan, bucket, dtype, 1.0, precision)
     acc, inter = getattr(torch, steps.acc), getattr(torch, steps.inter)
     ty = (lambda d: "*" + TYPES[d])
     lines = [f"{TYPES[dtype]} bucket {bucket}: {steps.describe()}"]
@@ -94,15 +94,14 @@ def main() -> None:
     print(f"# triton {triton.__version__}, sm_{args.arch}; paper circuit 16·8·8·4 all_pairs")
     for name in args.dtype:
         for bucket in args.bucket:
-            print("\n".join(report(plan, getattr(torch, name), bucket, args.arch)), flush=True)
-    dense = triton_route.TritonSteps("float32", "float32", "float32", "tf32x3", (), (), (),
-                                     triton_route._plan(plan, plan.out_features, torch.float32,
-                                                        1.0).adjoint, 0)
-    for p in dense.adjoint:
+            dtype = getattr(torch, name)
+            for precision in triton_route._precisions(dtype):
+                print("\n".join(report(plan, dtype, bucket, args.arch, precision)), flush=True)
+    for p in triton_route._plan(plan, plan.out_features, torch.float32, 1.0, "bf16x3").adjoint:
         args_ = {"x_ptr": "*fp32", "y_ptr": "*fp32", "gates": tuple("*fp32" for _ in p.gates),
                  "n": "i32", "blocks": "i32"}
         print(f"dense fp32 {list(p.gates)} x{p.tokens}t: " + assemble(
-            tk.pass_forward, args_, tk.forward_constants(p, torch.float32, "tf32x3", True),
+            tk.pass_forward, args_, tk.forward_constants(p, torch.float32, "bf16x3", True),
             args.arch), flush=True)
 
 

@@ -18,7 +18,7 @@ Precision: activations float32, bfloat16, float16 (or float64); gates load as fl
 (float64 for float64 runs); every product accumulates in float32 (float64), and the output
 takes the activation's dtype. 16-bit runs round each product's operands to the 16-bit type
 and keep the states between passes in it, as autocast and a 16-bit einsum would; float32
-runs are float32-grade (see :func:`_precision`). The activation dtype may differ from the gates': the
+runs are float32-grade where they fit (see :func:`_precisions`). The activation dtype may differ from the gates': the
 module and the layer hand 16-bit activations over uncast where :func:`takes` says so.
 
 Backward: gradients need each pass's input; the forward saves only ``x`` and the gates,
@@ -153,20 +153,22 @@ def _recompute(apps: Sequence[tp.App], dims: Sequence[int], backward: Sequence[t
     return tuple(out)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """How products multiply (always accumulating in float32, float64 for float64): 16-bit
-    runs round both operands to the activation's 16-bit type (what autocast does; half the
-    shared memory of TF32 operands, which the 128×128 gates' backward needs); float32 runs
-    use TF32 where torch allows it, else 6 bfloat16 products (float32-grade); float64 and
-    float32 in the interpreter multiply in IEEE."""
+def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    """How products may multiply, most exact first (always accumulating in float32, float64
+    for float64): 16-bit runs round both operands to the activation's 16-bit type (what
+    autocast does; half the shared memory of TF32 operands, which the 128×128 gates'
+    backward needs); float32 runs use TF32 where torch allows it, else six bfloat16 products
+    (float32-grade) or, where those do not fit the device, three (about 16 bits); float64,
+    and float32 in the interpreter, multiply in IEEE."""
     if dtype in HALF:
-        return "bf16" if dtype == torch.bfloat16 else "fp16"
+        return ("bf16",) if dtype == torch.bfloat16 else ("fp16",)
     if dtype == torch.float64 or interpreted():
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "bf16x6"
+        return ("ieee",)
+    return ("tf32",) if torch.backends.cuda.matmul.allow_tf32 else ("bf16x6", "bf16x3")
 
 
-def _plan(plan: "Plan", bucket: int, dtype: torch.dtype, scale: float) -> TritonSteps:
+def _plan(plan: "Plan", bucket: int, dtype: torch.dtype, scale: float,
+          precision: str) -> TritonSteps:
     """The passes at ``scale`` times the on-chip budgets (halved again for float64)."""
     c = plan.circuit
     apps = tp.applications(c)
@@ -175,7 +177,7 @@ def _plan(plan: "Plan", bucket: int, dtype: torch.dtype, scale: float) -> Triton
     fwd, bwd = int(tp.FWD_BUDGET * scale), int(tp.BWD_BUDGET * scale)
     backward = tp.partition(apps, c.in_dims, bucket, True, bwd)
     return TritonSteps(
-        _name(dtype), _name(acc), _name(dtype if dtype in HALF else acc), _precision(dtype),
+        _name(dtype), _name(acc), _name(dtype if dtype in HALF else acc), precision,
         tp.partition(apps, c.in_dims, bucket, False, fwd), backward,
         _recompute(apps, c.in_dims, backward, bucket, fwd),
         tp.partition(tp.adjoint(apps), c.out_dims, bucket, False, fwd), _programs())
@@ -185,7 +187,7 @@ def _probe(plan: "Plan", steps: TritonSteps) -> bool:
     """On a GPU, whether every kernel of ``steps`` compiles within the device's resources
     (one token forward and backward, with and without gate gradients); the interpreter
     has no such limits."""
-    if interpreted():
+    if interpreted() or not torch.cuda.is_available():
         return True
     from triton.runtime.errors import OutOfResources
     dtype, device = _dtype(steps.dtype), torch.device("cuda", torch.cuda.current_device())
@@ -207,15 +209,19 @@ def search(plan: "Plan", bucket: int, dtype: torch.dtype, deadline: float) -> Tr
     """The passes for ``bucket`` tokens of ``dtype`` activations (plain data); ``QCError``
     where the route cannot run them. Planning is greedy and fast (``deadline`` is not
     needed); on a GPU the kernels are compiled once here, and the budgets shrink where
-    they exceed the device (``BUDGET_SCALES``)."""
+    they exceed the device (``BUDGET_SCALES``), then the product precision where one is
+    less exact but smaller (:func:`_precisions`)."""
     _check(plan, dtype)
-    for scale in BUDGET_SCALES:
-        try:
-            steps = _plan(plan, bucket, dtype, scale)
-        except ValueError as exc:
-            raise QCError(f"the triton route cannot run this circuit: {exc}") from None
-        if _probe(plan, steps):
-            return steps
+    for precision in _precisions(dtype):
+        for scale in BUDGET_SCALES:
+            try:
+                steps = _plan(plan, bucket, dtype, scale, precision)
+            except ValueError as exc:
+                if scale == BUDGET_SCALES[0]:
+                    raise QCError(f"the triton route cannot run this circuit: {exc}") from None
+                break   # smaller budgets fit even less
+            if _probe(plan, steps):
+                return steps
     raise QCError("the triton route: its kernels exceed this GPU's shared memory")
 
 
@@ -292,9 +298,9 @@ def dense_search(plan: "Plan", dtype: torch.dtype, deadline: float) -> TritonSte
                                False, budget)
         except ValueError as exc:
             raise QCError(f"the triton route cannot run this circuit: {exc}") from None
-        steps = TritonSteps(_name(dtype), _name(acc), _name(acc), _precision(dtype), (), (), (),
-                            adj, 0)
-        if interpreted() or _dense_probe(plan, steps):
+        steps = TritonSteps(_name(dtype), _name(acc), _name(acc), _precisions(dtype)[-1], (),
+                            (), (), adj, 0)
+        if interpreted() or not torch.cuda.is_available() or _dense_probe(plan, steps):
             return steps
     raise QCError("the triton route: its kernels exceed this GPU's shared memory")
 
