@@ -198,6 +198,7 @@ def main() -> None:
                          f"{rate:9.1f} {vs(rate, lora_rate)} {r['peak'] / 2**20:9.1f} "
                          f"{vs(r['peak'], lora['peak'] if lora else None)}")
             print(lines[-1], flush=True)
+    lines.append(f"# load average {os.getloadavg()[0]:.1f} at the end")
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)) or ".")
     with os.fdopen(fd, "w") as f:
         f.write("\n".join(lines) + "\n")
