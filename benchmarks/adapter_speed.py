@@ -30,7 +30,12 @@ step that builds the plan and the workspace, freed and trimmed); the peak reside
 set (``VmHWM``) is reset through ``/proc/self/clear_refs`` after setup, one step runs, and the
 growth of ``VmHWM`` over the resident size before the step is reported.
 
-On CUDA (``--device cuda``): every tensor lives on the GPU, each timed call is bracketed by
+On CUDA (``--device cuda``): the ``route triton`` row (fused kernels, ``triton_route.py``)
+joins, and each token count gains a bfloat16 block, its ratios to its own reference (the
+one expression on bfloat16 casts of the input and gates, as autocast would) and to the frozen layer with bfloat16
+weights: the frozen layer under autocast, the triton route on bfloat16 activations with
+float32 gates, the adapted layer on a bfloat16 base (folded) and PEFT LoRA r=8 there.
+Every tensor lives on the GPU, each timed call is bracketed by
 ``torch.cuda.synchronize()`` (the time is the GPU's work, not the launch), token counts run to
 8192, the kernel-less rows are left out (the C kernels are CPU code), and peak memory is the
 growth of ``torch.cuda.max_memory_allocated`` over one step, in this process. The cost
@@ -63,7 +68,7 @@ from qcircuit.compiler import costmodel as cm  # noqa: E402
 from qcircuit.compiler.schedule import build_schedule  # noqa: E402
 from qcircuit.compiler.schedule_exec import Workspace, run_schedule  # noqa: E402
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
-from qcircuit.compiler import choice, token_bucket, tuning  # noqa: E402
+from qcircuit.compiler import choice, token_bucket, triton_route, tuning  # noqa: E402
 
 THREADS = 2
 # rounds per token count: a 16-token step takes milliseconds, so its median is taken over
@@ -106,6 +111,17 @@ def cpu_ticks() -> tuple[int, int] | None:
     return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
 
 
+class OneLinear(torch.nn.Module):
+    """A model of one ``nn.Linear`` named ``proj`` (what PEFT's LoRA wraps here)."""
+
+    def __init__(self, n_in: int, n_out: int, **kwargs):
+        super().__init__()
+        self.proj = torch.nn.Linear(n_in, n_out, **kwargs)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
+
+
 def make_gates(c: Circuit, grad: bool = True, device: str = "cpu") -> list[torch.Tensor]:
     """The module's own Kaiming init (seed 0), as plain leaf tensors on ``device``."""
     return [g.detach().to(device, copy=True).requires_grad_(grad)
@@ -141,7 +157,7 @@ def variants(tokens: int, extra: bool = True, device: str = "cpu") -> dict:
     machine = tuning.default().machine()   # the cost model's constants for this CPU
     out = {"reference": (reference, cm.einsum_reference(machine, tokens, c.in_dims, c.gates))}
     plan = compile_circuit(c)
-    for route in ("einsum", "schedule"):
+    for route in ("einsum", "schedule") + (("triton",) if triton_route.offered_on(device) else ()):
         rp = tuning.default().named(plan, "forward", route, token_bucket(tokens),
                                     torch.device(device), torch.float32)
         runner = choice.build(plan, rp)
@@ -181,21 +197,69 @@ def variants(tokens: int, extra: bool = True, device: str = "cpu") -> dict:
         from peft import LoraConfig, get_peft_model
     except ImportError:  # the row is context only
         return out
-
-    class Layer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(c.in_features, c.out_features)
-
-        def forward(self, h):
-            return self.proj(h)
-    lora = get_peft_model(Layer(), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"])).to(device)
+    lora = get_peft_model(OneLinear(c.in_features, c.out_features),
+                          LoraConfig(r=8, lora_alpha=16, target_modules=["proj"])).to(device)
     lora_params = [p for p in lora.parameters() if p.requires_grad]
 
     def run_lora():
         lora(x).backward(gy)
         clear(x, *lora_params)
     out["base + LoRA r=8 (peft)"] = (run_lora, None)
+    return out
+
+
+def bf16_variants(tokens: int, device: str) -> dict:
+    """bfloat16 rows (GPU): the reference on bfloat16 casts, the frozen layer under autocast
+    and with bfloat16 weights, the triton route on bfloat16 activations (float32 gates), PEFT LoRA
+    r=8 and the adapted layer on a bfloat16 base; name -> (step, None)."""
+    from qcircuit.runtime import AdaptedLayer
+    c, bf = CIRCUIT, torch.bfloat16
+    plan = compile_circuit(c)
+    gates = make_gates(c, device=device)
+    x32 = torch.randn(tokens, c.in_features, device=device, requires_grad=True)
+    x = x32.detach().to(bf).requires_grad_()
+    gy = torch.randn(tokens, c.out_features, device=device, dtype=bf)
+    eq = plan.forward_network.equation
+    expr = oe.contract_expression(eq, (tokens,) + c.in_dims, *[g.shape for g in c.gates],
+                                  optimize="optimal")
+    autocast = functools.partial(torch.autocast, device, dtype=bf)
+
+    def step(fn, inp, params):
+        def run():
+            fn(inp).backward(gy)
+            for t in (inp, *params):
+                t.grad = None
+        return run, None
+
+    def reference(h):   # what autocast does to a matmul: operands cast to bfloat16
+        return expr(h.view(tokens, *c.in_dims), *[g.to(bf) for g in gates],
+                    backend="torch").reshape(tokens, -1)
+    out = {"reference (bf16)": step(reference, x, gates)}
+    if triton_route.offered_on(device):
+        run = choice.build(plan, tuning.default().named(
+            plan, "forward", "triton", token_bucket(tokens), torch.device(device), bf))
+        out["route triton (bf16 x)"] = step(lambda h: run(h, gates), x, gates)
+    base32 = torch.nn.Linear(c.in_features, c.out_features, device=device).requires_grad_(False)
+    base = torch.nn.Linear(c.in_features, c.out_features, device=device, dtype=bf)
+    base.requires_grad_(False)
+
+    def autocast_base(h):
+        with autocast():
+            return base32(h)
+    out["base layer (autocast)"] = step(autocast_base, x32, [])
+    out["base layer (bf16)"] = step(base, x, [])
+    layer = AdaptedLayer.of(base, c, generator=torch.Generator().manual_seed(0), plan=plan)
+    layer.fold()
+    plan.warm_up(tokens, device=device)
+    out["layer: QuanTA (bf16)"] = step(layer, x, layer.gate_parameters())
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return out
+    lora = get_peft_model(OneLinear(c.in_features, c.out_features, device=device, dtype=bf),
+                          LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    out["LoRA r=8 (bf16, peft)"] = step(
+        lora, x, [p for p in lora.parameters() if p.requires_grad])
     return out
 
 
@@ -377,6 +441,15 @@ def main() -> None:
                  f"{med[name] / base:7.2f}x {p}")
         emit()
         del funcs
+        if device == "cuda":
+            funcs = bf16_variants(tokens, device)
+            med = interleaved({k: f for k, (f, _) in funcs.items()}, rounds, device)
+            ref, base = med["reference (bf16)"], med["base layer (bf16)"]
+            for name in funcs:
+                emit(f"{tokens:>6}  {name:26s} {med[name] * 1e3:9.2f} {ref / med[name]:6.2f}x "
+                     f"{med[name] / base:7.2f}x {'-':>13}")
+            emit()
+            del funcs
     funcs, err = dense_variants(device)
     med = interleaved({k: f for k, (f, _) in funcs.items()}, 5 if args.quick else 31, device)
     ref = med["reference (one expression)"]

@@ -26,7 +26,7 @@ from . import costmodel as cm
 from . import measure as measure_mod
 from .caps import MEASURE_MAX_NUMEL, TUNE_MAX_GATES
 from .lowered import Lowered
-from .routes import REFERENCE, Route, route_named, routes_for
+from .routes import REFERENCE, Route, route_named, routes_for, uncast_routes
 from .wisdom import Entry, WisdomStore
 
 PLAN_BUDGET = 1.0           # seconds of search for one choice, every route together
@@ -98,11 +98,12 @@ def _plan_one(r: Route, lowered: Lowered, bucket: int | None, dtype: torch.dtype
 
 
 def search(lowered: Lowered, kind: str, bucket: int | None, device_type: str, dtype: torch.dtype,
-           machine: cm.Machine) -> tuple[dict[str, Any], list[Candidate], list[str]]:
-    """Plan every offered route within ``PLAN_BUDGET``: (steps by route, candidates with
-    their predictions and notes, the routes worth timing — the reference always; on the CPU
-    only those the cost model keeps)."""
-    routes = routes_for(kind, device_type, offered=True)
+           machine: cm.Machine, routes: Sequence[Route] | None = None
+           ) -> tuple[dict[str, Any], list[Candidate], list[str]]:
+    """Plan every offered route (or ``routes``) within ``PLAN_BUDGET``: (steps by route,
+    candidates with their predictions and notes, the routes worth timing — the reference
+    always; on the CPU only those the cost model keeps)."""
+    routes = routes_for(kind, device_type, offered=True) if routes is None else list(routes)
     if lowered.num_gates > TUNE_MAX_GATES:
         cachefiles.warn_once(f"choice:big {lowered.signature}", f"the circuit has "
                              f"{lowered.num_gates} gates; above TUNE_MAX_GATES = {TUNE_MAX_GATES} "
@@ -128,10 +129,17 @@ def search(lowered: Lowered, kind: str, bucket: int | None, device_type: str, dt
 
 def decide(lowered: Lowered, kind: str, bucket: int | None, device: torch.device,
            dtype: torch.dtype, *, machine: cm.Machine, measure: bool, timer: Timer,
-           wisdom: WisdomStore, key: str) -> Decision:
+           wisdom: WisdomStore, key: str, gate_dtype: torch.dtype | None = None
+           ) -> Decision | None:
     """Choose the route for this key (see the module docstring); ``key`` names it in the
-    wisdom store. Runs measurements: call it where no autograd records (``tuning`` does)."""
-    found, candidates, alive = search(lowered, kind, bucket, device.type, dtype, machine)
+    wisdom store. Runs measurements: call it where no autograd records (``tuning`` does).
+    With a ``gate_dtype`` other than ``dtype``, only routes that take ``dtype`` activations
+    against such gates uncast compete, and None says that none can run them."""
+    uncast = gate_dtype is not None and gate_dtype != dtype
+    routes = uncast_routes(device.type, dtype) if uncast else None
+    found, candidates, alive = search(lowered, kind, bucket, device.type, dtype, machine, routes)
+    if not alive:
+        return None
 
     def result(route: str, how: str, times: dict[str, float] | None = None) -> Decision:
         cands = tuple(Candidate(c.route, c.predicted, (times or {}).get(c.route), c.note)
@@ -145,7 +153,7 @@ def decide(lowered: Lowered, kind: str, bucket: int | None, device: torch.device
         bucket if kind == "forward" else lowered.in_features)
     if not measure or numel > MEASURE_MAX_NUMEL:
         if device.type != "cpu":
-            return result(REFERENCE, "default")
+            return result(REFERENCE if REFERENCE in alive else alive[0], "default")
         return result(min(alive, key=lambda n: _predicted(candidates, n)), "model")
     known = wisdom.lookup(key)
     if known is not None and known.route in alive:
@@ -155,7 +163,8 @@ def decide(lowered: Lowered, kind: str, bucket: int | None, device: torch.device
         if known is not None and known.route in alive:
             return result(known.route, "wisdom", dict(known.times))
         thunks = {n: measure_mod.thunk(lowered, kind, bucket, device, dtype,
-                                       build(lowered, result(n, "measuring"))) for n in alive}
+                                       build(lowered, result(n, "measuring")), gate_dtype)
+                  for n in alive}
         times = timer(thunks)
         winner = min(alive, key=lambda n: times.get(n, float("inf")))
         wisdom.record(key, Entry(winner, {n: times[n] for n in alive if n in times}), locked)

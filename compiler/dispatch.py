@@ -44,11 +44,29 @@ def trace_path(lowered: Lowered) -> ContractionPath:
     return contraction_path(lowered.forward_network, TRACE_BUCKET)
 
 
+def uncast(lowered: Lowered, x2d: Tensor, gate_dtype: torch.dtype, tuning: Tuning,
+           route: str | None = None):
+    """The executor that takes ``x2d`` against ``gate_dtype`` gates without casting it
+    (16-bit activations, float32 gates, a route that takes them: ``Route.activation_dtypes``),
+    or None: then the activations are cast to the gates' dtype."""
+    if x2d.dtype == gate_dtype or gate_dtype != torch.float32 or route is not None \
+            or torch.compiler.is_compiling() or not plain(x2d) or x2d.shape[0] == 0:
+        return None
+    return tuning.uncast_executor(lowered, token_bucket(x2d.shape[0]), x2d.device, x2d.dtype)
+
+
 def forward(lowered: Lowered, x2d: Tensor, gates: Sequence[Tensor], tuning: Tuning,
             traced: ContractionPath, route: str | None = None) -> Tensor:
-    """``y2d = T·x2d`` for ``x2d`` (tokens ≥ 1, in_features), in ``x2d``'s dtype; ``traced``
-    is :func:`trace_path` (kept by the caller); ``route`` names the route to run."""
+    """``y2d = T·x2d`` for ``x2d`` (tokens ≥ 1, in_features): in the gates' dtype, or in
+    ``x2d``'s where a route takes it uncast (:func:`uncast`); ``traced`` is
+    :func:`trace_path` (kept by the caller); ``route`` names the route to run."""
     n = x2d.shape[0]
+    like = gates[0].dtype if gates else x2d.dtype
+    if x2d.dtype != like:
+        run = uncast(lowered, x2d, like, tuning, route)
+        if run is not None and plain(*gates):
+            return run(x2d, gates)
+        x2d = x2d.to(like)
     if torch.compiler.is_compiling() or not plain(x2d, *gates):
         y = run_steps(traced.steps, [x2d.reshape(n, *lowered.in_dims), *gathered(gates)])
         return y.reshape(n, lowered.out_features)

@@ -49,12 +49,13 @@ def isolated(fn: Callable[[], T], device: torch.device | None = None) -> T:
 
 
 def thunk(lowered: Lowered, kind: str, bucket: int | None, device: torch.device,
-          dtype: torch.dtype, run: Callable) -> Callable[[], None]:
+          dtype: torch.dtype, run: Callable, gate_dtype: torch.dtype | None = None
+          ) -> Callable[[], None]:
     """One timed run of an executor on real tensors: a training step (forward, then backward
     into the input and every gate) for ``forward``, a no-grad matrix for ``dense``."""
     gen = torch.Generator().manual_seed(0)
-    gates = [(torch.rand(g.shape, generator=gen, dtype=torch.float64) - 0.5).to(device, dtype)
-             for g in lowered.circuit.gates]
+    gates = [(torch.rand(g.shape, generator=gen, dtype=torch.float64) - 0.5).to(
+        device, gate_dtype or dtype) for g in lowered.circuit.gates]
     if kind == "dense":
         def dense_run() -> None:
             with torch.no_grad():

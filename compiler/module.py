@@ -101,16 +101,24 @@ class CircuitModule(nn.Module):
                           f"this circuit takes {self.in_features}")
         gates = self._gate_list()
         like = gates[0] if gates else self._anchor
-        if x.dtype != like.dtype:
+        if not gates and x.dtype != like.dtype:
             x = x.to(like.dtype)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         n = x2d.shape[0]
         if n == 0:
-            return x2d.new_zeros(*lead, self.out_features)
+            return x2d.new_zeros(*lead, self.out_features, dtype=like.dtype)
         y = dispatch.forward(self.plan, x2d, gates, self.tuning or tuning_mod.default(),
                              self.trace_path, self.route)
         return y.reshape(*lead, self.out_features)
+
+    def takes_uncast(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` runs ``x`` in its own dtype against these gates (16-bit
+        activations on a route that takes them, ``dispatch.uncast``) rather than cast."""
+        gates = self._gate_list()
+        return bool(gates) and x.dtype != gates[0].dtype and dispatch.uncast(
+            self.plan, x.reshape(-1, self.in_features), gates[0].dtype,
+            self.tuning or tuning_mod.default(), self.route) is not None
 
     def matrix(self) -> torch.Tensor:
         """The dense operator ``T``, shape ``(out_features, in_features)``, differentiable."""

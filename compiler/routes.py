@@ -15,6 +15,8 @@ opt_einsum's path optimisers are). A new route, such as a GPU kernel, is one
                dense form by ``dense.py``): a custom autograd function over plain tensors
 ``lightcone``  the dense matrix through the identity's light cone (``lightcone.py``),
                forward only
+``triton``     fused Triton kernels on CUDA (``triton_route.py``), the only route that takes
+               16-bit activations against float32 gates uncast (``activation_dtypes``)
 
 Searching is pure given its arguments (the circuit, the bucket, the dtype, a deadline and the
 cost model's :class:`~costmodel.Machine`); which route wins is decided above, in
@@ -30,6 +32,7 @@ import torch
 from qcircuit.errors import QCError
 
 from . import costmodel as cm
+from . import triton_route
 from .dense import dense_matrix
 from .lightcone import run_lightcone, search_lightcone
 from .lowered import Lowered
@@ -54,7 +57,8 @@ class Route:
     them in seconds on the CPU (None: not priced, only measured); ``build(lowered, steps)``
     makes the executor: ``run(x2d, gates)`` for ``forward``, ``run(gates)`` for ``dense``.
     ``runs_on(device_type)``: where it can run when named; ``offered_on(device_type)``: where
-    the automatic choice considers it (default: wherever it runs)."""
+    the automatic choice considers it (default: wherever it runs); ``activation_dtypes``:
+    activation dtypes it takes against float32 gates uncast, its output in theirs."""
 
     name: str
     kind: str
@@ -63,6 +67,7 @@ class Route:
     predict: Predict
     build: Build
     offered_on: Callable[[str], bool] | None = None
+    activation_dtypes: tuple[torch.dtype, ...] = ()
 
     def offered(self, device_type: str) -> bool:
         return (self.offered_on or self.runs_on)(device_type)
@@ -88,6 +93,13 @@ def routes_for(kind: str, device_type: str, *, offered: bool = False) -> list[Ro
         raise QCError(f"unknown kind {kind!r}", expected=" or ".join(KINDS))
     return [r for (k, _), r in _registry.items() if k == kind and (
         r.offered(device_type) if offered else r.runs_on(device_type))]
+
+
+def uncast_routes(device_type: str, dtype: torch.dtype) -> list[Route]:
+    """The forward routes offered on ``device_type`` that take ``dtype`` activations against
+    float32 gates without a cast."""
+    return [r for (k, _), r in _registry.items()
+            if k == "forward" and dtype in r.activation_dtypes and r.offered(device_type)]
 
 
 def route_named(kind: str, name: str, device_type: str | None = None) -> Route:
@@ -178,3 +190,17 @@ register(Route(
 register(Route(
     "lightcone", "dense", _cpu_or_cuda, _lightcone_search,
     predict=lambda lowered, lc, bucket, dtype, machine: lc.cost, build=_lightcone_build))
+# looked up at each call, so a test can stand the interpreter in for a GPU
+register(Route(
+    "triton", "forward", lambda device_type: triton_route.runs_on(device_type),
+    search=lambda lowered, bucket, dtype, deadline, machine: triton_route.search(
+        lowered, bucket, dtype, deadline),
+    predict=lambda *args: None, build=triton_route.build,
+    offered_on=lambda device_type: triton_route.offered_on(device_type),
+    activation_dtypes=triton_route.HALF))
+register(Route(
+    "triton", "dense", lambda device_type: triton_route.runs_on(device_type),
+    search=lambda lowered, bucket, dtype, deadline, machine: triton_route.dense_search(
+        lowered, dtype, deadline),
+    predict=lambda *args: None, build=triton_route.dense_build,
+    offered_on=lambda device_type: triton_route.offered_on(device_type)))

@@ -285,8 +285,10 @@ class _RunSchedule(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        # unpacking may run a checkpointed segment's recomputation: outside the serial region
+        # below, so that segment sees (and keys its decisions by) the caller's thread count
+        x, mats, bufs = _RunSchedule._inputs(ctx)
         if torch.is_grad_enabled():  # create_graph: a differentiable backward, by recomputation
-            x, mats, _ = _RunSchedule._inputs(ctx)
             with torch.enable_grad():
                 y = _plain_forward(ctx.bound, x, mats)
                 want = [t for t in (x, *mats) if t.requires_grad]
@@ -294,11 +296,10 @@ class _RunSchedule(torch.autograd.Function):
             grads = [next(got) if t.requires_grad else None for t in (x, *mats)]
             return (None, None, *grads)
         with _threads(ctx.bound):
-            return _RunSchedule._backward(ctx, gy)
+            return _RunSchedule._backward(ctx, gy, x, mats, bufs)
 
     @staticmethod
-    def _backward(ctx, gy):
-        x, mats, bufs = _RunSchedule._inputs(ctx)
+    def _backward(ctx, gy, x, mats, bufs):
         inputs = [x] + bufs
         bound, ws = ctx.bound, ctx.ws
         need_x = ctx.needs_input_grad[2]

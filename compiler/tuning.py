@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from . import cachefiles, calibrate, choice, fused, kernels
+from . import cachefiles, calibrate, choice, fused, kernels, routes
 from . import costmodel as cm
 from . import measure as measure_mod
 from .lowered import Lowered
@@ -37,6 +37,8 @@ from .wisdom import WisdomStore
 
 Key = tuple  # (signature, kind, bucket, device, dtype, threads, switches[, named route])
 _FROM_ENV = object()
+_MISSING = object()
+UNCAST = "uncast"   # the kind of a decision among routes that take activations uncast
 
 
 def switches() -> tuple[bool, bool]:
@@ -66,6 +68,7 @@ class Tuning:
         self._machines: dict[int, cm.Machine] = {}
         self._decisions: dict[Key, choice.Decision] = {}
         self._executors: dict[Key, Callable] = {}
+        self._uncast: dict[Key, Callable | None] = {}
         self._lock = threading.RLock()           # decisions and executors
         self._machine_lock = threading.Lock()    # calibration (taken on the worker thread)
 
@@ -130,6 +133,25 @@ class Tuning:
         run = self._executors.get(k)
         return run if run is not None else self._build(k, lowered)
 
+    def uncast_executor(self, lowered: Lowered, bucket: int, device: torch.device,
+                        dtype: torch.dtype) -> Callable | None:
+        """The executor of a route that takes ``dtype`` activations against float32 gates
+        without a cast (``routes.uncast_routes``), or None where none can: then the caller
+        casts. Decided once per key, like every decision."""
+        if not routes.uncast_routes(device.type, dtype):
+            return None
+        k = self.key(lowered, UNCAST, bucket, device, dtype)
+        run = self._uncast.get(k, _MISSING)
+        return run if run is not _MISSING else self._build_uncast(k, lowered)
+
+    @torch.compiler.disable
+    def _build_uncast(self, k: Key, lowered: Lowered) -> Callable | None:
+        with self._lock:
+            if k not in self._uncast:
+                decision = self._decided(k, lowered)
+                self._uncast[k] = None if decision is None else choice.build(lowered, decision)
+            return self._uncast[k]
+
     @torch.compiler.disable
     def _build(self, k: Key, lowered: Lowered) -> Callable:
         with self._lock:
@@ -139,30 +161,32 @@ class Tuning:
             return run
 
     @torch.compiler.disable
-    def _decided(self, k: Key, lowered: Lowered) -> choice.Decision:
-        found = self._decisions.get(k)
-        if found is not None:
+    def _decided(self, k: Key, lowered: Lowered) -> choice.Decision | None:
+        found = self._decisions.get(k, _MISSING)
+        if found is not _MISSING:
             return found
         with self._lock:
-            found = self._decisions.get(k)
-            if found is None:
+            found = self._decisions.get(k, _MISSING)
+            if found is _MISSING:
                 found = self._decisions[k] = measure_mod.isolated(
                     lambda: self._decide(k, lowered), k[3])
             return found
 
-    def _decide(self, k: Key, lowered: Lowered) -> choice.Decision:
+    def _decide(self, k: Key, lowered: Lowered) -> choice.Decision | None:
         """Runs on the worker thread: search, and measure where needed."""
         _, kind, bucket, device, dtype = k[:5]
         machine = self.machine() if device.type == "cpu" else cm.SHIPPED
         if len(k) > 7:
             return choice.named(lowered, kind, k[7], bucket, device.type, dtype, machine)
-        return choice.decide(lowered, kind, bucket, device, dtype, machine=machine,
-                             measure=self.measure, timer=self.timer, wisdom=self.wisdom,
-                             key=self.disk_key(k))
+        uncast = kind == UNCAST
+        return choice.decide(lowered, "forward" if uncast else kind, bucket, device, dtype,
+                             machine=machine, measure=self.measure, timer=self.timer,
+                             wisdom=self.wisdom, key=self.disk_key(k),
+                             gate_dtype=torch.float32 if uncast else None)
 
     def decisions(self) -> list[choice.Decision]:
         """Every decision made so far, oldest first."""
-        return list(self._decisions.values())
+        return [d for d in self._decisions.values() if d is not None]
 
     def forget(self) -> None:
         """Drop what this object holds in memory (disk files stay)."""
@@ -170,6 +194,7 @@ class Tuning:
             self._machines.clear()
             self._decisions.clear()
             self._executors.clear()
+            self._uncast.clear()
             self.wisdom.forget()
 
 

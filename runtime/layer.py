@@ -381,7 +381,9 @@ class AdaptedLayer(nn.Module):
         if self.state is LayerState.MERGED:
             return y
         folded = self.state is LayerState.FOLDED
-        h = x.to(self.branches[0].adapter.gates[0].dtype)
+        gate_dtype = self.branches[0].adapter.gates[0].dtype
+        h = x if all(b.adapter.takes_uncast(x) for b in self.branches) \
+            else x.to(gate_dtype)   # the circuits run in the gates' dtype, or take x uncast
         with torch.autocast(h.device.type, enabled=False):  # circuits run in the gates' dtype
             d = None
             for b in self.branches:

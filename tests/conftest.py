@@ -21,6 +21,12 @@ if "QCIRCUIT_CACHE_DIR" not in os.environ:
 import pytest
 import torch
 
+# Triton kernels run in its interpreter where no GPU is (test_triton.py): the variable must
+# be set before anything imports triton (torch.compile may); the measured route choice
+# offers the triton route on CUDA only, so no other test runs the interpreted kernels
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def seed():

@@ -92,3 +92,35 @@ def assert_close(got, want, dtype=None, terms: int = 64) -> None:
         dtype = torch.float64
     err, tol = rel_err(got, want), tolerance(dtype, terms)
     assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
+
+
+# --- the same in torch: differentiable, on any device (gate gradients' references)
+def torch_gate_matrix(dims: list[int], qudits: tuple[int, ...], g: "torch.Tensor") -> "torch.Tensor":
+    """The full matrix of one gate on wires of ``dims``: ``G ⊗ I`` with the gate's qudits
+    first (rows and columns), its axes then put back in qudit order. Differentiable."""
+    import torch
+    k, n = len(qudits), len(dims)
+    rest = [q for q in range(n) if q not in qudits]
+    rest_dims = [dims[q] for q in rest]
+    out_q, in_q = g.shape[:k], g.shape[k:]
+    kron = torch.kron(g.reshape(math.prod(out_q), math.prod(in_q)),
+                      torch.eye(math.prod(rest_dims), dtype=g.dtype, device=g.device))
+    order = list(qudits) + rest            # axis position -> qudit
+    axes = [order.index(q) for q in range(n)]
+    full = kron.reshape(*out_q, *rest_dims, *in_q, *rest_dims).permute(*axes, *(n + a for a in axes))
+    after = list(dims)
+    for q, d in zip(qudits, out_q):
+        after[q] = d
+    return full.reshape(math.prod(after), math.prod(dims))
+
+
+def torch_operator(circuit, gates) -> "torch.Tensor":
+    """``T = G_K ⋯ G_1`` from explicit gate matrices (float64, wherever the gates are)."""
+    dims = list(circuit.in_dims)
+    t = None
+    for gate, g in zip(circuit.gates, gates):
+        m = torch_gate_matrix(dims, gate.qudits, g)
+        t = m if t is None else m @ t
+        for q, d in zip(gate.qudits, gate.out_dims):
+            dims[q] = d
+    return t

@@ -18,9 +18,10 @@ import os
 import pytest
 import torch
 
-from qcircuit import ApplyRule, Circuit, Pattern, Program
-from qcircuit.compiler import Tuning, choice, compile, routes, tuning
+from qcircuit import ApplyRule, Circuit, Pattern, Program, QCError
+from qcircuit.compiler import Tuning, choice, compile, routes, triton_route, tuning
 from reference import circuit_operator, rel_err, tolerance
+from reference import torch_operator as operator
 
 DEVICE = os.environ.get("QCIRCUIT_TEST_DEVICE", "cuda")
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -39,36 +40,6 @@ EPS_BF16 = torch.finfo(torch.bfloat16).eps
 
 
 # ----------------------------------------------------------------------------- references
-def gate_matrix(dims: list[int], qudits: tuple[int, ...], g: torch.Tensor) -> torch.Tensor:
-    """The full matrix of one gate on wires of ``dims``: ``G ⊗ I`` with the gate's qudits
-    first (rows and columns), its axes then put back in qudit order. Differentiable."""
-    k, n = len(qudits), len(dims)
-    rest = [q for q in range(n) if q not in qudits]
-    rest_dims = [dims[q] for q in rest]
-    out_q, in_q = g.shape[:k], g.shape[k:]
-    kron = torch.kron(g.reshape(math.prod(out_q), math.prod(in_q)),
-                      torch.eye(math.prod(rest_dims), dtype=g.dtype, device=g.device))
-    order = list(qudits) + rest            # axis position -> qudit
-    axes = [order.index(q) for q in range(n)]
-    full = kron.reshape(*out_q, *rest_dims, *in_q, *rest_dims).permute(*axes, *(n + a for a in axes))
-    after = list(dims)
-    for q, d in zip(qudits, out_q):
-        after[q] = d
-    return full.reshape(math.prod(after), math.prod(dims))
-
-
-def operator(circuit: Circuit, gates) -> torch.Tensor:
-    """``T = G_K ⋯ G_1`` from explicit gate matrices (float64, wherever the gates are)."""
-    dims = list(circuit.in_dims)
-    t = None
-    for gate, g in zip(circuit.gates, gates):
-        m = gate_matrix(dims, gate.qudits, g)
-        t = m if t is None else m @ t
-        for q, d in zip(gate.qudits, gate.out_dims):
-            dims[q] = d
-    return t
-
-
 @functools.cache
 def case(name: str):
     """(circuit, plan, gates, T): float64 CPU gates holding float32 values (so one reference
@@ -164,12 +135,18 @@ def test_every_route_forced_on_the_device(kind, name, dtype):
     records them (the light cone is forward only)."""
     circuit, plan, gates, t = case(name)
     names = [r.name for r in routes.routes_for(kind, DEVICE)]
+    triton = ["triton"] if triton_route.offered_on(DEVICE) else []
     assert names == (["einsum", "schedule"] if kind == "forward"
-                     else ["einsum", "schedule", "lightcone"])
+                     else ["einsum", "schedule", "lightcone"]) + triton
     tol = bound(dtype, circuit)
     x64, gy64 = inputs(name, 300)
     for route in names:
-        run = named_run(plan, kind, route, 512 if kind == "forward" else None, dtype)
+        try:
+            run = named_run(plan, kind, route, 512 if kind == "forward" else None, dtype)
+        except QCError:   # the stated rule: float64 halves the triton route's budget; the
+            # paper circuit's float32 backward needs more shared memory than an H100 has
+            assert route == "triton" and (dtype == torch.float64 or name == "paper"), route
+            continue
         g = [on(gt, dtype, grad=True) for gt in gates]
         if kind == "forward":
             x = on(x64, dtype, grad=True)
@@ -225,7 +202,7 @@ def test_gradcheck_on_the_device():
                   .requires_grad_() for g in SMALL.gates)
     x = torch.randn(3, SMALL.in_features, generator=gen, dtype=torch.float64).to(DEVICE) \
         .requires_grad_()
-    for route in ("einsum", "schedule"):
+    for route in ("einsum", "schedule") + (("triton",) if triton_route.offered_on(DEVICE) else ()):
         run = named_run(plan, "forward", route, 4, torch.float64)
         assert torch.autograd.gradcheck(lambda x, *g: run(x, g), (x, *gates)), route
         run = named_run(plan, "dense", route, None, torch.float64)
@@ -233,6 +210,65 @@ def test_gradcheck_on_the_device():
     m = plan.module(dtype=torch.float64, device=DEVICE)
     assert torch.autograd.gradcheck(lambda x, *g: torch.func.functional_call(
         m, {f"gates.{i}": gi for i, gi in enumerate(g)}, (x,)), (x, *gates))
+
+
+@pytest.mark.parametrize("tokens", (512, 2048, 8192))
+def test_triton_route_at_the_paper_shape_in_bfloat16(tokens):
+    """The fused kernels natively: bfloat16 activations, float32 gates, the paper circuit;
+    forward and input gradient against ``x64 @ Tᵀ`` / ``gy64 @ T``, gate gradients against
+    the one-expression route in float64 (itself checked against dense references above)."""
+    if not triton_route.offered_on(DEVICE):
+        pytest.skip("the triton route is offered on CUDA with Triton installed")
+    circuit, plan, gates, t = case("paper")
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, circuit.in_features, generator=gen).to(DEVICE, torch.bfloat16)
+    gy = torch.randn(tokens, circuit.out_features, generator=gen).to(DEVICE, torch.bfloat16)
+    run = named_run(plan, "forward", "triton", tokens, torch.bfloat16)
+    g32 = [on(g, torch.float32, grad=True) for g in gates]
+    y = run(x.requires_grad_(), g32)
+    y.backward(gy)
+    x64, gy64, t64 = x.detach().double(), gy.double(), t.to(DEVICE)
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+    assert rel_err(y, x64 @ t64.T) <= 4 * EPS_BF16
+    assert rel_err(x.grad, gy64 @ t64) <= 4 * EPS_BF16
+    ref = named_run(plan, "forward", "einsum", tokens, torch.float64)
+    g64 = [on(g, torch.float64, grad=True) for g in gates]
+    ref(x64, g64).backward(gy64)
+    for k, (g, want) in enumerate(zip(g32, g64)):
+        assert g.grad.dtype == torch.float32
+        assert rel_err(g.grad, want.grad) <= 4 * EPS_BF16, k
+
+
+def test_triton_route_replays_in_a_cuda_graph():
+    """The rule for CUDA graphs: the route launches no host synchronisation and allocates
+    through torch's caching allocator, so a warmed-up training step (plans decided, kernels
+    compiled) captures and replays; the replay equals an eager step."""
+    if not triton_route.offered_on(DEVICE):
+        pytest.skip("the triton route is offered on CUDA with Triton installed")
+    circuit, plan, gates, t = case("paper")
+    run = named_run(plan, "forward", "triton", 16, torch.bfloat16)
+    x = torch.randn(16, circuit.in_features, device=DEVICE, dtype=torch.bfloat16)
+    g32 = [on(g, torch.float32, grad=True) for g in gates]
+
+    def step():
+        for g in g32:
+            g.grad = None
+        run(x, g32).float().square().sum().backward()
+        return [g.grad for g in g32]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = [g.clone() for g in step()]         # warm-up on a side stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = [g.clone() for g in step()]
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(captured, fresh))
+    assert not all(torch.equal(a, b) for a, b in zip(eager, fresh))
 
 
 # ----------------------------------------------------------------------------- runtime
