@@ -59,7 +59,7 @@ def test_save_load_round_trip(request, tmp_path, token_ids, fixture, program, in
 
 
 def test_checkpoint_contents(tiny_llama, tmp_path):
-    adapted = attach(tiny_llama, llama_program(dropout=0.1), seed=0)
+    adapted = attach(tiny_llama, llama_program(init="freeze_one", dropout=0.1), seed=0)
     adapted.save(tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
@@ -147,7 +147,7 @@ def test_load_refuses_a_different_circuit(tmp_path, tiny_llama):
 
 
 def test_check_layers_names_every_bad_tensor(tmp_path, tiny_llama):
-    attach(tiny_llama, llama_program(), seed=0).save(tmp_path / "c")
+    attach(tiny_llama, llama_program(init="freeze_one"), seed=0).save(tmp_path / "c")
     config, tensors = checkpoint.read(tmp_path / "c")
     tensors["model.layers.1.self_attn.v_proj.gates.2"] = torch.zeros(4, 4, 4, 3)
     del tensors["model.layers.0.self_attn.q_proj.init_gates.1"]
@@ -345,7 +345,7 @@ def test_write_refuses_what_read_would_refuse(tmp_path, tiny_llama):
 
 def test_build_config_and_a_folded_state_round_trip(tmp_path, tiny_llama):
     """The API Adapted.save calls: records with a state, the tensor section, write, read."""
-    adapted = attach(tiny_llama, llama_program(), seed=0)
+    adapted = attach(tiny_llama, llama_program(init="freeze_one"), seed=0)
     adapted.fold()
     tensors = {}
     for name, layer in adapted.layers.items():
