@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from .ir import Circuit
 
 #: option name -> default value; the parser and ``Program`` check keys against it.
+#: ``init`` defaults to ``zero_last``, chosen by measurement (docs/choosing.md).
 OPTION_DEFAULTS: Mapping[str, object] = MappingProxyType(
-    {"init": "freeze_one", "scale": 1.0, "dropout": 0.0}
+    {"init": "zero_last", "scale": 1.0, "dropout": 0.0}
 )
 INIT_MODES = ("freeze_one", "zero_last")
 

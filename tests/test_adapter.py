@@ -24,13 +24,16 @@ def adapter_program(rules: dict[str, tuple[Circuit, tuple[str, ...]]], **options
 
 
 def llama_program(**options) -> Program:
+    """Three circuits on a tiny LLaMA; init freeze_one unless told (its frozen copy and
+    fold are what most tests here exercise)."""
     return adapter_program({"attn": (SQUARE, ("q_proj", "v_proj")), "up": (UP, ("up_proj",)),
-                            "down": (DOWN, ("down_proj",))}, **options)
+                            "down": (DOWN, ("down_proj",))}, **{"init": "freeze_one", **options})
 
 
 def gpt2_program(**options) -> Program:
+    """Two circuits on a tiny GPT-2 (Conv1D layers); init freeze_one unless told."""
     return adapter_program({"a": (AUTO, ("c_attn", "c_fc")), "p": (SQUARE, ("attn.c_proj",))},
-                           **options)
+                           **{"init": "freeze_one", **options})
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -337,6 +340,22 @@ def test_unfolded_layer_computes_exact_formula():
         want = base(x).double() + 0.5 * x.double() @ (t - t0).t()
         assert rel_err(layer(x), want) < 1e-5
     assert not layer.folded
+
+
+def test_the_default_init_is_zero_last(tiny_llama, token_ids):
+    """A program without ``option init`` attaches zero_last (chosen by measurement,
+    docs/choosing.md): no frozen copy, nothing folded, the model exactly unchanged."""
+    with torch.no_grad():
+        before = tiny_llama(token_ids).logits
+    adapted = attach(tiny_llama, adapter_program({"attn": (SQUARE, ("q_proj", "v_proj"))}),
+                     seed=0)
+    assert adapted.program.option("init") == "zero_last"
+    assert set(adapted.states.values()) == {LayerState.UNFOLDED}
+    assert all(layer.frozen is None for layer in adapted.layers.values())
+    assert all(layer.adapter.gates[0].any() and not layer.adapter.gates[-1].any()
+               for layer in adapted.layers.values())
+    with torch.no_grad():
+        assert torch.equal(adapted(token_ids).logits, before)
 
 
 def test_attach_reads_a_qc_file(tmp_path, tiny_llama, token_ids):

@@ -59,7 +59,7 @@ def test_save_load_round_trip(request, tmp_path, token_ids, fixture, program, in
 
 
 def test_checkpoint_contents(tiny_llama, tmp_path):
-    adapted = attach(tiny_llama, llama_program(dropout=0.1), seed=0)
+    adapted = attach(tiny_llama, llama_program(init="freeze_one", dropout=0.1), seed=0)
     adapted.save(tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
@@ -371,7 +371,7 @@ def test_write_refuses_what_read_would_refuse(tmp_path, tiny_llama):
 
 def test_build_config_and_a_folded_state_round_trip(tmp_path, tiny_llama):
     """The API Adapted.save calls: records with a state, the tensor section, write, read."""
-    adapted = attach(tiny_llama, llama_program(), seed=0)
+    adapted = attach(tiny_llama, llama_program(init="freeze_one"), seed=0)
     adapted.fold()
     tensors = {}
     for name, layer in adapted.layers.items():

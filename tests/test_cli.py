@@ -150,7 +150,8 @@ def test_out_seed_makes_init_reproducible(tmp_path, capsys, tiny_llama):
     from safetensors.torch import load_file
 
     tiny_llama.save_pretrained(tmp_path / "model")
-    qc = write(tmp_path, "circuit c {\n qudits 8 8\n all_pairs\n}\napply c to o_proj\n")
+    qc = write(tmp_path, "circuit c {\n qudits 8 8\n all_pairs\n}\napply c to o_proj\n"
+                         "option init = freeze_one\n")  # one gate: zero_last would be all zeros
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         assert run(capsys, qc, "-m", str(tmp_path / "model"), "--out", str(tmp_path / name),
                    "--seed", seed)[0] == 0
@@ -438,7 +439,7 @@ def test_out_over_the_byte_cap_is_refused_at_once(tmp_path, capsys, monkeypatch)
     assert f"over the cap of {2**30:,}" in err and "--max-bytes" in err
     assert not (tmp_path / "c").exists()
     assert elapsed < 5.0  # was 85 s and 7.4 GiB before failing
-    assert f"would hold {2 * 4 * params:,} bytes" in err  # float32 gates and their frozen copy
+    assert f"would hold {4 * params:,} bytes" in err  # float32 gates; zero_last: no frozen copy
 
 
 @pytest.mark.parametrize("init, copies", [("freeze_one", 2), ("zero_last", 1)])
@@ -614,14 +615,16 @@ def lora(rank: int, features: int = 64):
 
 
 def hybrid(lora_on=("q_proj",), lora_rank=8, **lora_options):
-    """``attn`` on q_proj and v_proj; ``lora`` (its own options) on ``lora_on``."""
+    """``attn`` on q_proj and v_proj (program option init = freeze_one); ``lora`` (its own
+    options) on ``lora_on``."""
     from qcircuit.ir import ApplyRule, Circuit, Pattern, Program
 
     return Program(
         circuits={"attn": Circuit(4, 4, 4).all_pairs(), "lora": lora(lora_rank)},
         rules=(ApplyRule("attn", (Pattern("q_proj"), Pattern("v_proj"))),
                ApplyRule("lora", tuple(Pattern(p.strip("/"), regex=p.startswith("/"))
-                                       for p in lora_on), options=lora_options)))
+                                       for p in lora_on), options=lora_options)),
+        options={"init": "freeze_one"})
 
 
 @pytest.fixture

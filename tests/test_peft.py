@@ -120,7 +120,7 @@ def test_config_from_path_text_and_options(tmp_path):
     path.write_text(PROGRAM)
     from_path, from_text = QuanTAConfig(program=str(path)), QuanTAConfig(program=PROGRAM)
     assert from_path.program == from_text.program == parse(PROGRAM).to_qc()
-    assert from_text.options == {"init": "freeze_one", "scale": 1.0, "dropout": 0.0}
+    assert from_text.options == {"init": "zero_last", "scale": 1.0, "dropout": 0.0}
     assert QuanTAConfig(program=OTHER).options["scale"] == 0.5
     assert QuanTAConfig(program=OTHER, options={"scale": 2.0}).options["scale"] == 2.0
 
@@ -317,10 +317,11 @@ def test_loading_refuses_a_checkpoint_of_another_program(peft_llama, make_llama,
         PeftModel.from_pretrained(make_llama(), tmp_path)
 
 
-def test_loading_refuses_missing_tensors(peft_llama, make_llama, tmp_path):
+def test_loading_refuses_missing_tensors(make_llama, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    peft_llama.save_pretrained(tmp_path)
+    config = QuanTAConfig(program=PROGRAM, seed=5, options={"init": "freeze_one"})
+    get_peft_model(make_llama(), config).save_pretrained(tmp_path)
     path = str(tmp_path / "adapter_model.safetensors")
     tensors = load_file(path)
     del tensors["model.layers.1.self_attn.v_proj.init_gates.2"]

@@ -35,8 +35,10 @@ def gates_moved(model, seed: int) -> None:
 
 @pytest.fixture
 def saved(make_llama, tmp_path):
-    """Two adapter directories: PROGRAM by save_pretrained, OTHER by the native save."""
-    model = get_peft_model(make_llama(), QuanTAConfig(program=PROGRAM, seed=5))
+    """Two adapter directories: PROGRAM (freeze_one: gates and their frozen copy) by
+    save_pretrained, OTHER by the native save."""
+    config = QuanTAConfig(program=PROGRAM, seed=5, options={"init": "freeze_one"})
+    model = get_peft_model(make_llama(), config)
     gates_moved(model, 7)
     model.save_pretrained(tmp_path / "peft")
     native = attach(make_llama(), parse(OTHER), seed=9)

@@ -28,8 +28,8 @@ LORA_UP = Circuit(64).gate((0,), out=(8,)).gate((0,), out=(172,))
 
 
 def hybrid_program(lora_options=None, **options) -> Program:
-    """QuanTA on q/v/up with program options, plus a LoRA branch on q_proj and up_proj
-    with its own options."""
+    """QuanTA on q/v/up with program options (init freeze_one unless told), plus a LoRA
+    branch on q_proj and up_proj with its own options."""
     lora_options = {"init": "zero_last", "scale": 2.0} if lora_options is None else lora_options
     return Program(
         {"attn": QUANTA, "up": QUANTA_UP, "lora": LORA, "lora_up": LORA_UP},
@@ -37,7 +37,7 @@ def hybrid_program(lora_options=None, **options) -> Program:
          ApplyRule("up", (Pattern("up_proj"),)),
          ApplyRule("lora", (Pattern("q_proj"),), options=lora_options),
          ApplyRule("lora_up", (Pattern("up_proj"),), options=lora_options)),
-        options)
+        {"init": "freeze_one", **options})
 
 
 def _hybrid_layer(kind: str, dtype=torch.float64, dropout: float = 0.0):
