@@ -248,7 +248,8 @@ def bf16_variants(tokens: int, device: str) -> dict:
             return base32(h)
     out["base layer (autocast)"] = step(autocast_base, x32, [])
     out["base layer (bf16)"] = step(base, x, [])
-    layer = AdaptedLayer.of(base, c, generator=torch.Generator().manual_seed(0), plan=plan)
+    layer = AdaptedLayer.of(base, c, init="freeze_one", plan=plan,
+                            generator=torch.Generator().manual_seed(0))
     layer.fold()
     plan.warm_up(tokens, device=device)
     out["layer: QuanTA (bf16)"] = step(layer, x, layer.gate_parameters())

@@ -64,6 +64,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qcircuit import Circuit, QCError
+from qcircuit.ir import OPTION_DEFAULTS
 
 from . import quantized
 from .branch import Branch
@@ -126,7 +127,7 @@ class AdaptedLayer(nn.Module):
         self.train(base.training)
 
     @classmethod
-    def of(cls, base: nn.Module, circuit: Circuit, *, init: str = "freeze_one",
+    def of(cls, base: nn.Module, circuit: Circuit, *, init: str = OPTION_DEFAULTS["init"],
            scale: float = 1.0, dropout: float = 0.0, generator: torch.Generator | None = None,
            plan=None, name: str = "layer", circuit_name: str = "c") -> "AdaptedLayer":
         """A layer with one branch: ``circuit`` with these options."""
