@@ -27,7 +27,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from qcircuit import QCError, parse  # noqa: E402
 from qcircuit.runtime import attach, checkpoint, load  # noqa: E402
-from test_peft import PROGRAM, logits, rel  # noqa: E402
+from test_peft import PROGRAM as ZERO_LAST, logits, rel  # noqa: E402
+
+# these tests exercise the frozen copy and the fold, which the paper's init keeps
+PROGRAM = ZERO_LAST + "option init = freeze_one\n"
 
 CONFIG, WEIGHTS = checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME
 Q0, V1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"

@@ -35,13 +35,13 @@ def gates_moved(model, seed: int) -> None:
 
 @pytest.fixture
 def saved(make_llama, tmp_path):
-    """Two adapter directories: PROGRAM (freeze_one: gates and their frozen copy) by
+    """Two adapter directories, both freeze_one (gates and their frozen copy): PROGRAM by
     save_pretrained, OTHER by the native save."""
     config = QuanTAConfig(program=PROGRAM, seed=5, options={"init": "freeze_one"})
     model = get_peft_model(make_llama(), config)
     gates_moved(model, 7)
     model.save_pretrained(tmp_path / "peft")
-    native = attach(make_llama(), parse(OTHER), seed=9)
+    native = attach(make_llama(), parse(OTHER + "option init = freeze_one\n"), seed=9)
     perturb(native.model, seed=11)
     native.save(tmp_path / "native")
     return tmp_path / "peft", tmp_path / "native"
