@@ -197,9 +197,3 @@ def einsum_reference(mc: Machine, tokens: int, in_dims: tuple[int, ...], gates,
         total += step + back
     return total
 
-
-def contraction(mc: Machine, flops: int, out_numel: int, steps: int, itemsize: int = 4) -> float:
-    """A chain of ``steps`` einsum contractions doing ``flops`` in all and writing an
-    ``out_numel`` result (the gates-only path of the dense matrix): compute at peak, the
-    result written once, one overhead per step."""
-    return flops / mc.peak_flops + out_numel * itemsize / mc.copy_bandwidth + steps * mc.overhead

@@ -174,9 +174,9 @@ register(Route(
 register(Route(
     REFERENCE, "dense", _anywhere,
     search=lambda lowered, bucket, dtype, deadline, machine: lowered.dense_path(),
-    predict=lambda lowered, path, bucket, dtype, machine: cm.contraction(
-        machine, path.flops, lowered.out_features * lowered.in_features, len(path.steps),
-        itemsize(dtype)),
+    # not priced: the gates-only expression's intermediates are beyond the cost model, and
+    # a price that is too low would prune the routes that beat it (it is always timed)
+    predict=lambda lowered, path, bucket, dtype, machine: None,
     build=lambda lowered, path: einsum_dense_executor(
         lowered.dense_network, path, lowered.out_features, lowered.in_features)))
 register(Route(
