@@ -10,6 +10,8 @@ Decisions worth knowing:
   ``with`` is an error.
 - Names are unique: a circuit or an option defined twice (also across includes) is an error.
 - ``apply`` may name a circuit defined later in the program.
+- ``train PATTERN, …`` names modules trained whole beside the circuits (a task head), with
+  ``apply``'s patterns; a pattern trained twice is an error.
 - ``include "f.qc"`` is read relative to the including file (or ``base_dir``/cwd for a
   string); its circuits, rules and options join the program where it is written.
 - ``include "f.qc"`` reads only regular ``.qc`` files, each real path once (its syntax tree
@@ -30,7 +32,7 @@ from .limits import (MAX_DIM, MAX_GATES, MAX_INCLUDE_DEPTH, MAX_INCLUDES, MAX_QU
                      MAX_REPEAT_DEPTH, MAX_TOTAL_BYTES)
 from .sources import check_size, decode, read_file
 from .syntax import (AllPairsNode, ApplyNode, CircuitNode, GateNode, IncludeNode, LowRankNode,
-                     OptionNode, QuditsAuto, QuditsFixed, RepeatNode, Tok, parse_ast)
+                     OptionNode, QuditsAuto, QuditsFixed, RepeatNode, Tok, TrainNode, parse_ast)
 
 __all__ = ["parse", "parse_file", "MAX_DIM", "MAX_QUDITS", "MAX_REPEAT", "MAX_GATES"]
 
@@ -226,6 +228,7 @@ class _State:
     def __init__(self, includes: bool, text_bytes: int):
         self.circuits: dict[str, tuple[Circuit, Span]] = {}
         self.rules: list[ApplyRule] = []
+        self.trained: list[Pattern] = []
         self.options: dict[str, tuple[object, Span]] = {}
         self.includes = includes
         self.stack: list[str] = []  # real paths of the files being read (include cycles)
@@ -241,6 +244,8 @@ class _State:
                 self.rules.append(ApplyRule(item.name.text,
                                             tuple(_pattern(p) for p in item.patterns), item.span,
                                             _rule_options(item.options)))
+            elif isinstance(item, TrainNode):
+                self.trained += [_pattern(p) for p in item.patterns]
             elif isinstance(item, OptionNode):
                 self.add_option(item)
             elif isinstance(item, IncludeNode):
@@ -300,7 +305,7 @@ class _State:
 
     def program(self) -> Program:
         return Program({k: c for k, (c, _) in self.circuits.items()}, tuple(self.rules),
-                       {k: v for k, (v, _) in self.options.items()})
+                       {k: v for k, (v, _) in self.options.items()}, tuple(self.trained))
 
 
 def _option_value(node: OptionNode) -> object:
