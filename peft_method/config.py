@@ -15,12 +15,13 @@ for both doors.
 from __future__ import annotations
 
 import os
-from dataclasses import InitVar, dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields, replace
 from typing import Optional
 
 from peft import PeftConfig
 
-from qcircuit import Program, QCError, parse, parse_file
+from qcircuit import Program, QCError
+from qcircuit import as_program as to_program
 from qcircuit.runtime.record import AdapterRecord
 from qcircuit.runtime.record import from_json as record_from_json
 
@@ -48,23 +49,13 @@ QUANTA = QuanTAType(PEFT_TYPE_NAME)
 
 
 def as_program(program: str | os.PathLike | Program, options: dict | None = None) -> Program:
-    """A ``Program`` from a ``.qc`` path (a ``PathLike``, or one line ending in ``.qc``
-    that holds no ``{``), ``.qc`` text or a ``Program``; ``options`` (init, scale,
-    dropout) override its own."""
-    if isinstance(program, Program):
-        prog = program
-    elif isinstance(program, os.PathLike) or (isinstance(program, str) and program.endswith(".qc")
-                                              and not any(c in program for c in "\n{")):
-        prog = parse_file(os.fspath(program))
-    elif isinstance(program, str):
-        prog = parse(program)
-    else:
-        raise QCError(f"QuanTAConfig(program=...) takes a .qc path, .qc text or a Program, "
-                      f"got {type(program).__name__}")
+    """A ``Program`` from a ``.qc`` path, ``.qc`` text or a ``Program`` (``qcircuit.as_program``:
+    ``attach``'s rule); ``options`` (init, scale, dropout) override its own."""
+    prog = to_program(program, "QuanTAConfig(program=...)")
     if options:
         if not isinstance(options, dict):
             raise QCError(f"QuanTAConfig(options=...) takes a dict, got {type(options).__name__}")
-        prog = Program(prog.circuits, prog.rules, {**dict(prog.options), **options})
+        prog = replace(prog, options={**dict(prog.options), **options})
     return prog
 
 

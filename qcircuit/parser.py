@@ -34,7 +34,7 @@ from .sources import check_size, decode, read_file
 from .syntax import (AllPairsNode, ApplyNode, CircuitNode, GateNode, IncludeNode, LowRankNode,
                      OptionNode, QuditsAuto, QuditsFixed, RepeatNode, Tok, TrainNode, parse_ast)
 
-__all__ = ["parse", "parse_file", "MAX_DIM", "MAX_QUDITS", "MAX_REPEAT", "MAX_GATES"]
+__all__ = ["parse", "parse_file", "as_program", "MAX_DIM", "MAX_QUDITS", "MAX_REPEAT", "MAX_GATES"]
 
 
 def parse(text: str, file: str | None = None, base_dir: str | os.PathLike | None = None, *,
@@ -63,6 +63,22 @@ def parse_file(path: str | os.PathLike) -> Program:
     """Read and parse a ``.qc`` file (UTF-8, a regular file of at most ``MAX_TEXT_BYTES``)."""
     path = os.fspath(path)
     return parse(read_file(path, None), file=path)
+
+
+def as_program(source: Program | str | os.PathLike, what: str = "a program") -> Program:
+    """A ``Program`` from a ``Program``, a ``.qc`` path or ``.qc`` text, by one rule for
+    every front door (``attach``, ``QuanTAConfig``): a ``PathLike``, or a string of one
+    line that ends in ``.qc`` and holds no ``{``, is a path; any other string is text.
+    ``what`` names the caller in the error for another type."""
+    if isinstance(source, Program):
+        return source
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and source.endswith(".qc")
+                                           and not any(c in source for c in "\n\r{")):
+        return parse_file(source)
+    if isinstance(source, str):
+        return parse(source)
+    raise QCError(f"{what} takes a Program, a .qc path or .qc text, got "
+                  f"{type(source).__name__}")
 
 
 def _int(tok: Tok, what: str, low: int, high: int, text: str | None = None,

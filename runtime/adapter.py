@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from qcircuit import Circuit, Program, QCError, parse_file
+from qcircuit import Circuit, Program, QCError, as_program
 from qcircuit.compiler import compile as compile_circuit
 
 from . import checkpoint, quantized, record
@@ -34,14 +34,6 @@ from .moves import move_all
 from .weights import warn_large_updates
 
 __all__ = ["Adapted", "AdaptedLayer", "Branch", "LayerState", "attach", "load"]
-
-
-def _as_program(program_or_path: Program | str | Path) -> Program:
-    if isinstance(program_or_path, Program):
-        return program_or_path
-    if isinstance(program_or_path, (str, Path)):
-        return parse_file(str(program_or_path))
-    raise QCError(f"attach takes a Program or a .qc path, got {type(program_or_path).__name__}")
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -352,7 +344,7 @@ def attach(model: nn.Module, program_or_path: Program | str | Path, *,
     ``seed`` makes the gate initialisation reproducible (one generator, target order);
     ``fold`` folds ``freeze_one`` layers now (see the module doc); ``warm_up`` names token
     counts whose routes are chosen now (``Plan.warm_up``), so no forward plans."""
-    program = _as_program(program_or_path)
+    program = as_program(program_or_path, "attach")
     _check_fresh(model)
     targets = bind(model, program)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
