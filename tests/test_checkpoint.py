@@ -22,6 +22,7 @@ from qcircuit import QCError, parse
 from qcircuit.runtime import atomic_dir, checkpoint, record
 from qcircuit.runtime.adapter import attach, load
 from test_adapter import gpt2_program, llama_program, perturb, rel_err
+from formats import as_format  # noqa: E402
 
 
 def _fresh(model):
@@ -573,19 +574,14 @@ def test_save_from_another_thread(tmp_path, tiny_llama):
 
 
 def test_a_version_2_checkpoint_loads(tmp_path, tiny_llama, token_ids):
-    """qcircuit 0.2 wrote one circuit per layer with program-wide options (format 2):
-    it loads as a one-branch-per-layer adapter with the same tensors and outputs."""
+    """Format 2 stored one circuit per layer with program-wide options: it loads as a
+    one-branch-per-layer adapter with the same tensors and outputs."""
     base = _fresh(tiny_llama)
     adapted = attach(tiny_llama, llama_program(), seed=0)
     perturb(adapted)
     adapted.save(tmp_path / "c")
     config_path = tmp_path / "c" / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["format_version"] = 2
-    for rec in config["layers"].values():
-        branch = rec.pop("branches")[0]
-        rec.update({k: branch[k] for k in ("circuit", "qc", "gates", "frozen")})
-    config_path.write_text(json.dumps(config))
+    config_path.write_text(json.dumps(as_format(json.loads(config_path.read_text()), 2)))
     loaded = load(base, tmp_path / "c")
     with torch.no_grad():
         want, got = adapted(token_ids).logits, loaded(token_ids).logits
