@@ -121,7 +121,10 @@ class QuanTAConfig(PeftConfig):
                           f"peft_type is {PEFT_TYPE_NAME!r}")
         _check_names("target_modules", self.target_modules, allow_text=True)
         _check_names("modules_to_save", self.modules_to_save, allow_text=False)
-        super().__post_init__()
+        try:
+            super().__post_init__()   # PEFT's own checks (task_type)
+        except ValueError as e:
+            raise QCError(f"QuanTAConfig: {e}") from None
         self.peft_type = QUANTA
         self.record: AdapterRecord | None = None
         if any(value is not None for value in saved):   # read from a checkpoint's config
