@@ -18,9 +18,10 @@ unit-size inputs (``check_circuits``). Every failure is one ``QCError`` naming t
 
 Writes are all-or-nothing (``atomic_dir``): the complete new directory is written beside
 the target and swapped in, then the old one is removed; on an exception, Ctrl-C or
-SIGTERM the target is as it was and no temporary directory is left. A target holding
-files other than the two checkpoint files is refused, never cleaned up; an existing
-checkpoint is replaced only with ``overwrite=True``. Under ``torch.distributed`` only
+SIGTERM the target is as it was and no temporary directory is left. In a target that
+holds other files too (a training run's output directory) the two files are renamed into
+place, the weights first and the config last, and put back on failure; nothing else in
+the directory is touched. An existing checkpoint is replaced only with ``overwrite=True``. Under ``torch.distributed`` only
 rank 0 writes and every rank waits for it.
 """
 from __future__ import annotations
@@ -233,8 +234,8 @@ def _write_local(path: str | Path, record: AdapterRecord, tensors: Mapping[str, 
     record_from_json(config, f"the config for {target / CONFIG_NAME}")   # what read checks
     for name, t in tensors.items():
         check_values(name, t, f"cannot save the adapter to {target}")
-    replace_dir(target, lambda tmp: _write_files(tmp, config, tensors), owned=(CONFIG_NAME,
-                WEIGHTS_NAME), overwrite=overwrite, what="an adapter checkpoint")
+    replace_dir(target, lambda tmp: _write_files(tmp, config, tensors), owned=(WEIGHTS_NAME,
+                CONFIG_NAME), overwrite=overwrite, what="an adapter checkpoint")
 
 
 def _collective_device() -> torch.device:
