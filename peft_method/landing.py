@@ -16,7 +16,9 @@ set is checked against the config's records (``checkpoint.check_tensors`` and
 ``check_circuits``: what ``checkpoint.read`` checks) and copied into the gates (``AdaptedLayer.load_tensors``), and
 the slots go away. Until then the adapter is *pending* on that layer and the layer
 refuses to run, merge or save it: a tensor the file lacks, one the loader renamed, or one
-that fails its hash never leaves random gates in use.
+that fails its hash never leaves random gates in use. A module the adapter trains whole
+(``head.QuanTAHead``) gets slots too (:class:`HeadArrivals`), under its ``qc_landing``
+child, where its load map sends the file's ``<module>.<tensor>`` keys.
 """
 from __future__ import annotations
 
@@ -26,13 +28,15 @@ import torch
 from torch import nn
 
 from qcircuit import QCError
-from qcircuit.runtime import checkpoint
+from qcircuit.runtime import checkpoint, trained
 from qcircuit.runtime.record import AdapterRecord, TensorRecord
 from qcircuit.runtime.weights import warn_large_updates
 
 
 class Arrivals:
     """The checkpoint tensors one ``AdaptedLayer`` of a pending adapter waits for."""
+
+    under = ""   # a child of the owner the slots hang under ("": the key's own path)
 
     def __init__(self, owner: nn.Module, adapter_name: str, module_name: str,
                  record: AdapterRecord, keys: Collection[str]):
@@ -69,15 +73,31 @@ class Arrivals:
         remove_slots(owner, self)
         try:
             checkpoint.check_tensors(where, self.records, tensors)
-            checkpoint.check_circuits(where, self.record, tensors, modules=[self.module_name])
-            layer = owner.qc_adapters[self.adapter_name]
-            layer.load_tensors(self.module_name, tensors)
-            warn_large_updates({self.module_name: layer.update_ratio(self.module_name, tensors)},
-                               "loading")
+            self.deliver(tensors, where)
         except QCError as e:
             self.failure = str(e)
             raise
         del owner.qc_pending[self.adapter_name]
+
+    def deliver(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Checked tensors into the layer's gates."""
+        checkpoint.check_circuits(where, self.record, tensors, modules=[self.module_name])
+        layer = self.owner.qc_adapters[self.adapter_name]
+        layer.load_tensors(self.module_name, tensors)
+        warn_large_updates({self.module_name: layer.update_ratio(self.module_name, tensors)},
+                           "loading")
+
+
+class HeadArrivals(Arrivals):
+    """The tensors of a module trained whole (``head.QuanTAHead``), landing under
+    ``qc_landing``: checked, then copied into the adapter's copy of the module."""
+
+    under = "qc_landing"
+
+    def deliver(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        copy = {self.module_name: self.owner.modules_to_save[self.adapter_name]}
+        trained.check_loadable(copy, self.record.modules, tensors, where)
+        trained.copy_into(copy, tensors)
 
 
 class Slot(nn.Module):
@@ -102,12 +122,12 @@ def add_slots(owner: nn.Module, arrivals: Arrivals) -> None:
     """Landing slots on ``owner`` (the ``QuanTALayer`` of ``arrivals.module_name``) at each
     recorded key's path below it."""
     module_name = arrivals.module_name
-    device = owner.base_layer.weight.device   # real, gate-sized: the model still moves
+    device = next(iter(owner.parameters())).device   # real, sized: the model still moves
     for key, rec in arrivals.records.items():
         *path, leaf = key.removeprefix(module_name + ".").split(".")
         node, prefix = owner, module_name + "."
-        for part in path:
-            prefix += part + "."
+        for k, part in enumerate([arrivals.under] + path if arrivals.under else path):
+            prefix += "" if arrivals.under and k == 0 else part + "."
             child = node._modules.get(part)
             if child is None:
                 if hasattr(node, part):

@@ -23,39 +23,57 @@ from torch import nn
 
 from qcircuit import QCError
 from qcircuit.runtime import AdaptedLayer, bind
-from qcircuit.runtime import checkpoint, record
-from qcircuit.runtime.adapter import build_layers, check_not_shared  # the native layer and refusal
+from qcircuit.runtime import checkpoint, record, trained
+from qcircuit.runtime.install import build_layers, check_not_shared  # the native layer and refusal
 from qcircuit.runtime.moves import check_all, held_interrupts
 from qcircuit.runtime.weights import warn_large_updates
 
-from .config import QuanTAConfig
-from .landing import Arrivals, add_slots
+from .config import QuanTAConfig, check_target_modules
+from .head import LANDING, QuanTAHead, check_heads, trained_heads, wrap_heads
+from .landing import Arrivals, HeadArrivals, add_slots
 from .layer import QuanTALayer
 
 _PEFT_PREFIX = "base_model.model."
 
 
+def _plain(module: nn.Module) -> nn.Module:
+    """What a QuanTA container stands for: a ``QuanTALayer``'s base layer, a
+    ``QuanTAHead``'s original module."""
+    if isinstance(module, QuanTALayer):
+        return module.base_layer
+    return module.original_module if isinstance(module, QuanTAHead) else module
+
+
 class _BaseView:
-    """The model as ``bind`` sees it: each ``QuanTALayer`` stands for its base layer, and
-    nothing inside one is visible (a second adapter binds to the same plain layers)."""
+    """The model as ``bind`` sees it: each ``QuanTALayer`` stands for its base layer and
+    each ``QuanTAHead`` for its original module, and nothing else inside one is visible
+    (a second adapter binds to the same plain modules)."""
 
     def __init__(self, model: nn.Module):
         self._model = model
 
     def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True
                       ) -> Iterator[tuple[str, nn.Module]]:
-        inside = None  # the QuanTALayer being skipped: named_modules lists its children next
-        for name, module in self._model.named_modules(remove_duplicate=remove_duplicate):
-            if inside is not None and name.startswith(inside):
-                continue
+        seen: set[int] = set()
+
+        def walk(name: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+            if remove_duplicate and id(module) in seen:
+                return
+            seen.add(id(module))
+            plain = _plain(module)
+            yield name, plain
             if isinstance(module, QuanTALayer):
-                inside = name + "."
-                module = module.base_layer
-            yield name, module
+                return
+            for child_name, child in plain.named_children():
+                yield from walk(f"{name}.{child_name}" if name else child_name, child)
+
+        yield from walk("", self._model)
 
     def get_submodule(self, name: str) -> nn.Module:
-        module = self._model.get_submodule(name)
-        return module.base_layer if isinstance(module, QuanTALayer) else module
+        module = _plain(self._model)
+        for part in name.split(".") if name else ():
+            module = _plain(module.get_submodule(part))
+        return module
 
 
 def adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, AdaptedLayer]]:
@@ -69,13 +87,17 @@ def adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, 
 
 
 def checkpoint_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under qcircuit's checkpoint names (``AdaptedLayer.tensors``)."""
+    """The adapter's tensors under qcircuit's checkpoint names (``AdaptedLayer.tensors``;
+    a trained module's ``<module>.<tensor>``)."""
     tensors: dict[str, torch.Tensor] = {}
     for module_name, (full_name, layer) in adapted_layers(model, adapter_name).items():
         model.get_submodule(full_name).check_loaded(adapter_name)
         if layer.merged:
             raise QCError("unmerge before saving: the checkpoint stores the unmerged adapter")
         tensors.update(layer.tensors(module_name))
+    for module_name, (_, head) in trained_heads(model, adapter_name).items():
+        head.check_loaded(adapter_name)
+        tensors.update(trained.state_of(module_name, head.modules_to_save[adapter_name]))
     return tensors
 
 
@@ -119,21 +141,31 @@ class QuanTAModel(BaseTuner):
         view = _BaseView(model)
         targets = bind(view, program)
         check_not_shared(view, targets)
-        current = record.from_targets(program, model, targets)
-        if saved is not None:  # it must describe these very layers
-            record.check_fits(saved, current.layers, "adapter config")
+        layers = {t.module_name for t in targets}
+        check_target_modules(config.target_modules, [n for n, _ in view.named_modules() if n],
+                             layers)
+        heads = dict.fromkeys([*trained.bind_trained(view, program.trained, layers),
+                               *trained.peft_trained(view, config.modules_to_save, layers)])
+        current = record.from_targets(program, model, targets,
+                                      trained={n: view.get_submodule(n) for n in heads})
+        if saved is not None:  # it must describe these very layers and modules
+            found = {n: current.modules.get(n) for n in dict.fromkeys([*saved.modules, *heads])}
+            record.check_fits(saved, current.layers, "adapter config", found)
             current = current.with_tensors(saved.tensors)   # what the loaded tensors must be
+        check_heads(model, heads)
         generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
         self._pending = build_layers(view, targets, generator)   # attach's order
         config.record = current
-        config.target_modules = [t.module_name for t in targets]
         if self._bare_door:  # new layers run what the model's other QuanTA layers run
             self.active_adapter = _model_active(model) or adapter_name
+        # heads first, so that PEFT's own modules_to_save pass finds them wrapped already
+        wrap_heads(model, heads, adapter_name, self.active_adapters, config.inference_mode)
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=False, state_dict=None)
         finally:
             self._pending = {}
+        wrap_heads(model, heads, adapter_name, self.active_adapters, config.inference_mode)
         if saved is not None and self._bare_door:
             _await_checkpoint(model, config, adapter_name)
 
@@ -251,12 +283,18 @@ class QuanTAModel(BaseTuner):
         tensors are exactly the ones the adapter's layers need (and, where the config
         records them, the very tensors that were saved)."""
         layers = adapted_layers(model, adapter_name)
+        heads = trained_heads(model, adapter_name)
+        landed = f".{LANDING}."   # a pending head's load map sent its keys there
+        state_dict = {k.replace(landed, ".", 1) if landed in k else k: v
+                      for k, v in state_dict.items()}
         where, saved = f"checkpoint of adapter {adapter_name!r}", config.record
         if saved.tensors is not None:   # the very tensors that were saved
             checkpoint.check_tensors(where, saved.tensors, state_dict)
         else:   # a state dict for a fresh adapter: the names and shapes its layers need
             checkpoint.check_unrecorded(where, saved, state_dict)
         checkpoint.check_circuits(where, saved, state_dict)
+        copies = {name: head.modules_to_save[adapter_name] for name, (_, head) in heads.items()}
+        trained.check_loadable(copies, saved.modules, state_dict, where)
         warn_large_updates({name: layer.update_ratio(name, state_dict)
                             for name, (_, layer) in layers.items()}, "loading")
         out = {}
@@ -264,8 +302,12 @@ class QuanTAModel(BaseTuner):
             here = f"{full_name}.qc_adapters.{adapter_name}"
             for key, path in layer.checkpoint_names(module_name).items():
                 out[f"{here}.{path}"] = state_dict[key]
-        for _, (full_name, _) in layers.items():  # inject_adapter_in_model's landing slots:
-            model.get_submodule(full_name).settle(adapter_name)  # PEFT copies these in next
+        for module_name, (full_name, _) in heads.items():
+            for local in trained.entries(copies[module_name]):
+                out[f"{full_name}.modules_to_save.{adapter_name}.{local}"] = \
+                    state_dict[f"{module_name}.{local}"]
+        for full_name, _ in [*layers.values(), *heads.values()]:  # inject_adapter_in_model's
+            model.get_submodule(full_name).settle(adapter_name)  # slots: PEFT copies these in
         return out
 
 
@@ -285,10 +327,17 @@ def _model_active(model: nn.Module) -> list[str]:
 
 
 def _await_checkpoint(model: nn.Module, config: QuanTAConfig, adapter_name: str) -> None:
-    """Landing slots on each layer of ``adapter_name`` for its recorded tensors."""
+    """Landing slots on each layer and trained module of ``adapter_name`` for its recorded
+    tensors."""
     for module_name, (full_name, layer) in adapted_layers(model, adapter_name).items():
         keys = layer.checkpoint_names(module_name)
         owner = model.get_submodule(full_name)
         arrivals = Arrivals(owner, adapter_name, module_name, config.record, keys)
         add_slots(owner, arrivals)
         owner.await_tensors(arrivals)
+    for module_name, (_, head) in trained_heads(model, adapter_name).items():
+        keys = [f"{module_name}.{local}" for local, _ in config.record.modules[module_name].tensors]
+        arrivals = HeadArrivals(head, adapter_name, module_name, config.record, keys)
+        add_slots(head, arrivals)
+        head.await_tensors(arrivals)
+

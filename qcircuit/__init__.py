@@ -12,10 +12,11 @@ __version__ = "0.1.0"
 
 _LAZY = {"QCError": "errors", "Span": "errors", "Circuit": "ir", "Gate": "ir", "Program": "ir",
          "ApplyRule": "ir", "Pattern": "ir", "all_pairs_qudits": "ir", "balanced_factors": "ir",
-         "parse": "parser", "parse_file": "parser", "circuit_summary": "printer"}
+         "parse": "parser", "parse_file": "parser", "as_program": "parser", "circuit_summary": "printer"}
 
 __all__ = ["QCError", "Span", "Circuit", "Gate", "Program", "ApplyRule", "Pattern",
-           "all_pairs_qudits", "balanced_factors", "parse", "parse_file", "circuit_summary",
+           "all_pairs_qudits", "balanced_factors", "parse", "parse_file", "as_program",
+           "circuit_summary",
            "__version__"]
 
 
@@ -30,5 +31,5 @@ def __getattr__(name: str):
 if TYPE_CHECKING:
     from .errors import QCError, Span
     from .ir import ApplyRule, Circuit, Gate, Pattern, Program, all_pairs_qudits, balanced_factors
-    from .parser import parse, parse_file
+    from .parser import as_program, parse, parse_file
     from .printer import circuit_summary

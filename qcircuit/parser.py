@@ -10,6 +10,8 @@ Decisions worth knowing:
   ``with`` is an error.
 - Names are unique: a circuit or an option defined twice (also across includes) is an error.
 - ``apply`` may name a circuit defined later in the program.
+- ``train PATTERN, …`` names modules trained whole beside the circuits (a task head), with
+  ``apply``'s patterns; a pattern trained twice is an error.
 - ``include "f.qc"`` is read relative to the including file (or ``base_dir``/cwd for a
   string); its circuits, rules and options join the program where it is written.
 - ``include "f.qc"`` reads only regular ``.qc`` files, each real path once (its syntax tree
@@ -30,9 +32,9 @@ from .limits import (MAX_DIM, MAX_GATES, MAX_INCLUDE_DEPTH, MAX_INCLUDES, MAX_QU
                      MAX_REPEAT_DEPTH, MAX_TOTAL_BYTES)
 from .sources import check_size, decode, read_file
 from .syntax import (AllPairsNode, ApplyNode, CircuitNode, GateNode, IncludeNode, LowRankNode,
-                     OptionNode, QuditsAuto, QuditsFixed, RepeatNode, Tok, parse_ast)
+                     OptionNode, QuditsAuto, QuditsFixed, RepeatNode, Tok, TrainNode, parse_ast)
 
-__all__ = ["parse", "parse_file", "MAX_DIM", "MAX_QUDITS", "MAX_REPEAT", "MAX_GATES"]
+__all__ = ["parse", "parse_file", "as_program", "MAX_DIM", "MAX_QUDITS", "MAX_REPEAT", "MAX_GATES"]
 
 
 def parse(text: str, file: str | None = None, base_dir: str | os.PathLike | None = None, *,
@@ -61,6 +63,22 @@ def parse_file(path: str | os.PathLike) -> Program:
     """Read and parse a ``.qc`` file (UTF-8, a regular file of at most ``MAX_TEXT_BYTES``)."""
     path = os.fspath(path)
     return parse(read_file(path, None), file=path)
+
+
+def as_program(source: Program | str | os.PathLike, what: str = "a program") -> Program:
+    """A ``Program`` from a ``Program``, a ``.qc`` path or ``.qc`` text, by one rule for
+    every front door (``attach``, ``QuanTAConfig``): a ``PathLike``, or a string of one
+    line that ends in ``.qc`` and holds no ``{``, is a path; any other string is text.
+    ``what`` names the caller in the error for another type."""
+    if isinstance(source, Program):
+        return source
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and source.endswith(".qc")
+                                           and not any(c in source for c in "\n\r{")):
+        return parse_file(source)
+    if isinstance(source, str):
+        return parse(source)
+    raise QCError(f"{what} takes a Program, a .qc path or .qc text, got "
+                  f"{type(source).__name__}")
 
 
 def _int(tok: Tok, what: str, low: int, high: int, text: str | None = None,
@@ -226,6 +244,7 @@ class _State:
     def __init__(self, includes: bool, text_bytes: int):
         self.circuits: dict[str, tuple[Circuit, Span]] = {}
         self.rules: list[ApplyRule] = []
+        self.trained: list[Pattern] = []
         self.options: dict[str, tuple[object, Span]] = {}
         self.includes = includes
         self.stack: list[str] = []  # real paths of the files being read (include cycles)
@@ -241,6 +260,8 @@ class _State:
                 self.rules.append(ApplyRule(item.name.text,
                                             tuple(_pattern(p) for p in item.patterns), item.span,
                                             _rule_options(item.options)))
+            elif isinstance(item, TrainNode):
+                self.trained += [_pattern(p) for p in item.patterns]
             elif isinstance(item, OptionNode):
                 self.add_option(item)
             elif isinstance(item, IncludeNode):
@@ -300,7 +321,7 @@ class _State:
 
     def program(self) -> Program:
         return Program({k: c for k, (c, _) in self.circuits.items()}, tuple(self.rules),
-                       {k: v for k, (v, _) in self.options.items()})
+                       {k: v for k, (v, _) in self.options.items()}, tuple(self.trained))
 
 
 def _option_value(node: OptionNode) -> object:

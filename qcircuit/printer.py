@@ -151,10 +151,12 @@ def _options(options) -> str:
 
 
 def program_to_qc(program: Program) -> str:
-    """The program as canonical text: circuits, then apply rules, then options."""
+    """The program as canonical text: circuits, apply rules, one ``train`` line, options."""
     blocks = [circuit_to_qc(c, name) for name, c in program.circuits.items()]
     tail = [f"apply {r.circuit} to " + ", ".join(_pattern(p) for p in r.patterns)
             + _options(r.options) for r in program.rules]
+    if program.trained:
+        tail.append("train " + ", ".join(_pattern(p) for p in program.trained))
     tail += [f"option {k} = {_value(v)}" for k, v in program.options.items()]
     if tail:
         blocks.append("\n".join(tail) + "\n")

@@ -122,6 +122,21 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+){0,64}")  # as the grammar's PATH
 
 
+def check_trained(patterns: object) -> tuple[Pattern, ...]:
+    """A program's ``train`` patterns: a tuple of ``Pattern``s, each once."""
+    if not isinstance(patterns, (tuple, list)) or \
+            not all(isinstance(p, Pattern) for p in patterns):
+        raise QCError("a program's trained modules are a tuple of Patterns")
+    seen: dict[Pattern, Pattern] = {}
+    for p in patterns:
+        if p in seen:
+            first = f" (first at {seen[p].span.at()})" if seen[p].span else ""
+            raise QCError(f"module pattern {quoted(str(p))} is already trained{first}", p.span,
+                          expected="each pattern once")
+        seen[p] = p
+    return tuple(patterns)
+
+
 def as_pattern(pattern: object) -> Pattern:
     """A builder's pattern: a ``Pattern``, ``"/regex/"`` or a dotted suffix ``"q_proj"``."""
     if isinstance(pattern, Pattern):
@@ -137,13 +152,15 @@ def as_pattern(pattern: object) -> Pattern:
 
 @dataclass(frozen=True)
 class Program:
-    """Named circuits, the rules that apply them to modules, and options; also the builder
-    (``Program().define("lora", c).apply("lora", "q_proj", scale=2)``), whose methods each
-    return a new ``Program``."""
+    """Named circuits, the rules that apply them to modules, the modules trained whole
+    beside them (``trained``: ``train`` statements, e.g. a task head) and options; also the
+    builder (``Program().define("lora", c).apply("lora", "q_proj", scale=2)``), whose
+    methods each return a new ``Program``."""
 
     circuits: Mapping[str, Circuit] = field(default_factory=dict)
     rules: tuple[ApplyRule, ...] = ()
     options: Mapping[str, object] = field(default_factory=dict)
+    trained: tuple[Pattern, ...] = ()
 
     def __post_init__(self):
         from .ir import Circuit
@@ -164,6 +181,7 @@ class Program:
                 raise QCError(f"apply names unknown circuit {quoted(rule.circuit)}", rule.span,
                               expected=" or ".join(self.circuits) or "a circuit defined in the program")
         options = {k: check_option(k, v) for k, v in self.options.items()}
+        object.__setattr__(self, "trained", check_trained(self.trained))
         object.__setattr__(self, "circuits", MappingProxyType(dict(self.circuits)))
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "options", MappingProxyType(options))
@@ -191,6 +209,15 @@ class Program:
         rule = ApplyRule(circuit, tuple(as_pattern(p) for p in patterns), options=options)
         return replace(self, rules=self.rules + (rule,))
 
+    def train(self, *patterns: str | Pattern) -> "Program":
+        """This program with modules trained whole beside the circuits (``train PATTERN, …``):
+        each module a pattern matches (a task head such as ``classifier``) trains, and is
+        saved and restored with the adapter."""
+        if not patterns:
+            raise QCError("train: give at least one module pattern",
+                          expected="a module-name suffix like 'classifier' or a '/regex/'")
+        return replace(self, trained=self.trained + tuple(as_pattern(p) for p in patterns))
+
     def with_options(self, **options: object) -> "Program":
         """This program with program-wide options set (``option KEY = VALUE``)."""
         return replace(self, options={**self.options, **options})
@@ -208,7 +235,7 @@ class Program:
         if not isinstance(other, Program):
             return NotImplemented
         return (dict(self.circuits) == dict(other.circuits) and self.rules == other.rules
-                and dict(self.options) == dict(other.options))
+                and dict(self.options) == dict(other.options) and self.trained == other.trained)
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -89,6 +89,14 @@ class ApplyNode:
 
 
 @dataclass(frozen=True)
+class TrainNode:
+    """``train PATTERN, …``: modules trained whole beside the circuits."""
+
+    patterns: tuple[Tok, ...]  # as ApplyNode's
+    span: Span
+
+
+@dataclass(frozen=True)
 class IncludeNode:
     path: Tok  # without the quotes
     span: Span
@@ -161,6 +169,10 @@ class _Builder(Transformer):
         key, value = children
         key = self.tok(key)
         return OptionNode(key, self.tok(value), value.type == "NUMBER", key.span)
+
+    def train(self, children):
+        keyword, *patterns = children
+        return TrainNode(tuple(patterns), self.tok(keyword).span)
 
     def pattern(self, children):
         return self.tok(children[0])

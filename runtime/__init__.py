@@ -13,10 +13,12 @@ from .bind import Target, bind   # light; imported first so ``bind`` is the func
 _LAZY = {"attach": "adapter", "load": "adapter", "Adapted": "adapter",
          "AdaptedLayer": "layer", "LayerState": "layer",
          "load_model": "models", "LoadedModel": "models", "EMBEDDED_MODELS": "models",
-         "import_reference": "reference", "read_reference": "reference"}
+         "import_reference": "reference", "read_reference": "reference",
+         "AdapterTrainer": "trainer", "AdapterCheckpoints": "trainer"}
 
 __all__ = ["attach", "load", "Adapted", "AdaptedLayer", "LayerState", "load_model", "LoadedModel",
-           "EMBEDDED_MODELS", "bind", "Target", "import_reference", "read_reference"]
+           "EMBEDDED_MODELS", "bind", "Target", "import_reference", "read_reference",
+           "AdapterTrainer", "AdapterCheckpoints"]
 
 
 def __getattr__(name: str):
@@ -32,3 +34,4 @@ if TYPE_CHECKING:
     from .layer import AdaptedLayer, LayerState
     from .models import EMBEDDED_MODELS, LoadedModel, load_model
     from .reference import import_reference, read_reference
+    from .trainer import AdapterCheckpoints, AdapterTrainer

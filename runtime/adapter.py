@@ -2,7 +2,8 @@
 
 ``attach``/``load`` replace every layer the program matches by an :class:`AdaptedLayer`
 (``layer.py``: the math, the states and what the base weight holds in each) and leave the
-model ready to train: only the gates are trainable, and with ``fold=True`` (the default)
+model ready to train: only the gates and the modules trained whole (``train`` statements,
+``attach(..., train=)``: a task head, ``trained.py``) are trainable, and with ``fold=True`` (the default)
 every ``freeze_one`` layer that can fold is folded right away, ``W ← W0 − scale·T_θ0``
 computed in float64 and rounded once, so training runs one circuit per layer. After that
 no forward changes anything: wrap the model (DDP, FSDP, DataParallel, ``torch.compile``)
@@ -17,58 +18,52 @@ init, in any precision); ``zero_last`` is exact at init either way.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from qcircuit import Circuit, Program, QCError, parse_file
-from qcircuit.compiler import compile as compile_circuit
+from qcircuit import Pattern, Program, QCError, as_program
+from qcircuit.program import as_pattern
 
-from . import checkpoint, quantized, record
+from . import checkpoint, quantized, record, trained as trained_modules
 from .bind import Target, bind, by_layer
 from .branch import Branch
+from .install import (check_fresh, check_not_flat_sharded, install, uninstall,
+                      unwrapped_under_distributed)
 from .layer import AdaptedLayer, LayerState
 from .moves import move_all
+from .record import ModuleRecord
 from .weights import warn_large_updates
 
 __all__ = ["Adapted", "AdaptedLayer", "Branch", "LayerState", "attach", "load"]
 
 
-def _as_program(program_or_path: Program | str | Path) -> Program:
-    if isinstance(program_or_path, Program):
-        return program_or_path
-    if isinstance(program_or_path, (str, Path)):
-        return parse_file(str(program_or_path))
-    raise QCError(f"attach takes a Program or a .qc path, got {type(program_or_path).__name__}")
-
-
-def _split(name: str) -> tuple[str, str]:
-    parent, _, child = name.rpartition(".")
-    return parent, child
-
-
 class Adapted:
-    """Handle on a model whose matched layers carry circuit adapters.
+    """Handle on a model whose matched layers carry circuit adapters (and whose ``trained``
+    modules, by name, train whole beside them).
 
     Callable like the model; other attributes are looked up on the model. Once the model
     is wrapped (DDP, DataParallel, ``torch.compile``), call the wrapper, not this handle.
     """
 
     def __init__(self, model: nn.Module, program: Program, targets: tuple[Target, ...],
-                 layers: dict[str, AdaptedLayer], requires_grad: dict[str, bool]):
+                 layers: dict[str, AdaptedLayer], requires_grad: dict[str, bool],
+                 trained: tuple[str, ...] = ()):
         self.model = model
         self.program = program
         self.targets = targets
         self.layers = layers
+        self.trained = trained
         self._requires_grad = requires_grad
         self._unloaded = False
         self._warned = False
 
     def __call__(self, *args, **kwargs):
         if not self._warned and self.model.training and torch.is_grad_enabled() \
-                and _unwrapped_under_distributed(self.model):
+                and unwrapped_under_distributed(self.model):
             self._warned = True
             warnings.warn("training through the Adapted handle while torch.distributed runs "
                           "with several ranks: this calls the unwrapped model, so gradients "
@@ -87,6 +82,11 @@ class Adapted:
             raise QCError("the adapter was merged and unloaded; this handle is no longer usable")
         return self.layers
 
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """The modules trained whole beside the circuits, by name."""
+        self._live()
+        return {name: self.model.get_submodule(name) for name in self.trained}
+
     # --- state ---------------------------------------------------------------------------
     @property
     def states(self) -> dict[str, LayerState]:
@@ -100,7 +100,7 @@ class Adapted:
     def _all_layers(self, call: str, *, reversible: bool = True) -> None:
         """``layer.<call>()`` on every layer, or on none: every move is planned and checked
         before any weight is written (``moves.move_all``)."""
-        _check_not_flat_sharded(self.model)
+        check_not_flat_sharded(self.model)
         move_all(self._live(), call, reversible=reversible)
 
     def merge(self) -> None:
@@ -133,7 +133,8 @@ class Adapted:
         self._all_layers("unmerge")
 
     def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """Merge, then put each base layer back: the model holds only its own module types.
+        """Merge, then put each base layer back: the model holds only its own module types
+        (trained modules keep their trained weights).
 
         With ``dtype``, each adapted layer becomes a plain ``nn.Linear`` (``Conv1D`` for a
         ``Conv1D`` base) in ``dtype`` holding the exact merge ``W0 + scale·(T_θ − T_θ0)``,
@@ -142,11 +143,15 @@ class Adapted:
         if dtype is None:
             if not self.merged:
                 self._merge(reversible=False)
-            return _unwrap(self)
+            return self._unload()
         if self.merged:
             self.unmerge()
-        return _unwrap(self, {name: layer.exported(dtype)
-                              for name, layer in self._live().items()})
+        return self._unload({name: layer.exported(dtype) for name, layer in self._live().items()})
+
+    def _unload(self, replacements: dict[str, nn.Module] | None = None) -> nn.Module:
+        uninstall(self.model, self._live(), self._requires_grad, replacements)
+        self._unloaded = True
+        return self.model
 
     def fold(self) -> None:
         """Fold every layer that can (``attach``/``load`` do this unless ``fold=False``)."""
@@ -160,14 +165,43 @@ class Adapted:
             raise QCError("unmerge before unfolding")
         self._all_layers("unfold")
 
+    @contextmanager
+    def disable_adapter(self) -> Iterator["Adapted"]:
+        """Inside the block the model runs without its circuits: each adapted layer computes
+        its base layer's ``W0·x + b`` (an unfolded layer runs the base layer alone; a folded
+        one adds back the frozen circuits ``s·T_θ0·x`` that folding took out of ``W``, so it
+        matches within the fold's rounding, about 1e-6 relative in float32). Nothing is
+        written — no weight, buffer or gate — only a flag that each layer's forward reads,
+        so a wrapper (DDP, DataParallel replicas, ``torch.compile``) runs what the block
+        says, and after the block the model is bit for bit what it was. Modules trained
+        whole keep their trained weights: they are part of the fine-tuned model, not an
+        additive adapter. A merged adapter is refused: ``unmerge()`` first."""
+        layers = self._live()
+        if self.merged:
+            raise QCError("disable_adapter() on a merged adapter: the update is in the base "
+                          "weights; unmerge() first (disable_adapter never writes weights)")
+        before = {name: layer.disabled for name, layer in layers.items()}
+        for layer in layers.values():
+            layer.disabled = True
+        try:
+            yield self
+        finally:
+            for name, layer in layers.items():
+                layer.disabled = before[name]
+
     # --- parameters ----------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapter gates, layer by layer, branch by branch (what an optimizer should get)."""
-        return [g for layer in self._live().values() for g in layer.gate_parameters()]
+        """The adapter gates, layer by layer, branch by branch, then the trained modules'
+        parameters (what an optimizer should get)."""
+        gates = [g for layer in self._live().values() for g in layer.gate_parameters()]
+        return gates + [p for m in self.trained_modules().values() for p in m.parameters()]
 
     @property
     def num_trainable(self) -> int:
-        return sum(layer.num_params for layer in self._live().values())
+        """Trainable parameters: every gate and every trained module's parameter."""
+        modules = self.trained_modules().values()
+        return sum(layer.num_params for layer in self._live().values()) + \
+            sum(p.numel() for m in modules for p in m.parameters())
 
     @property
     def num_base(self) -> int:
@@ -175,6 +209,14 @@ class Adapted:
         extra = {id(p) for layer in self._live().values() for p in layer.branches.parameters()}
         return sum(quantized.logical_numel(p) for p in self.model.parameters()
                    if id(p) not in extra)
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line: trainable parameters, all parameters (the base model's and the
+        gates; the frozen initial gates are constants and not counted), percentage."""
+        gates = sum(layer.num_params for layer in self._live().values())
+        total = self.num_base + gates
+        print(f"trainable params: {self.num_trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * self.num_trainable / max(total, 1):.4f}")
 
     def summary(self) -> str:
         layers = self._live()
@@ -191,6 +233,9 @@ class Adapted:
                  + (f", {sums} of them sums of circuits" if sums else ""),
                  fmt.format(*titles).rstrip()]
         lines += [fmt.format(*r).rstrip() for r in rows]
+        lines += [f"  trained whole: {name} ({type(m).__name__}, "
+                  f"{sum(p.numel() for p in m.parameters()):,} params)"
+                  for name, m in self.trained_modules().items()]
         lines.append(f"trainable parameters: {self.num_trainable:,} of {self.num_base:,} "
                      f"({pct:.4f} %)")
         return "\n".join(lines)
@@ -202,23 +247,54 @@ class Adapted:
 
     # --- checkpoints ---------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = True) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, all or nothing
-        (``overwrite=False`` refuses an existing checkpoint; see ``checkpoint.write``).
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (the gates and the
+        trained modules), all or nothing (``overwrite=False`` refuses an existing
+        checkpoint; a directory holding other files, such as a training run's
+        ``checkpoint-*`` folders, keeps them: see ``checkpoint.write``).
 
         Under ``torch.distributed`` every rank must call it (sharded gates are gathered);
         rank 0 writes and the others wait for it."""
         layers = self._live()
         if self.merged:
             raise QCError("unmerge before saving: the checkpoint stores the unmerged adapter")
-        _check_not_flat_sharded(self.model)
+        check_not_flat_sharded(self.model)
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in layers.items():
             tensors.update(layer.tensors(name))
         warn_large_updates({name: layer.update_ratio(name, tensors)
                             for name, layer in layers.items()}, "saving")
+        trained = self.trained_modules()
+        for name, module in trained.items():
+            tensors.update(trained_modules.state_of(name, module))
         states = {name: layer.state.value for name, layer in layers.items()}
-        adapter = record.from_targets(self.program, self.model, self.targets, states)
+        adapter = record.from_targets(self.program, self.model, self.targets, states, trained)
         checkpoint.write(path, adapter, tensors, overwrite=overwrite)
+
+    def restore(self, path: str | Path) -> None:
+        """Copy a saved adapter's gates and trained modules into this one (the same program
+        and modules on the same model): what ``transformers.Trainer`` does on resume
+        (``trainer.py``). Every check of ``load`` runs first; folded layers are unfolded,
+        given the saved gates (frozen ones too) and folded again."""
+        saved, tensors = checkpoint.read(path)
+        layers = self._live()
+        if self.merged:
+            raise QCError("unmerge before restoring a checkpoint")
+        check_not_flat_sharded(self.model)
+        trained = self.trained_modules()
+        if set(saved.modules) != set(trained):
+            raise QCError(f"checkpoint {path} trains the modules {sorted(saved.modules)}, this "
+                          f"adapter trains {sorted(trained)}")
+        record.check_fits(saved, record.layer_records(self.targets), str(path),
+                          {name: ModuleRecord.of(m) for name, m in trained.items()})
+        trained_modules.check_loadable(trained, saved.modules, tensors, str(path))
+        folded = any(layer.folded for layer in layers.values())
+        if folded:
+            self._all_layers("unfold")
+        for name, layer in layers.items():
+            layer.load_tensors(name, tensors)
+        trained_modules.copy_into(trained, tensors)
+        if folded:
+            self._all_layers("fold")
 
 
 def _options_text(target: Target) -> str:
@@ -226,112 +302,12 @@ def _options_text(target: Target) -> str:
                      for k in ("init", "scale", "dropout"))
 
 
-def _unwrapped_under_distributed(model: nn.Module) -> bool:
-    """Several ranks run, and ``model`` is not sharded in place (FSDP2 ``fully_shard``):
-    then a direct call bypasses the wrapper (DDP, FSDP1) that synchronises gradients."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch before FSDP2's public name: nothing shards in place
-        return True
-    return not isinstance(model, FSDPModule)
-
-
-def _check_not_flat_sharded(model: nn.Module) -> None:
-    """Refuse to read or write weights while FSDP1 units in ``model`` hold flat shards: on
-    some ranks a parameter can look whole while on others it is not there at all."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp._common_utils import TrainingState
-    except ImportError:  # pragma: no cover - FSDP1 is part of every supported torch
-        return
-    units = FullyShardedDataParallel.fsdp_modules(model)
-    if any(u.training_state is not TrainingState.SUMMON_FULL_PARAMS for u in units):
-        raise QCError("the model's FSDP1 units hold flat shards: call merge/unmerge/fold/save "
-                      "on every rank inside `FullyShardedDataParallel.summon_full_params("
-                      "wrapped_model, writeback=True)`")
-
-
-def _check_fresh(model: nn.Module) -> None:
-    if any(isinstance(m, AdaptedLayer) for m in model.modules()):
-        raise QCError("this model already carries a qcircuit adapter: merge_and_unload() it "
-                      "or start from a fresh model")
-
-
-def check_not_shared(model: nn.Module, targets: tuple[Target, ...]) -> None:
-    """Refuse a target whose module or weight also lives elsewhere in the model (tied
-    embeddings, one Linear reused): folding or merging would change the other user too."""
-    owners: dict[int, list[str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
-    for t in targets:
-        weight = model.get_submodule(t.module_name).weight
-        names = owners.get(id(weight), [])
-        others = [n for n in names if n != f"{t.module_name}.weight"]
-        if others:
-            raise QCError(
-                f"module {t.module_name!r} shares its weight with {', '.join(others)} (tied "
-                "weights or a reused layer): folding or merging the adapter would change both. "
-                "Untie them first (e.g. tie_word_embeddings=False and a cloned weight) or "
-                "leave this module out of the program")
-
-
-def build_layers(model: nn.Module, targets: tuple[Target, ...],
-                 generator: torch.Generator | None) -> dict[str, AdaptedLayer]:
-    """One unfolded ``AdaptedLayer`` per adapted module (``model.get_submodule`` gives its
-    base layer) with one branch per target on it; gates drawn in target order from
-    ``generator``; one plan per distinct circuit. Nothing in ``model`` changes (both front
-    doors, native and PEFT, build layers here)."""
-    plans: dict[Circuit, object] = {}
-    branches: dict[str, list[Branch]] = {}
-    for t in targets:
-        if t.circuit not in plans:
-            plans[t.circuit] = compile_circuit(t.circuit)
-        base = model.get_submodule(t.module_name)
-        branches.setdefault(t.module_name, []).append(Branch(
-            t.circuit_name, t.circuit, base.weight, init=t.option("init"),
-            scale=t.option("scale"), dropout=t.option("dropout"), generator=generator,
-            plan=plans[t.circuit]))
-    return {name: AdaptedLayer(model.get_submodule(name), found, name=name)
-            for name, found in branches.items()}
-
-
 def _wrap(model: nn.Module, program: Program, targets: tuple[Target, ...],
-          generator: torch.Generator | None, warm_up: Sequence[int] = ()) -> Adapted:
-    """Freeze the model and replace every target layer by an unfolded AdaptedLayer."""
-    if not targets:
-        raise QCError("the program applies no circuit to this model")
-    if any(not t.module_name for t in targets):
-        raise QCError("the model itself is a single layer: wrap it in a container first")
-    check_not_shared(model, targets)
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    layers = build_layers(model, targets, generator)
-    if warm_up:   # choose (and measure) each circuit's routes now, not in a forward
-        branches = (b for layer in layers.values() for b in layer.branches)
-        for branch in {id(b.plan): b for b in branches}.values():
-            gate = branch.adapter.gates[0]
-            branch.plan.warm_up(*warm_up, device=gate.device, dtype=gate.dtype)
-    model.requires_grad_(False)
-    for name, layer in layers.items():  # nothing is replaced until every layer was built
-        parent, child = _split(name)
-        setattr(model.get_submodule(parent), child, layer)
-    return Adapted(model, program, targets, layers, requires_grad)
-
-
-def _unwrap(adapted: Adapted, replacements: dict[str, nn.Module] | None = None) -> nn.Module:
-    """Put each base layer back (or its replacement, by module name) and restore the
-    parameters' ``requires_grad``."""
-    model, replacements = adapted.model, replacements or {}
-    for name, layer in adapted.layers.items():
-        parent, child = _split(name)
-        setattr(model.get_submodule(parent), child, replacements.get(name, layer.base_layer))
-    for name, param in model.named_parameters():
-        param.requires_grad_(adapted._requires_grad.get(name, param.requires_grad))
-    adapted._unloaded = True
-    return model
+          generator: torch.Generator | None, warm_up: Sequence[int],
+          trained: dict[str, nn.Module]) -> Adapted:
+    """Freeze the model, let ``trained`` train, install an unfolded AdaptedLayer per layer."""
+    layers, requires_grad = install(model, targets, generator, warm_up, trained)
+    return Adapted(model, program, targets, layers, requires_grad, tuple(trained))
 
 
 def fold_all(adapted: Adapted) -> Adapted:
@@ -340,44 +316,78 @@ def fold_all(adapted: Adapted) -> Adapted:
     try:
         adapted.fold()
     except BaseException:
-        _unwrap(adapted)
+        adapted._unload()
         raise
     return adapted
 
 
-def attach(model: nn.Module, program_or_path: Program | str | Path, *,
-           seed: int | None = None, fold: bool = True, warm_up: Sequence[int] = ()) -> Adapted:
-    """Wrap every layer the program matches, in place; only the adapter gates train.
+def _with_patterns(program: Program, train: Iterable[str | Pattern] | str | Pattern) -> Program:
+    """``program`` with the ``train`` patterns it does not have yet added."""
+    patterns = [train] if isinstance(train, (str, Pattern)) else list(train)
+    extra = [p for p in dict.fromkeys(as_pattern(p) for p in patterns) if p not in program.trained]
+    return program.train(*extra) if extra else program
 
-    ``seed`` makes the gate initialisation reproducible (one generator, target order);
-    ``fold`` folds ``freeze_one`` layers now (see the module doc); ``warm_up`` names token
-    counts whose routes are chosen now (``Plan.warm_up``), so no forward plans."""
-    program = _as_program(program_or_path)
-    _check_fresh(model)
+
+def attach(model: nn.Module, program_or_path: Program | str | Path, *,
+           seed: int | None = None, fold: bool = True, warm_up: Sequence[int] = (),
+           train: Iterable[str | Pattern] | str | Pattern = ()) -> Adapted:
+    """Wrap every layer the program matches, in place; the gates and the modules the
+    program's ``train`` patterns select train, nothing else.
+
+    ``program_or_path`` is a ``Program``, a ``.qc`` path or ``.qc`` text (``as_program``);
+    ``train`` adds patterns of modules to train whole (``attach(m, p, train=["classifier"])``
+    is ``attach(m, p.train("classifier"))``: they are saved with the program); ``seed``
+    makes the gate initialisation reproducible (one generator, target order); ``fold``
+    folds ``freeze_one`` layers now (see the module doc); ``warm_up`` names token counts
+    whose routes are chosen now (``Plan.warm_up``), so no forward plans."""
+    program = _with_patterns(as_program(program_or_path, "attach"), train)
+    check_fresh(model)
     targets = bind(model, program)
+    names = trained_modules.bind_trained(model, program.trained, {t.module_name for t in targets})
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    adapted = _wrap(model, program, targets, generator, warm_up)
+    adapted = _wrap(model, program, targets, generator, warm_up,
+                    {name: model.get_submodule(name) for name in names})
     return fold_all(adapted) if fold else adapted
+
+
+def _find(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def load(model: nn.Module, path: str | Path, *, fold: bool = True,
          warm_up: Sequence[int] = ()) -> Adapted:
-    """Restore a saved adapter onto a fresh base model (the one it was trained on); like
-    ``attach``, fold ``freeze_one`` layers unless ``fold=False``, and plan ``warm_up``."""
+    """Restore a saved adapter onto a fresh base model (the one it was trained on): its
+    gates and its trained modules (a task head gets the trained weights, whatever the
+    model's own were). Like ``attach``, fold ``freeze_one`` layers unless ``fold=False``,
+    and plan ``warm_up``. Every check runs before anything changes: a refused load leaves
+    the model bit for bit as it was."""
     saved, tensors = checkpoint.read(path)   # the record's checks, hashes, finite values
-    _check_fresh(model)
+    check_fresh(model)
     program = saved.program   # parsed from the config's text, includes disabled
     try:
         targets = bind(model, program)
+        layers = {t.module_name for t in targets}
+        bound = trained_modules.bind_trained(model, program.trained, layers)
+        found = {name: _find(model, name) for name in dict.fromkeys([*saved.modules, *bound])}
+        for name in (n for n, m in found.items() if m is not None):
+            trained_modules.check_trainable(model, name, layers)
     except QCError as e:
         raise QCError(f"checkpoint {path} does not fit this model: {e.one_line()}") from None
-    record.check_fits(saved, record.layer_records(targets), str(path))
+    record.check_fits(saved, record.layer_records(targets), str(path),
+                      {n: None if m is None else ModuleRecord.of(m) for n, m in found.items()})
+    trained = {name: found[name] for name in saved.modules}
+    trained_modules.check_loadable(trained, saved.modules, tensors, str(path))
     warning = record.dtype_warning(saved, model)
     if warning:
         warnings.warn(warning, stacklevel=2)
-    adapted = _wrap(model, program, targets, None, warm_up)
+    adapted = _wrap(model, program, targets, None, warm_up, trained)
     for name, layer in adapted.layers.items():
         layer.load_tensors(name, tensors)
     warn_large_updates({name: layer.update_ratio(name, tensors)
                         for name, layer in adapted.layers.items()}, "loading")
-    return fold_all(adapted) if fold else adapted
+    adapted = fold_all(adapted) if fold else adapted
+    trained_modules.copy_into(trained, tensors)   # last: a refused fold left the model as it was
+    return adapted

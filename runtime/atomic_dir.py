@@ -15,6 +15,15 @@ swap becomes an exchange (``overwrite``) or a ``QCError`` (the other one won). A
 killed outright (``kill -9``) cannot clean up: its temporary directories carry its host
 and process id (``.NAME.tmp-HOST.PID-…``), and the next save of the same target removes
 those whose process is gone from this host.
+
+A target that holds other things too (a training run's output directory with its
+``checkpoint-*`` folders) is never swapped as a whole: ``fill`` writes into a temporary
+directory inside it, and the owned files are renamed into place one by one, the last of
+``owned`` last (the checkpoint's config: the commit), under a lock on the directory and
+with Ctrl-C held; on any exception, Ctrl-C or SIGTERM the files renamed so far are put
+back from hard links of the old ones, so the target again holds the old files, and
+nothing else in it is touched. Only a hard kill in the instant between two renames can
+leave new and old files side by side, which a checkpoint's hashes then refuse.
 """
 from __future__ import annotations
 
@@ -115,17 +124,25 @@ def _swap_in(new: Path, target: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _check_target(target: Path, owned: Collection[str], overwrite: bool, what: str) -> None:
+def _foreign(target: Path, owned: Collection[str]) -> list[str]:
+    """The names in ``target`` that it does not own (none where it is no directory)."""
+    return sorted(n for n in os.listdir(target) if n not in owned) if target.is_dir() else []
+
+
+def _check_target(target: Path, owned: Collection[str], overwrite: bool, what: str,
+                  foreign_ok: bool = True) -> None:
     if os.path.lexists(target) and not target.is_dir():
         raise QCError(f"cannot save {what} to {target}: it is a file, not a directory")
-    names = sorted(os.listdir(target)) if target.is_dir() else []
-    foreign = [n for n in names if n not in owned]
-    if foreign:
-        raise QCError(f"cannot save {what} to {target}: it holds other files "
-                      f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
-                      f"saving replaces the directory as a whole and never deletes files it "
-                      f"did not write: save into a new or empty directory")
-    if names and not overwrite:
+    foreign = _foreign(target, owned)
+    if foreign and not foreign_ok:
+        raise QCError(f"cannot save {what} to {target}: other files appeared in it while "
+                      f"saving ({', '.join(foreign[:5])}); nothing was changed: save again")
+    for name in owned:
+        path = target / name
+        if os.path.lexists(path) and (os.path.islink(path) or not path.is_file()):
+            raise QCError(f"cannot save {what} to {target}: {name} there is not a regular "
+                          "file, and saving never deletes what it did not write")
+    if any(os.path.lexists(target / n) for n in owned) and not overwrite:
         raise QCError(f"{target} already holds {what}: pass overwrite=True (qcompile --force) "
                       f"to replace it")
 
@@ -162,8 +179,12 @@ def _remove_stale(target: Path) -> None:
 
 def replace_dir(target: Path, fill: Callable[[Path], None], *, owned: Collection[str],
                 overwrite: bool, what: str) -> None:
-    """Make ``target`` (an absolute path) a directory holding what ``fill`` writes."""
+    """Make ``target`` (an absolute path) a directory holding what ``fill`` writes (the
+    ``owned`` names); other things already in it stay (module doc)."""
     _check_target(target, owned, overwrite, what)
+    if _foreign(target, owned):
+        _replace_files(target, fill, tuple(owned), overwrite, what)
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -198,5 +219,83 @@ def _swap_in_checked(tmp: Path, target: Path, owned: Collection[str], overwrite:
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR):
                 raise
-        _check_target(target, owned, overwrite, what)   # a QCError if it may not be replaced
+        _check_target(target, owned, overwrite, what, foreign_ok=False)   # may it be replaced?
     raise QCError(f"cannot save {what} to {target}: other processes keep changing it")
+
+
+# --- a directory that holds other things too -----------------------------------------------
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the directory ``folder`` (``flock``; none where unsupported):
+    two saves into one shared directory commit one after the other."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
+@contextmanager
+def held_interrupts() -> Iterator[None]:
+    """Ctrl-C (SIGINT) inside the block is raised when the block ends, not in the middle.
+    Only in the main thread and where SIGINT raises ``KeyboardInterrupt`` as usual."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _replace_files(target: Path, fill: Callable[[Path], None], owned: tuple[str, ...],
+                   overwrite: bool, what: str) -> None:
+    """The owned files of ``fill`` renamed into the shared directory ``target`` (module doc)."""
+    stem = target / "qcircuit-save"   # temporary directories: .qcircuit-save.tmp-HOST.PID-…
+    _remove_stale(stem)
+    with _sigterm_raises(), _locked(target):
+        _check_target(target, owned, overwrite, what)   # again, under the lock
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=_prefix(stem, "tmp"), dir=target))
+            fill(tmp)
+            fsync(tmp)
+            with held_interrupts():
+                _commit(tmp, target, [n for n in owned if os.path.lexists(tmp / n)])
+            fsync(target)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _commit(tmp: Path, target: Path, names: list[str]) -> None:
+    """Rename ``names`` from ``tmp`` into ``target`` in order; on any failure put back what
+    was there (hard links of the old files, made first) and remove what was new."""
+    old = {}
+    for name in names:
+        if os.path.lexists(target / name):
+            old[name] = tmp / f".old.{name}"
+            os.link(target / name, old[name])
+    done: list[str] = []
+    try:
+        for name in names:
+            os.replace(tmp / name, target / name)
+            done.append(name)
+    except BaseException:
+        for name in reversed(done):
+            if name in old:
+                os.replace(old[name], target / name)
+            else:
+                os.unlink(target / name)
+        raise

@@ -4,8 +4,10 @@ What the directory means is one value, an ``AdapterRecord`` (``record.py``): the
 its ``to_json()`` and ``record.from_json`` is the one validator every door uses. The
 safetensors file holds ``<module>.gates.<i>`` and, for ``freeze_one``, the frozen initial
 gates ``<module>.init_gates.<i>``; a layer with several branches puts the circuit's name
-after the module's (``checkpoint_schema.branch_tensor_names``). No pickle: JSON and
-safetensors only. Version-2 checkpoints (one circuit per layer) are read too.
+after the module's (``checkpoint_schema.branch_tensor_names``); a module trained whole (a
+task head) stores its parameters and buffers as ``<module>.<name>`` in its own dtype. No
+pickle: JSON and safetensors only. Checkpoints of formats 2 and 3 are read too
+(``checkpoint_schema.upgrade``).
 
 Reading trusts nothing (``read``): both files must be regular files of bounded size
 (``files.py``); the config is strict JSON checked by the record's validator; every tensor
@@ -16,9 +18,10 @@ unit-size inputs (``check_circuits``). Every failure is one ``QCError`` naming t
 
 Writes are all-or-nothing (``atomic_dir``): the complete new directory is written beside
 the target and swapped in, then the old one is removed; on an exception, Ctrl-C or
-SIGTERM the target is as it was and no temporary directory is left. A target holding
-files other than the two checkpoint files is refused, never cleaned up; an existing
-checkpoint is replaced only with ``overwrite=True``. Under ``torch.distributed`` only
+SIGTERM the target is as it was and no temporary directory is left. In a target that
+holds other files too (a training run's output directory) the two files are renamed into
+place, the weights first and the config last, and put back on failure; nothing else in
+the directory is touched. An existing checkpoint is replaced only with ``overwrite=True``. Under ``torch.distributed`` only
 rank 0 writes and every rank waits for it.
 """
 from __future__ import annotations
@@ -37,7 +40,8 @@ from safetensors.torch import save_file
 from qcircuit import Circuit, QCError, parse
 
 from .atomic_dir import fsync, replace_dir
-from .checkpoint_schema import FORMAT, FORMAT_VERSION, branch_tensor_names
+from .checkpoint_schema import (FORMAT, FORMAT_VERSION, MODULE_DTYPES, TENSOR_DTYPES,
+                                branch_tensor_names)
 from .files import read_json, regular_size
 from .record import AdapterRecord, TensorRecord
 from .record import from_json as record_from_json
@@ -56,8 +60,8 @@ MAX_GATE_ABS = 1e6
 #: A circuit whose output on unit-size inputs comes within this factor of its dtype's
 #: largest value is refused (``check_circuits``).
 OVERFLOW_MARGIN = 1e-6
-_HEADER_DTYPES = {"F32": "float32", "F64": "float64"}
-_ITEM_BYTES = {"float32": 4, "float64": 8}
+_HEADER_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 
 def _sha256(t: torch.Tensor) -> str:
@@ -77,7 +81,8 @@ def tensor_records(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorRecor
 
 # --- checks of tensors ----------------------------------------------------------------------
 def check_values(name: str, t: torch.Tensor, where: str) -> None:
-    """A gate is finite and within ``MAX_GATE_ABS``: anything else is refused."""
+    """A saved tensor (a gate, or a trained module's) is finite and within ``MAX_GATE_ABS``:
+    anything else is refused."""
     bad = ~torch.isfinite(t)
     if bad.any():
         index = tuple(bad.nonzero()[0].tolist())
@@ -86,7 +91,7 @@ def check_values(name: str, t: torch.Tensor, where: str) -> None:
     peak = t.abs().max().item() if t.numel() else 0.0
     if peak > MAX_GATE_ABS:
         raise QCError(f"{where}: tensor {name} holds an entry of magnitude {peak:.3g}, beyond "
-                      f"the bound {MAX_GATE_ABS:g} for a gate")
+                      f"the bound {MAX_GATE_ABS:g} for a saved tensor")
 
 
 def _differ(where: str, want: Collection[str], got: Collection[str]) -> None:
@@ -118,13 +123,14 @@ def check_unrecorded(where: str, record: AdapterRecord,
                      tensors: Mapping[str, torch.Tensor]) -> None:
     """Tensors for an adapter whose record holds no hashes (a fresh PEFT config): exactly
     the names and shapes its layers call for, float32/float64, finite, bounded."""
-    want = record.expected_tensors()
+    want, held = record.expected_tensors(), record.module_tensor_names()
     _differ(where, want.keys(), tensors.keys())
     for name, shape in want.items():
         t = tensors[name].detach().to("cpu")
-        if tuple(t.shape) != shape or t.dtype not in (torch.float32, torch.float64):
+        dtypes = MODULE_DTYPES if name in held else TENSOR_DTYPES
+        if tuple(t.shape) != shape or str(t.dtype).removeprefix("torch.") not in dtypes:
             raise QCError(f"{where}: tensor {name} is {str(t.dtype)[6:]} {list(t.shape)}, "
-                          f"expected float32 {list(shape)}")
+                          f"expected {' or '.join(dtypes)} {list(shape)}")
         check_values(name, t, where)
 
 
@@ -228,8 +234,8 @@ def _write_local(path: str | Path, record: AdapterRecord, tensors: Mapping[str, 
     record_from_json(config, f"the config for {target / CONFIG_NAME}")   # what read checks
     for name, t in tensors.items():
         check_values(name, t, f"cannot save the adapter to {target}")
-    replace_dir(target, lambda tmp: _write_files(tmp, config, tensors), owned=(CONFIG_NAME,
-                WEIGHTS_NAME), overwrite=overwrite, what="an adapter checkpoint")
+    replace_dir(target, lambda tmp: _write_files(tmp, config, tensors), owned=(WEIGHTS_NAME,
+                CONFIG_NAME), overwrite=overwrite, what="an adapter checkpoint")
 
 
 def _collective_device() -> torch.device:

@@ -9,12 +9,15 @@ an unknown future ``format_version`` are all refused the same way, never as a ra
 ``frozen`` flags and layer states agree with ``options.init``. What needs the program or
 the whole record (the tensor set the layers call for) is ``record.from_json``'s.
 
-Format version 3 (this one) stores each layer as a sum of *branches* (one per ``apply``
+Format version 4 (this one) stores each layer as a sum of *branches* (one per ``apply``
 rule matching it, ``layers[M].branches``), each with its circuit, gate shapes, frozen flag
-and options. Version 2 (one circuit per layer, options program-wide) is read by
-``upgrade``, which rewrites it as version 3 with one branch per layer; its tensor names
-are version 3's for one-branch layers. Checkpoints without a ``format_version`` are
-version 1 and are refused: they cannot be verified.
+and options, and the modules trained whole beside the circuits (``modules``: a task head;
+``train`` statements, PEFT's ``modules_to_save``), each with its class and the shapes of
+its tensors, saved as ``<module>.<tensor>``. ``upgrade`` is the one place where older
+formats are read: version 3 (no trained modules) gains an empty ``modules``; version 2 (one
+circuit per layer, options program-wide) is first rewritten as version 3 with one branch
+per layer, whose tensor names are those of one-branch layers. Checkpoints without a
+``format_version`` are version 1 and are refused: they cannot be verified.
 """
 from __future__ import annotations
 
@@ -24,14 +27,14 @@ from qcircuit import QCError
 from qcircuit.ir import MAX_DIM, MAX_QUDITS, OPTION_DEFAULTS, check_option
 
 FORMAT = "qcircuit-adapter"
-FORMAT_VERSION = 3
-READS_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+READS_VERSIONS = (2, 3, 4)
 TOP_KEYS = ("format", "format_version", "qcircuit_version", "program", "options", "model",
-            "layers", "tensors")
+            "layers", "modules", "tensors")
 #: what PEFT's ``save_pretrained`` adds to a QuanTA config: bookkeeping that qcircuit's own
 #: reader ignores (``peft_type`` must name QuanTA)
 PEFT_KEYS = ("peft_type", "task_type", "peft_version", "auto_mapping", "base_model_name_or_path",
-             "revision", "inference_mode", "seed", "target_modules")
+             "revision", "inference_mode", "seed", "target_modules", "modules_to_save")
 PEFT_TYPE = "QUANTA"
 RECORD_KEYS = ("kind", "in", "out", "state", "branches")
 BRANCH_KEYS = ("circuit", "qc", "gates", "frozen") + tuple(OPTION_DEFAULTS)
@@ -44,6 +47,11 @@ IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_l
 KINDS = ("linear", "conv1d")
 STATES = ("unfolded", "folded")
 TENSOR_DTYPES = ("float32", "float64")  # gates train in float32 (float64 on float64 layers)
+#: a trained module's tensors keep the model's dtype
+MODULE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+MODULE_KEYS = ("class", "tensors")
+MAX_TENSOR_DIMS = 8
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){0,16}")
 MAX_FEATURES = 2**31
 MAX_TEXT = 1 << 20                      # a circuit's name or a version string, not a program
 MAX_MODULE_NAME = 1000
@@ -64,9 +72,18 @@ def branch_tensor_names(module: str, circuit: str, branches: int, gates: int,
 
 
 def upgrade(config: object) -> object:
-    """A version-2 config rewritten as version 3 (one branch per layer, with the program's
-    options); anything else is returned as it is, for ``check_config`` to judge. Only the
-    shape of the records changes: tensor names and hashes stay valid."""
+    """An older config rewritten as this version: version 3 gains an empty ``modules`` (it
+    trained none); version 2 is first rewritten as version 3 (one branch per layer, with the
+    program's options). Anything else is returned as it is, for ``check_config`` to judge.
+    Only the shape of the records changes: tensor names and hashes stay valid."""
+    config = _upgrade_2(config)
+    if isinstance(config, dict) and config.get("format_version") == 3 and "modules" not in config:
+        return {**config, "format_version": 4, "modules": {}}
+    return config
+
+
+def _upgrade_2(config: object) -> object:
+    """Version 2 (one circuit per layer) as version 3 (branches)."""
     if not (isinstance(config, dict) and config.get("format_version") == 2
             and isinstance(config.get("layers"), dict) and isinstance(config.get("options"), dict)):
         return config
@@ -97,7 +114,8 @@ def check_config(config: object, where: str) -> None:
                       f"({FORMAT_VERSION}): upgrade qcircuit to load it")
     if version not in READS_VERSIONS or not _is_int(version):
         _bad(where, "$.format_version", f"{FORMAT_VERSION}", version)
-    _exact_keys(root, TOP_KEYS, "$", where, optional=PEFT_KEYS)
+    keys = TOP_KEYS if version == FORMAT_VERSION else tuple(k for k in TOP_KEYS if k != "modules")
+    _exact_keys(root, keys, "$", where, optional=PEFT_KEYS)   # older formats train no modules
     if root.get("peft_type", PEFT_TYPE) != PEFT_TYPE:
         _bad(where, "$.peft_type", json.dumps(PEFT_TYPE), root["peft_type"])
     _text(root["qcircuit_version"], "$.qcircuit_version", where)
@@ -111,9 +129,14 @@ def check_config(config: object, where: str) -> None:
     for name, rec in layers.items():
         _check_record(name, rec, f"$.layers[{_key(name)}]", where)
     _check_agreement(layers, where)
+    modules = _dict(root.get("modules", {}), "$.modules", where)
+    for name, rec in modules.items():
+        _check_module(name, rec, f"$.modules[{_key(name)}]", where)
+    held = {f"{m}.{t}" for m, rec in modules.items() for t in rec["tensors"]}
     tensors = _dict(root["tensors"], "$.tensors", where)
     for name, entry in tensors.items():
-        _check_tensor_entry(entry, f"$.tensors[{_key(name)}]", where)
+        _check_tensor_entry(entry, f"$.tensors[{_key(name)}]", where,
+                            MODULE_DTYPES if name in held else TENSOR_DTYPES)
 
 
 # --- fields ------------------------------------------------------------------------------
@@ -208,12 +231,40 @@ def _shape(value: object, path: str, where: str) -> None:
         _positive(d, f"{path}[{j}]", MAX_DIM, where)
 
 
-def _check_tensor_entry(value: object, path: str, where: str) -> None:
+def _check_module(name: str, value: object, path: str, where: str) -> None:
+    """A trained module: its class name and its tensors' shapes (``{"weight": [3, 384]}``)."""
+    if not name or len(name) > MAX_MODULE_NAME:
+        raise QCError(f"{where}: {path}: a module name has 1 to {MAX_MODULE_NAME} characters")
+    rec = _dict(value, path, where)
+    _exact_keys(rec, MODULE_KEYS, path, where)
+    _text(rec["class"], f"{path}.class", where)
+    tensors = _dict(rec["tensors"], f"{path}.tensors", where)
+    if not tensors:
+        raise QCError(f"{where}: {path}.tensors: a trained module has at least one tensor")
+    for local, shape in tensors.items():
+        if not _TENSOR_NAME.fullmatch(local):
+            _bad(where, f"{path}.tensors", "tensor names like weight or dense.bias", local)
+        _module_shape(shape, f"{path}.tensors[{_key(local)}]", where)
+
+
+def _module_shape(value: object, path: str, where: str) -> None:
+    dims = _list(value, path, where)
+    if len(dims) > MAX_TENSOR_DIMS:
+        _bad(where, path, f"a shape of at most {MAX_TENSOR_DIMS} dims", value)
+    for j, d in enumerate(dims):
+        _positive(d, f"{path}[{j}]", MAX_FEATURES, where)
+
+
+def _check_tensor_entry(value: object, path: str, where: str,
+                        dtypes: tuple[str, ...] = TENSOR_DTYPES) -> None:
     entry = _dict(value, path, where)
     _exact_keys(entry, TENSOR_KEYS, path, where)
-    if entry["dtype"] not in TENSOR_DTYPES:
-        _bad(where, f"{path}.dtype", " or ".join(map(json.dumps, TENSOR_DTYPES)), entry["dtype"])
-    _shape(entry["shape"], f"{path}.shape", where)
+    if entry["dtype"] not in dtypes:
+        _bad(where, f"{path}.dtype", " or ".join(map(json.dumps, dtypes)), entry["dtype"])
+    if dtypes is MODULE_DTYPES:
+        _module_shape(entry["shape"], f"{path}.shape", where)
+    else:
+        _shape(entry["shape"], f"{path}.shape", where)
     if not (isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])):
         _bad(where, f"{path}.sha256", "64 lowercase hex digits", entry["sha256"])
 

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -68,9 +68,8 @@ from qcircuit.ir import OPTION_DEFAULTS
 
 from . import quantized
 from .branch import Branch
-from .checkpoint_schema import branch_tensor_names
-from .weights import (MERGE_ROUNDING, full_tensor, merge_bound, reversal_error, update_ratio,
-                      warn_large_updates)
+from .layer_tensors import LayerTensors
+from .weights import MERGE_ROUNDING, full_tensor, merge_bound, reversal_error, warn_large_updates
 
 __all__ = ["AdaptedLayer", "LayerState", "Move", "full_tensor"]
 
@@ -99,9 +98,10 @@ class LayerState(enum.Enum):
 _CODES = tuple(LayerState)  # the state buffer stores an index into this tuple
 
 
-class AdaptedLayer(nn.Module):
+class AdaptedLayer(LayerTensors, nn.Module):
     """An ``nn.Linear`` or GPT-2 ``Conv1D`` (``base_layer``) plus one or more circuit
-    branches (``branches``, built on this base layer, in rule order)."""
+    branches (``branches``, built on this base layer, in rule order). ``disabled`` (set by
+    ``Adapted.disable_adapter``) makes the forward the base layer's own: see ``forward``."""
 
     def __init__(self, base: nn.Module, branches: Sequence[Branch], *, name: str = "layer"):
         super().__init__()
@@ -117,6 +117,7 @@ class AdaptedLayer(nn.Module):
         self.branches = nn.ModuleList(branches)
         self.state = LayerState.UNFOLDED
         self.rest = LayerState.UNFOLDED  # where unmerge() returns: the training form
+        self.disabled = False  # forward as the base layer (Adapted.disable_adapter)
         # a quantized base (quantized.py): its scheme, and while merged what unmerge needs
         self.quant = quantized.scheme_of(base, name)
         self.quant_merged: quantized.Merged | None = None
@@ -378,62 +379,31 @@ class AdaptedLayer(nn.Module):
 
     # --- compute -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W·x + b`` plus what the state table says; with ``disabled``, the base layer's
+        own function ``W0·x + b``: nothing more while unfolded, and while folded the frozen
+        circuits ``s·T_θ0·x`` that the fold took out of ``W`` (within the fold's rounding).
+        It reads the state and writes nothing."""
         y = self.base_layer(x)
-        if self.state is LayerState.MERGED:
+        merged, folded = self.state is LayerState.MERGED, self.state is LayerState.FOLDED
+        if self.disabled and merged:
+            raise QCError(f"{self.name}: a merged layer cannot run without its adapter: "
+                          "unmerge() first")
+        if merged or (self.disabled and not folded):
             return y
-        folded = self.state is LayerState.FOLDED
         gate_dtype = self.branches[0].adapter.gates[0].dtype
         h = x if all(b.adapter.takes_uncast(x) for b in self.branches) \
             else x.to(gate_dtype)   # the circuits run in the gates' dtype, or take x uncast
         with torch.autocast(h.device.type, enabled=False):  # circuits run in the gates' dtype
             d = None
             for b in self.branches:
-                term = b(h, folded and b.foldable)
+                if self.disabled and not b.foldable:
+                    continue
+                term = b.frozen(h) if self.disabled else b(h, folded and b.foldable)
                 if d is None:
                     d = term if b.scale == 1.0 else term * b.scale
                 else:
                     d = torch.add(d, term, alpha=b.scale)
-        return y + d.to(y.dtype)
-
-    def _saved_gates(self, name: str):
-        """``(checkpoint name, branch index, part, gate index)`` of every saved tensor of
-        this layer saved as ``name``, following ``checkpoint_schema.branch_tensor_names``."""
-        for k, b in enumerate(self.branches):
-            names = branch_tensor_names(name, b.name, len(self.branches), len(b.circuit.gates),
-                                        b.frozen is not None)
-            for key, (part, i) in names.items():
-                yield key, k, part, i
-
-    def checkpoint_names(self, name: str) -> dict[str, str]:
-        """Checkpoint tensor name -> parameter path in this layer
-        (``branches.<k>.adapter.gates.<i>`` or ``branches.<k>.frozen.gates.<i>``), for this
-        layer saved as ``name`` (native checkpoints and the PEFT door both use this)."""
-        return {key: f"branches.{k}.{part}.gates.{i}"
-                for key, k, part, i in self._saved_gates(name)}
-
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Copies of the gates (and frozen initial gates) under their checkpoint names,
-        whole, on the CPU (a collective for DTensor gates: every rank must call). Gates
-        made half precision (``model.to(torch.bfloat16)``) are widened to float32, exactly:
-        checkpoints hold float32 or float64 gates."""
-        out = {}
-        for key, k, part, i in self._saved_gates(name):
-            b = self.branches[k]
-            gate = getattr(b, part).gates[i]
-            t = full_tensor(gate, b.circuit.gates[i].shape, key).to("cpu", copy=True)
-            out[key] = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-        return out
-
-    def update_ratio(self, name: str, tensors: Mapping[str, torch.Tensor]) -> float | None:
-        """‖Δ‖_F / ‖W0‖_F estimated from random probes with this layer's checkpoint
-        ``tensors`` (``tensors(name)``): ``weights.update_ratio``."""
-        return update_ratio(self, name, tensors)
-
-    @torch.no_grad()
-    def load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy checkpoint tensors (``tensors(name)``'s names) into the gates."""
-        for key, path in self.checkpoint_names(name).items():
-            self.get_parameter(path).copy_(tensors[key])
+        return y if d is None else y + d.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"state={self.state.value}"

@@ -11,11 +11,9 @@ The PEFT tuner uses the first pass (``check_all``) before PEFT's own loop writes
 """
 from __future__ import annotations
 
-import signal
-import threading
-from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Mapping
 
+from .atomic_dir import held_interrupts
 from .layer import AdaptedLayer
 from .weights import warn_large_updates
 
@@ -37,21 +35,3 @@ def move_all(layers: Mapping[str, AdaptedLayer], call: str, *, reversible: bool 
     with held_interrupts():
         for layer in layers.values():
             layer.apply(layer.plan_move(call, reversible=reversible))
-
-
-@contextmanager
-def held_interrupts() -> Iterator[None]:
-    """Ctrl-C (SIGINT) inside the block is raised when the block ends, not in the middle.
-    Only in the main thread and where SIGINT raises ``KeyboardInterrupt`` as usual."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    received: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if received:
-        raise KeyboardInterrupt

@@ -17,9 +17,12 @@ shapes, frozen copy and options), so an edited ``scale`` anywhere is refused whi
 reads it. Checking a record against a model (``check_fits``) is separate: a record is
 valid or not on its own.
 
-Room for trainable extras (a task head, PEFT's ``modules_to_save``): they would be one
-more mapping of tensor records beside ``layers``, listed by ``expected_tensors``; the
-format has none yet, so any tensor that no layer calls for is refused.
+Trainable extras (a task head: ``train`` statements, PEFT's ``modules_to_save``) are one
+more mapping beside ``layers``: ``modules``, one :class:`ModuleRecord` per module trained
+whole (its class and the shapes of its tensors, saved as ``<module>.<tensor>``), listed by
+``expected_tensors`` like the gates. A trained module never overlaps an adapted layer, and
+every ``train`` pattern of the stored program matches a recorded module; any tensor that
+neither a layer nor a module calls for is refused.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from .bind import Target, bind, by_layer
 from .checkpoint_schema import (FORMAT, FORMAT_VERSION, IDENTITY_KEYS, PEFT_TYPE,
                                 branch_tensor_names, check_config, upgrade)
 
-__all__ = ["TensorRecord", "BranchRecord", "LayerRecord", "AdapterRecord", "from_json",
+__all__ = ["TensorRecord", "BranchRecord", "LayerRecord", "ModuleRecord", "AdapterRecord", "from_json",
            "from_targets", "layer_records", "model_identity", "check_fits", "dtype_warning"]
 
 
@@ -102,6 +105,41 @@ class LayerRecord:
 
 
 @dataclass(frozen=True)
+class ModuleRecord:
+    """A module trained whole beside the circuits: its class name and its floating-point
+    tensors (parameters and buffers) with their shapes, sorted by name."""
+
+    kind: str
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "tensors", tuple(sorted(self.tensors)))
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "ModuleRecord":
+        """The record of a live module."""
+        return cls(type(module).__name__, tuple(
+            (k, tuple(v.shape)) for k, v in module.state_dict(keep_vars=True).items()
+            if v.is_floating_point()))
+
+    def to_json(self) -> dict:
+        return {"class": self.kind, "tensors": {k: list(v) for k, v in self.tensors}}
+
+    def difference(self, other: "ModuleRecord") -> str | None:
+        """How ``other`` (the model's module) differs from this saved one, in a few words."""
+        if self.kind != other.kind:
+            return f"the checkpoint trained a {self.kind}, the model has a {other.kind}"
+        if self.tensors != other.tensors:
+            return (f"tensors differ: checkpoint {_shapes_text(self.tensors)}, model "
+                    f"{_shapes_text(other.tensors)}")
+        return None
+
+
+def _shapes_text(tensors: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
+    return ", ".join(f"{k} {list(v)}" for k, v in tensors)
+
+
+@dataclass(frozen=True)
 class AdapterRecord:
     """An adapter as saved (see the module doc). ``tensors`` is None for an adapter that
     has not been saved yet (a fresh PEFT config); every record read from a file has them."""
@@ -111,10 +149,12 @@ class AdapterRecord:
     layers: Mapping[str, LayerRecord]
     tensors: Mapping[str, TensorRecord] | None = None
     qcircuit_version: str = field(default=qcircuit.__version__)
+    modules: Mapping[str, ModuleRecord] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+        object.__setattr__(self, "modules", MappingProxyType(dict(self.modules)))
         if self.tensors is not None:
             object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
 
@@ -127,25 +167,32 @@ class AdapterRecord:
         return {k: self.program.option(k) for k in OPTION_DEFAULTS}
 
     def expected_tensors(self) -> dict[str, tuple[int, ...]]:
-        """Tensor name -> shape, for every tensor the layer records call for."""
+        """Tensor name -> shape, for every tensor the layer and module records call for."""
         out = {}
         for name, rec in self.layers.items():
             for b in rec.branches:
                 names = branch_tensor_names(name, b.circuit, len(rec.branches), len(b.gates),
                                             b.frozen)
                 out.update({key: b.gates[i] for key, (_, i) in names.items()})
+        for name, module in self.modules.items():
+            out.update({f"{name}.{local}": shape for local, shape in module.tensors})
         return out
+
+    def module_tensor_names(self) -> set[str]:
+        """The names of the trained modules' tensors (the rest are gates)."""
+        return {f"{name}.{local}" for name, m in self.modules.items() for local, _ in m.tensors}
 
     def with_tensors(self, tensors: Mapping[str, TensorRecord]) -> "AdapterRecord":
         return replace(self, tensors=tensors)
 
     def to_json(self) -> dict:
-        """``adapter_config.json`` as written (format 3; ``peft_type`` lets PEFT read it)."""
+        """``adapter_config.json`` as written (``peft_type`` lets PEFT read it)."""
         out = {"format": FORMAT, "format_version": FORMAT_VERSION,
                "qcircuit_version": self.qcircuit_version, "peft_type": PEFT_TYPE,
                "program": self.program.to_qc(), "options": self.options,
                "model": dict(self.model),
-               "layers": {name: rec.to_json() for name, rec in self.layers.items()}}
+               "layers": {name: rec.to_json() for name, rec in self.layers.items()},
+               "modules": {name: rec.to_json() for name, rec in self.modules.items()}}
         if self.tensors is not None:
             out["tensors"] = {k: t.to_json() for k, t in sorted(self.tensors.items())}
         return out
@@ -189,9 +236,12 @@ def model_identity(model) -> dict:
 
 
 def from_targets(program: Program, model, targets: Sequence[Target],
-                 states: Mapping[str, str] | None = None) -> AdapterRecord:
-    """The record of ``program`` bound to ``model`` (``targets``), without tensors."""
-    return AdapterRecord(program, model_identity(model), layer_records(targets, states))
+                 states: Mapping[str, str] | None = None,
+                 trained: Mapping[str, nn.Module] | None = None) -> AdapterRecord:
+    """The record of ``program`` bound to ``model`` (``targets``; ``trained``: the modules
+    trained whole, by name), without tensors."""
+    return AdapterRecord(program, model_identity(model), layer_records(targets, states),
+                         modules={k: ModuleRecord.of(m) for k, m in (trained or {}).items()})
 
 
 # --- the validator -----------------------------------------------------------------------------
@@ -214,10 +264,38 @@ def from_json(value: object, where: str) -> AdapterRecord:
                               f"does not define")
     tensors = {name: TensorRecord(t["dtype"], tuple(t["shape"]), t["sha256"])
                for name, t in config["tensors"].items()}
-    record = AdapterRecord(program, config["model"], layers, tensors, config["qcircuit_version"])
+    modules = {name: ModuleRecord(rec["class"], tuple((k, tuple(v)) for k, v in
+                                                      rec["tensors"].items()))
+               for name, rec in config["modules"].items()}
+    record = AdapterRecord(program, config["model"], layers, tensors, config["qcircuit_version"],
+                           modules)
+    _check_modules(program, layers, modules, where)
     _check_tensor_set(record, where)
     _check_program_gives(program, layers, where)
     return record
+
+
+def overlap(module: str, layers: Sequence[str]) -> str | None:
+    """An adapted layer that is ``module``, lies inside it or holds it, if any."""
+    for layer in layers:
+        if module == layer or layer.startswith(module + ".") or module.startswith(layer + "."):
+            return layer
+    return None
+
+
+def _check_modules(program: Program, layers: Mapping[str, LayerRecord],
+                   modules: Mapping[str, ModuleRecord], where: str) -> None:
+    """No trained module overlaps an adapted layer, and every ``train`` pattern of the
+    stored program matches a recorded module."""
+    for name in modules:
+        layer = overlap(name, list(layers))
+        if layer is not None:
+            raise QCError(f"{where}: $.modules[{json.dumps(name)[:200]}] overlaps the adapted "
+                          f"layer {layer}: a module is either adapted or trained whole")
+    for pattern in program.trained:
+        if not any(pattern.matches(name) for name in modules):
+            raise QCError(f"{where}: the stored program trains {str(pattern)!r} but $.modules "
+                          f"holds no module it matches")
 
 
 def _check_tensor_set(record: AdapterRecord, where: str) -> None:
@@ -298,9 +376,12 @@ def _branch_difference(saved: Sequence[BranchRecord], bound: Sequence[BranchReco
     return "the branches differ"
 
 
-def check_fits(record: AdapterRecord, current: Mapping[str, LayerRecord], where: str) -> None:
+def check_fits(record: AdapterRecord, current: Mapping[str, LayerRecord], where: str,
+               modules: Mapping[str, ModuleRecord | None] | None = None) -> None:
     """Refuse, naming every difference, a record whose layers differ from ``current``
-    (``layer_records`` of the program bound to the model)."""
+    (``layer_records`` of the program bound to the model) or, given ``modules`` (the
+    model's modules by the recorded names and any more it trains: None where it has none),
+    whose trained modules differ from them."""
     saved = record.layers
     problems = [f"module {name} is in the checkpoint but the model has no such matching layer"
                 for name in saved if name not in current]
@@ -310,6 +391,16 @@ def check_fits(record: AdapterRecord, current: Mapping[str, LayerRecord], where:
         why = saved[name].adapter_difference(current[name])
         if why:
             problems.append(f"module {name}: {why}")
+    for name, have in (modules or {}).items():
+        want = record.modules.get(name)
+        if want is None:
+            problems.append(f"module {name} of the model is trained by the program but is not "
+                            "in the checkpoint")
+        elif have is None:
+            problems.append(f"trained module {name} is in the checkpoint but the model has "
+                            "no such module")
+        elif want.difference(have):
+            problems.append(f"trained module {name}: {want.difference(have)}")
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12
                                  else [])

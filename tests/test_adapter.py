@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from qcircuit import ApplyRule, Circuit, Pattern, Program, QCError
+from qcircuit import ApplyRule, Circuit, Pattern, Program, QCError, parse
 from qcircuit.runtime import AdaptedLayer, LayerState, attach
 from reference import circuit_operator
 
@@ -306,8 +306,25 @@ def test_attach_twice_is_refused(tiny_llama):
 
 
 def test_attach_rejects_bad_argument(tiny_llama):
-    with pytest.raises(QCError, match="Program or a .qc path"):
+    with pytest.raises(QCError, match="attach takes a Program, a .qc path or .qc text, got int"):
         attach(tiny_llama, 42)
+
+
+def test_attach_takes_text_a_path_or_a_program_by_quanta_configs_rule(make_llama, tmp_path,
+                                                                      token_ids):
+    """Issue 24: ``attach(model, "<qc text>")`` is text, as in ``QuanTAConfig(program=)``."""
+    text = "circuit attn { qudits 4 4 4 all_pairs }\napply attn to q_proj, v_proj\n"
+    (tmp_path / "a.qc").write_text(text)
+    outs = []
+    for source in (text, str(tmp_path / "a.qc"), tmp_path / "a.qc", parse(text)):
+        adapted = attach(make_llama(), source, seed=3)
+        assert adapted.program == parse(text)
+        outs.append(adapted(token_ids).logits)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    with pytest.raises(QCError, match=r"missing\.qc"):   # a .qc name is a path: not found
+        attach(make_llama(), str(tmp_path / "missing.qc"))
+    with pytest.raises(QCError, match=r"^<string>:1:25: error: unexpected"):   # text is text
+        attach(make_llama(), "apply attn to q_proj.qc {")
 
 
 def test_attach_on_meta_device_keeps_real_gates(tiny_llama_config):

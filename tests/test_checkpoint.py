@@ -22,6 +22,7 @@ from qcircuit import QCError, parse
 from qcircuit.runtime import atomic_dir, checkpoint, record
 from qcircuit.runtime.adapter import attach, load
 from test_adapter import gpt2_program, llama_program, perturb, rel_err
+from formats import as_format  # noqa: E402
 
 
 def _fresh(model):
@@ -337,17 +338,86 @@ def test_write_without_overwrite_refuses_an_existing_checkpoint(tmp_path, tiny_l
     assert _files(tmp_path / "new") == _files(tmp_path / "empty") == before
 
 
-def test_save_refuses_a_directory_with_other_files(tmp_path, tiny_llama):
-    adapted, before = _saved(tmp_path, tiny_llama)
-    (tmp_path / "old" / "notes.txt").write_text("mine")
-    with pytest.raises(QCError, match=r"holds other files \(notes\.txt\).*never deletes"):
-        adapted.save(tmp_path / "old")
-    assert _files(tmp_path / "old") == {**before, "notes.txt": b"mine"}
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "model.bin").write_bytes(b"x")
-    with pytest.raises(QCError, match=r"holds other files \(model\.bin\)"):
-        adapted.save(tmp_path / "run")
-    assert _files(tmp_path / "run") == {"model.bin": b"x"}
+def _run_dir(tmp_path: Path) -> Path:
+    """A training run's output directory: checkpoint folders and a log beside them."""
+    run = tmp_path / "run"
+    (run / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoint-5" / "optimizer.pt").write_bytes(b"opt")
+    (run / "notes.txt").write_text("mine")
+    return run
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_save_into_a_directory_with_other_files_keeps_them(tmp_path, tiny_llama, token_ids):
+    """Issue 24: adapted.save(trainer.args.output_dir) works beside checkpoint-* folders;
+    nothing else in the directory is touched, and a second save replaces only the adapter."""
+    adapted, _ = _saved(tmp_path, tiny_llama)
+    run = _run_dir(tmp_path)
+    others = _tree(run)
+    adapted.save(run)
+    assert {k: v for k, v in _tree(run).items() if k in others} == others
+    assert set(_tree(run)) - set(others) == {checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME}
+    first = _tree(run)
+    perturb(adapted, seed=8)
+    adapted.save(run)
+    assert _tree(run)[checkpoint.WEIGHTS_NAME] != first[checkpoint.WEIGHTS_NAME]
+    assert {k: v for k, v in _tree(run).items() if k in others} == others
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["checkpoint-5", "notes.txt", checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME])
+    fresh = load(type(tiny_llama)(tiny_llama.config), run)   # a complete, verified pair
+    assert fresh.program == adapted.program
+    with pytest.raises(QCError, match="already holds an adapter checkpoint"):
+        adapted.save(run, overwrite=False)
+
+
+@pytest.mark.parametrize("when", [1, 2], ids=["first_rename", "second_rename"])
+def test_a_failed_commit_in_a_shared_directory_puts_the_old_files_back(tmp_path, tiny_llama,
+                                                                       monkeypatch, when):
+    """An error at either rename (the weights, then the config) leaves the old pair and
+    every other file as they were, and no temporary directory."""
+    adapted, _ = _saved(tmp_path, tiny_llama)
+    run = _run_dir(tmp_path)
+    adapted.save(run)
+    before = _tree(run)
+    perturb(adapted, seed=9)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == when:
+            raise KeyboardInterrupt   # as Ctrl-C or SIGTERM (raised) would, mid-commit
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        adapted.save(run)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert calls[:2] == [checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME][:when]
+    assert _tree(run) == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["checkpoint-5", "notes.txt", checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME])
+
+
+def test_a_first_save_that_fails_in_a_shared_directory_leaves_nothing(tmp_path, tiny_llama,
+                                                                      monkeypatch):
+    adapted, _ = _saved(tmp_path, tiny_llama)
+    run = _run_dir(tmp_path)
+    before = _tree(run)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == checkpoint.CONFIG_NAME:
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        adapted.save(run)
+    assert _tree(run) == before
 
 
 def test_write_refuses_what_read_would_refuse(tmp_path, tiny_llama):
@@ -573,19 +643,14 @@ def test_save_from_another_thread(tmp_path, tiny_llama):
 
 
 def test_a_version_2_checkpoint_loads(tmp_path, tiny_llama, token_ids):
-    """qcircuit 0.2 wrote one circuit per layer with program-wide options (format 2):
-    it loads as a one-branch-per-layer adapter with the same tensors and outputs."""
+    """Format 2 stored one circuit per layer with program-wide options: it loads as a
+    one-branch-per-layer adapter with the same tensors and outputs."""
     base = _fresh(tiny_llama)
     adapted = attach(tiny_llama, llama_program(), seed=0)
     perturb(adapted)
     adapted.save(tmp_path / "c")
     config_path = tmp_path / "c" / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["format_version"] = 2
-    for rec in config["layers"].values():
-        branch = rec.pop("branches")[0]
-        rec.update({k: branch[k] for k in ("circuit", "qc", "gates", "frozen")})
-    config_path.write_text(json.dumps(config))
+    config_path.write_text(json.dumps(as_format(json.loads(config_path.read_text()), 2)))
     loaded = load(base, tmp_path / "c")
     with torch.no_grad():
         want, got = adapted(token_ids).logits, loaded(token_ids).logits

@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qcircuit import QCError
 from qcircuit.runtime import attach, checkpoint, load
 from test_adapter import llama_program, perturb
+from formats import as_format  # noqa: E402
 
 TIME_BOUND = 5.0   # seconds; every case takes well under 0.5 s on a 2-core machine
 CONFIG, WEIGHTS = checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME
@@ -164,11 +165,8 @@ def _drop_branch_key(key: str):
 
 
 def _as_version_2(config):
-    """The config as qcircuit 0.2 wrote it: one circuit per layer, options program-wide."""
-    config["format_version"] = 2
-    for rec in config["layers"].values():
-        branch = rec.pop("branches")[0]
-        rec.update({k: branch[k] for k in ("circuit", "qc", "gates", "frozen")})
+    """The config as format 2 wrote it: one circuit per layer, options program-wide."""
+    as_format(config, 2)
 
 
 def _as_dtype(dtype: torch.dtype):
@@ -241,11 +239,11 @@ CASES = [
     (F1, "format_other", _edit(lambda c: c.update(format="peft")), r"not a qcircuit adapter"),
     (F1, "format_version_missing", _edit(lambda c: c.pop("format_version")),
      r"no format_version"),
-    (F1, "format_version_4", _edit(lambda c: c.update(format_version=4)), r"newer than this"),
+    (F1, "format_version_5", _edit(lambda c: c.update(format_version=5)), r"newer than this"),
     (F1, "format_version_a_bool", _edit(lambda c: c.update(format_version=True)),
-     r"\$\.format_version: expected 3"),
+     r"\$\.format_version: expected 4"),
     (F1, "format_version_a_string", _edit(lambda c: c.update(format_version="2")),
-     r"\$\.format_version: expected 3"),
+     r"\$\.format_version: expected 4"),
     (F1, "unknown_top_key", _edit(lambda c: c.update(extra=1)), r'unknown key "extra"'),
     (F1, "qcircuit_version_an_int", _edit(lambda c: c.update(qcircuit_version=1)),
      r"\$\.qcircuit_version: expected a non-empty string"),

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from qcircuit import QCError, parse  # noqa: E402
 from qcircuit.runtime import attach, checkpoint, load  # noqa: E402
 from test_peft import PROGRAM as ZERO_LAST, logits, rel  # noqa: E402
+from formats import as_format  # noqa: E402
 
 # these tests exercise the frozen copy and the fold, which the paper's init keeps
 PROGRAM = ZERO_LAST + "option init = freeze_one\n"
@@ -106,10 +107,7 @@ def retensor(folder: Path, change, rehash: bool = False) -> None:
 
 
 def as_version_2(config) -> None:
-    config["format_version"] = 2
-    for rec in config["layers"].values():
-        branch = rec.pop("branches")[0]
-        rec.update({k: branch[k] for k in ("circuit", "qc", "gates", "frozen")})
+    as_format(config, 2)
 
 
 def nan_and_swap(tensors) -> None:
@@ -131,11 +129,11 @@ CASES = {
         lambda f: (retensor(f, nan_and_swap), edit(f, lambda c: c.update(tensors=None))),
         r"\$\.tensors: expected an object, got null"),
     "format_version_1": (lambda f: edit(f, lambda c: c.update(format_version=1)),
-                         r"\$\.format_version: expected 3, got an integer 1"),
-    "format_version_4": (lambda f: edit(f, lambda c: c.update(format_version=4)),
-                         r"format_version 4, newer than this qcircuit reads"),
+                         r"\$\.format_version: expected 4, got an integer 1"),
+    "format_version_5": (lambda f: edit(f, lambda c: c.update(format_version=5)),
+                         r"format_version 5, newer than this qcircuit reads"),
     "format_version_a_string": (lambda f: edit(f, lambda c: c.update(format_version="3")),
-                                r"\$\.format_version: expected 3, got a string"),
+                                r"\$\.format_version: expected 4, got a string"),
     "model_null": (lambda f: edit(f, lambda c: c.update(model=None)),
                    r"\$\.model: expected an object, got null"),
     "in_a_float": (lambda f: edit(f, lambda c: c["layers"][Q0].update({"in": 64.0})),

@@ -24,6 +24,7 @@ from peft.mapping import (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPI
 from qcircuit import QCError, parse  # noqa: E402
 from qcircuit.peft import QuanTAConfig, QuanTALayer, QuanTAModel  # noqa: E402
 from qcircuit.runtime import attach, load  # noqa: E402
+from formats import as_format  # noqa: E402
 
 PROGRAM = """
 circuit attn {
@@ -291,21 +292,19 @@ def test_peft_loads_a_native_save(make_llama, token_ids, tmp_path):
     assert rel(logits(model, token_ids), logits(native, token_ids)) <= 1e-5  # native is folded
 
 
-def test_version_2_directories_load_through_both_doors(peft_llama, make_llama, token_ids,
-                                                       tmp_path):
-    """A save_pretrained directory of qcircuit 0.2 (format 2: one circuit per layer) loads
-    with PeftModel.from_pretrained and with the native load, as format 3 does."""
+def test_older_format_directories_load_through_both_doors(peft_llama, make_llama, token_ids,
+                                                          tmp_path):
+    """save_pretrained directories of formats 2 (one circuit per layer) and 3 (no trained
+    modules) load with PeftModel.from_pretrained and with the native load."""
     peft_llama.save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config["format_version"] = 2
-    for rec in config["layers"].values():
-        branch = rec.pop("branches")[0]
-        rec.update({k: branch[k] for k in ("circuit", "qc", "gates", "frozen")})
-    path.write_text(json.dumps(config))
-    want = logits(peft_llama, token_ids)
-    assert rel(logits(PeftModel.from_pretrained(make_llama(), tmp_path), token_ids), want) <= F32
-    assert rel(logits(load(make_llama(), tmp_path, fold=False), token_ids), want) <= F32
+    fresh = path.read_text()
+    for version in (3, 2):
+        path.write_text(json.dumps(as_format(json.loads(fresh), version)))
+        want = logits(peft_llama, token_ids)
+        got = PeftModel.from_pretrained(make_llama(), tmp_path)
+        assert rel(logits(got, token_ids), want) <= F32
+        assert rel(logits(load(make_llama(), tmp_path, fold=False), token_ids), want) <= F32
 
 
 def test_loading_refuses_a_checkpoint_of_another_program(peft_llama, make_llama, tmp_path):

@@ -3,7 +3,7 @@
 Each case starts a circuit (``Circuit(*dims)``, ``Circuit()``, ``Circuit.auto_dims(n)``,
 ``Circuit.low_rank(...)``), applies a few builder calls (``gate``, ``all_pairs``,
 ``repeat``, ``then``, ``resolve``), and sometimes wraps the result in a ``Program``
-(``define``, ``apply``, ``with_options``). Arguments mix good values with hostile ones:
+(``define``, ``apply``, ``with_options``, ``train``). Arguments mix good values with hostile ones:
 ``None``, floats, bools, strings, nested lists, huge iterables (``range(10**12)``), numbers
 past every cap (``10**30``, 4096 qudits), unsafe regexes, regexes holding a line break,
 out-of-range options. The rules: a call either returns or raises ``QCError`` (nothing
@@ -70,9 +70,11 @@ class BuilderCase:
                 self.calls.append(("resolve", (rng.choice([64, 172, 4096, 7, 10 ** 30, None]),
                                                rng.choice([None, 64, 172, 43, 0])), {}))
         if rng.random() < 0.5:
+            trained = tuple(rng.choice(PATTERNS) for _ in range(rng.randrange(0, 3))) \
+                if rng.random() < 0.4 else None
             self.calls.append(("program", (rng.choice(NAMES), tuple(rng.choice(PATTERNS)
                                for _ in range(rng.randrange(0, 3))), rng.choice(OPTIONS),
-                               rng.choice(OPTIONS)), {}))
+                               rng.choice(OPTIONS), trained), {}))
 
     def describe(self) -> str:
         return "; ".join(f"{name}{args!r:.60}" for name, args, _ in self.calls)[:300]
@@ -87,9 +89,11 @@ class BuilderCase:
                 other = {"self": value, "small": Circuit(2, 2).gate((0, 1))}.get(args[0], args[0])
                 value = value.then(other)
             elif name == "program":
-                cname, patterns, program_options, rule_options = args
+                cname, patterns, program_options, rule_options, trained = args
                 value = Program().define(cname, value).apply(cname, *patterns, **rule_options)
                 value = value.with_options(**program_options)
+                if trained is not None:
+                    value = value.train(*trained)
             else:
                 value = getattr(value, name)(*args, **kwargs)
         return value

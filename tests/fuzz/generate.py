@@ -2,7 +2,8 @@
 
 ``Generator(seed).case()`` returns ``str`` or ``bytes`` (byte flips) of at most ``max_bytes``.
 Programs mix valid and near-valid choices at every rule (dims 0, 2**20 + 1, 20 digits; repeat
-counts past the caps; unsafe regexes; out-of-range options, also in a rule's ``with``;
+counts past the caps; unsafe regexes; out-of-range options, also in a rule's ``with``; ``train`` with no, bad or
+repeated patterns;
 ``low_rank`` alone, on several qudits or mixed with gates; includes of FIFOs, devices, kernel
 files, cycles and a 2**20-path diamond) so the parser's meaning checks are reached, not only
 its syntax errors. Mutations: truncation, deletion, duplicated spans, inserted tokens and
@@ -30,7 +31,7 @@ INCLUDES = ["ok.qc", "opts.qc", "cycle_a.qc", "diamond0.qc", "missing.qc", "fifo
             "big.qc", "env.qc", "zero.qc", "notes.txt", "/dev/zero", "/proc/self/environ",
             "bad_utf8.qc", "../" * 40 + "etc/passwd"]
 TOKENS = ["circuit", "qudits", "auto", "gate", "all_pairs", "repeat", "apply", "to", "option",
-          "include", "with", "low_rank", "{", "}", "(", ")", ",", "->", "-", ">", "x", "=", "#", "/", "\\", '"',
+          "include", "with", "low_rank", "train", "{", "}", "(", ")", ",", "->", "-", ">", "x", "=", "#", "/", "\\", '"',
           "\n", "\r", "\t", " ", "\x00", "é", "𝕏", "\u202e", "\ufeff", "16x16", "1e999"]
 
 
@@ -86,6 +87,9 @@ class Generator:
                 pairs = [self.setting() for _ in range(self.rng.randint(0, 4))]
                 text += f"{self.space()}with {', '.join(pairs)}"
             return text
+        if kind < 0.82:
+            patterns = [self.pattern() for _ in range(self.rng.randint(0, 3))]
+            return f"train {', '.join(patterns)}"   # none: a syntax error; twice: refused
         if kind < 0.92:
             return f"option {self.setting()}"
         return f'include "{self.pick(INCLUDES)}"'
