@@ -19,13 +19,13 @@ from torch import nn
 
 from qcircuit import QCError
 
-from .landing import Arrivals, remove_slots
+from .landing import Arrivals, AwaitsTensors
 
 LANDING = "qc_landing"
 _PEFT_PREFIX = "base_model.model."
 
 
-class QuanTAHead(ModulesToSaveWrapper):
+class QuanTAHead(AwaitsTensors, ModulesToSaveWrapper):
     """A module trained whole by QuanTA adapters: the original and one copy per adapter."""
 
     def __init__(self, module: nn.Module, adapter_name: str):
@@ -44,18 +44,6 @@ class QuanTAHead(ModulesToSaveWrapper):
             return {}
         head = pending.module_name + "."
         return {k.removeprefix(head): f"{LANDING}.{k.removeprefix(head)}" for k in pending.records}
-
-    def await_tensors(self, arrivals: Arrivals) -> None:
-        self.qc_pending[arrivals.adapter_name] = arrivals
-
-    def check_loaded(self, adapter_name: str) -> None:
-        if adapter_name in self.qc_pending:
-            raise QCError(self.qc_pending[adapter_name].why())
-
-    def settle(self, adapter_name: str) -> None:
-        pending = self.qc_pending.pop(adapter_name, None)
-        if pending is not None:
-            remove_slots(self, pending)
 
     def delete_adapter(self, adapter_name, new_active_adapters):
         self.settle(adapter_name)

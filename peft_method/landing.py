@@ -150,3 +150,27 @@ def remove_slots(owner: nn.Module, arrivals: Arrivals) -> None:
     for name, child in list(owner._modules.items()):
         if isinstance(child, Slot) and child._arrivals is arrivals:
             del owner._modules[name]
+
+
+class AwaitsTensors:
+    """The waiting half of a module whose checkpoint tensors arrive through landing slots
+    (a ``QuanTALayer``, a ``QuanTAHead``): ``qc_pending`` maps an adapter's name to its
+    ``Arrivals`` until they are all in."""
+
+    qc_pending: dict[str, Arrivals]
+
+    def await_tensors(self, arrivals: Arrivals) -> None:
+        """Keep ``arrivals.adapter_name`` pending until its checkpoint tensors arrive."""
+        self.qc_pending[arrivals.adapter_name] = arrivals
+
+    def check_loaded(self, adapter_name: str) -> None:
+        """QCError if ``adapter_name`` still waits for (or failed) its checkpoint tensors."""
+        if adapter_name in self.qc_pending:
+            raise QCError(self.qc_pending[adapter_name].why())
+
+    def settle(self, adapter_name: str) -> None:
+        """Stop waiting for ``adapter_name``'s tensors (a loader is handing them over)."""
+        pending = self.qc_pending.pop(adapter_name, None)
+        if pending is not None:
+            remove_slots(self, pending)
+

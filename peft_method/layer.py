@@ -24,10 +24,10 @@ from qcircuit.runtime import AdaptedLayer, quantized
 from qcircuit.runtime.layer import Move, full_tensor
 from qcircuit.runtime.weights import warn_large_updates
 
-from .landing import Arrivals, remove_slots
+from .landing import Arrivals, AwaitsTensors
 
 
-class QuanTALayer(nn.Module, BaseTunerLayer):
+class QuanTALayer(AwaitsTensors, nn.Module, BaseTunerLayer):
     """A base ``nn.Linear``/``Conv1D`` with one ``AdaptedLayer`` per named adapter."""
 
     # PEFT toggles requires_grad on everything under adapter_layer_names: only the
@@ -60,21 +60,6 @@ class QuanTALayer(nn.Module, BaseTunerLayer):
             raise QCError(f"{layer.name}: adapter {adapter_name!r} already exists")
         self.qc_adapters[adapter_name] = layer
         self.qc_gates[adapter_name] = nn.ModuleList(b.adapter for b in layer.branches)
-
-    def await_tensors(self, arrivals: Arrivals) -> None:
-        """Keep ``arrivals.adapter_name`` pending until its checkpoint tensors arrive."""
-        self.qc_pending[arrivals.adapter_name] = arrivals
-
-    def check_loaded(self, adapter_name: str) -> None:
-        """QCError if ``adapter_name`` still waits for (or failed) its checkpoint tensors."""
-        if adapter_name in self.qc_pending:
-            raise QCError(self.qc_pending[adapter_name].why())
-
-    def settle(self, adapter_name: str) -> None:
-        """Stop waiting for ``adapter_name``'s tensors (a loader is handing them over)."""
-        pending = self.qc_pending.pop(adapter_name, None)
-        if pending is not None:
-            remove_slots(self, pending)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.settle(adapter_name)

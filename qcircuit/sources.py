@@ -57,7 +57,7 @@ def read_file(path: str, span: Span | None, limit: int = MAX_TEXT_BYTES) -> str:
         if info.st_size > limit:
             raise QCError(f"{path!r} is {info.st_size} bytes, over the limit of {limit} bytes "
                           f"({limit // 2**20} MiB) for one file", where)
-        data = _read_at_most(fd, limit + 1)
+        data = read_at_most(fd, limit + 1)
     except OSError as err:
         raise QCError(f"cannot read {path!r}: {err.strerror or err}", span) from None
     finally:
@@ -69,7 +69,8 @@ def read_file(path: str, span: Span | None, limit: int = MAX_TEXT_BYTES) -> str:
     return decode(data, path)
 
 
-def _read_at_most(fd: int, size: int) -> bytes:
+def read_at_most(fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes from the open file ``fd``, in chunks of at most 1 MiB."""
     chunks, left = [], size
     while left > 0:
         chunk = os.read(fd, min(left, 1 << 20))

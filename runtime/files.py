@@ -63,17 +63,10 @@ def read_bytes(path: str | Path, limit: int, what: str, missing: str | None = No
     with open_regular(path, missing) as fd:
         if os.fstat(fd).st_size > limit:
             raise QCError(f"{path}: larger than {_size(limit)}: not {what}")
-        chunks, left = [], limit + 1
         try:
-            while left > 0:
-                chunk = os.read(fd, min(left, 1 << 20))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
+            data = read_at_most(fd, limit + 1)
         except OSError as e:
             raise QCError(f"cannot read {path}: {e.strerror or e}") from None
-    data = b"".join(chunks)
     if len(data) > limit:
         raise QCError(f"{path}: larger than {_size(limit)}: not {what}")
     return data
