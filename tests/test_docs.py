@@ -123,7 +123,9 @@ def blocks_of(path: Path) -> tuple[list[Block], list[str]]:
             found = MARKER.fullmatch(lines[i].strip())
             if found:
                 pending.append((i + 1, *read_marker(found.group(1))))
-            elif lines[i].strip() or "docs-test:" in lines[i]:
+            elif "docs-test" in lines[i]:
+                stray.append(f"{name}:{i + 1}: malformed marker (<!-- docs-test: WORD ... -->)")
+            elif lines[i].strip():
                 stray += [f"{name}:{n}: marker not right before a code block" for n, *_ in pending]
                 pending = []
             i += 1
@@ -362,9 +364,10 @@ class Session:
                 if circuit.auto is None:
                     assert compile_circuit(circuit).num_params == circuit.num_params
         named = re.match(r"#\s*(examples/[\w.-]+\.qc)\b", block.text)
-        if named:
-            assert program == parse_file(ROOT / named.group(1)), \
-                f"the block's program is not {named.group(1)}'s"
+        if named and program != parse_file(ROOT / named.group(1)):
+            pytest.fail(f"the block's program is not {named.group(1)}'s: it prints as\n"
+                        f"{program.to_qc()}\nand the file's as\n"
+                        f"{parse_file(ROOT / named.group(1)).to_qc()}")
         if argv:
             code, out, err = qcompile(argv, self.cwd)
             assert code == 0, f"qcompile {shlex.join(argv)} exited {code}: {err}"
@@ -387,8 +390,12 @@ class Session:
             if expected is not None and expected.strip():
                 assert_output(expected, output, shlex.join(words))
         if not ran:
-            pytest.skip("set-up commands only: " + "; ".join(
-                f"{shlex.join(w)}: {setup_reason(w)}" for w, _ in shell_commands(block)))
+            by_reason: dict[str, list[str]] = {}
+            for words, _ in shell_commands(block):
+                by_reason.setdefault(setup_reason(words), []).append(shlex.join(words))
+            pytest.skip("no command run: " + "; ".join(
+                f"{shown[0]}{f' (and {len(shown) - 1} more)' if len(shown) > 1 else ''}: {why}"
+                for why, shown in by_reason.items()))
         return output
 
     def run_text(self, block: Block) -> None:
@@ -416,6 +423,7 @@ def sessions(tmp_path_factory):
 
 @pytest.mark.parametrize("block", RUN, ids=[b.id for b in RUN])
 def test_block(block: Block, sessions, request):
+    __tracebackhide__ = True
     session = sessions(block.file)
     state, result = session.outcome(session.blocks.index(block), request)
     if state == "skip":
