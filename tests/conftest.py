@@ -85,3 +85,13 @@ def make_llama(tiny_llama_config):
         torch.manual_seed(1)
         return LlamaForCausalLM(tiny_llama_config).eval()
     return make
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Why each docs block did not run (tests/test_docs.py), printed even without ``-rs``."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "test_docs.py::" in r.nodeid]
+    if skipped:
+        terminalreporter.section("docs blocks not run")
+        for report in skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+            terminalreporter.line(f"{report.nodeid.partition('[')[2][:-1]}: {reason}")
