@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qcircuit import QCError
+from qcircuit.sources import read_at_most
 
 __all__ = ["MAX_NUMBER_DIGITS", "open_regular", "regular_size", "read_bytes", "read_json",
            "decode_json", "parse_json", "inside"]
