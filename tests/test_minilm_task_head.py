@@ -4,7 +4,8 @@ random two-label head, fine-tuned on a small separable sentence task through eac
 
 - PEFT: ``get_peft_model(model, QuanTAConfig(task_type="SEQ_CLS", program=...))`` and
   ``transformers.Trainer``; ``save_pretrained``; ``PeftModel.from_pretrained``;
-- native: ``attach(model, program, train=["classifier"])`` and ``AdapterTrainer``; ``adapted.save``; ``qcircuit.runtime.load``.
+- native: ``attach(model, program, train=["classifier"])`` and ``AdapterTrainer``;
+  ``adapted.save``; ``qcircuit.runtime.load``.
 
 In each the head trains (its weights move, the loss falls to a fraction of its start) and
 the saved adapter, loaded onto a base whose head was drawn from another seed, gives the
