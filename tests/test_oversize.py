@@ -1,6 +1,6 @@
 """A circuit nearly as large as its layer (over 25 % of in·out weights) is warned about
 once, naming the circuit, its parameters, the layer's in x out and the fraction: by
-``qcompile`` on stderr and by ``attach`` as a ``NearFullSizeWarning``."""
+``qcompile`` on stderr, by ``attach`` and ``get_peft_model`` as a ``NearFullSizeWarning``."""
 from __future__ import annotations
 
 import warnings
@@ -88,3 +88,24 @@ def test_attach_warns_once_per_circuit(tiny_llama, make_llama):
         warnings.simplefilter("error", NearFullSizeWarning)
         attach(make_llama(), "circuit small { qudits 4 4 4\n all_pairs }\n"
                "apply small to q_proj, v_proj\n")   # 768 of 4,096: 19 %
+
+
+def test_get_peft_model_warns_for_a_new_adapter_not_a_loaded_one(tmp_path):
+    """The PEFT door says it too when a config makes a new adapter; loading a saved one
+    (``PeftModel.from_pretrained``) does not repeat it."""
+    pytest.importorskip("peft")
+    import qcircuit.peft  # noqa: F401  (registers the method)
+    from peft import PeftModel, get_peft_model
+    from qcircuit.peft import QuanTAConfig
+    from test_trained_modules import make_bert
+
+    text = "circuit attn { qudits 4 8  all_pairs }\napply attn to query, value\n"
+    with pytest.warns(NearFullSizeWarning) as caught:
+        model = get_peft_model(make_bert(1), QuanTAConfig(program=text))
+    ours = [w for w in caught if w.category is NearFullSizeWarning]
+    assert len(ours) == 1 and "circuit 'attn' (4 8, on query) has 1,024 parameters" in \
+        str(ours[0].message)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NearFullSizeWarning)
+        PeftModel.from_pretrained(make_bert(2), tmp_path)
