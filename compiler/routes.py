@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from qcircuit.errors import QCError
+from qcircuit.errors import QCError, with_article
 
 from . import costmodel as cm
 from . import triton_route
@@ -81,7 +81,8 @@ def register(route: Route, *, replace: bool = False) -> Route:
     if route.kind not in KINDS:
         raise QCError(f"unknown kind {route.kind!r}", expected=" or ".join(KINDS))
     if (route.kind, route.name) in _registry and not replace:
-        raise QCError(f"a {route.kind} route named {route.name!r} is already registered")
+        raise QCError(f"{with_article(route.kind)} route named {route.name!r} is already "
+                      "registered")
     _registry[route.kind, route.name] = route
     return route
 

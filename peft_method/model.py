@@ -13,6 +13,7 @@ transformers 5's own: there a saved adapter waits in landing slots (landing.py).
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -26,6 +27,7 @@ from qcircuit.runtime import AdaptedLayer, bind
 from qcircuit.runtime import checkpoint, record, trained
 from qcircuit.runtime.install import build_layers, check_not_shared  # the native layer and refusal
 from qcircuit.runtime.moves import check_all, held_interrupts
+from qcircuit.runtime.oversize import NearFullSizeWarning, near_full_size
 from qcircuit.runtime.weights import warn_large_updates
 
 from .config import QuanTAConfig, check_target_modules
@@ -144,6 +146,9 @@ class QuanTAModel(BaseTuner):
         layers = {t.module_name for t in targets}
         check_target_modules(config.target_modules, [n for n, _ in view.named_modules() if n],
                              layers)
+        if saved is None:   # a new adapter, as attach warns (a loaded one was chosen already)
+            for warning in near_full_size(targets):
+                warnings.warn(warning, NearFullSizeWarning, stacklevel=2)
         heads = dict.fromkeys([*trained.bind_trained(view, program.trained, layers),
                                *trained.peft_trained(view, config.modules_to_save, layers)])
         current = record.from_targets(program, model, targets,

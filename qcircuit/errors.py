@@ -17,6 +17,12 @@ def quoted(value: object) -> str:
     return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS - 2] + "…" + text[-1]
 
 
+def with_article(noun: object) -> str:
+    """``an Embedding``, ``a Linear``: the noun after the article its first letter takes."""
+    text = str(noun)
+    return f"{'an' if text[:1].lower() in tuple('aeiou') else 'a'} {text}"
+
+
 @dataclass(frozen=True, slots=True)
 class Span:
     """Where something was written: file (None for a string), 1-based line and column."""

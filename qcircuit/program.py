@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
-from .errors import QCError, Span, quoted
+from .errors import QCError, Span, quoted, with_article
 from .limits import MAX_PATTERN_CHARS, SCALE_RANGE
 from .regex_safety import regex_problem
 
@@ -172,8 +172,8 @@ class Program:
             if not isinstance(name, str) or not _NAME.fullmatch(name):
                 raise QCError(f"bad circuit name {quoted(name)}", expected="a name like attn")
             if not isinstance(circuit, Circuit):
-                raise QCError(f"circuit {quoted(name)} is a {type(circuit).__name__}, not a "
-                              "Circuit")
+                raise QCError(f"circuit {quoted(name)} is "
+                              f"{with_article(type(circuit).__name__)}, not a Circuit")
         for rule in self.rules:
             if not isinstance(rule, ApplyRule):
                 raise QCError(f"a program's rules are ApplyRules, got {type(rule).__name__}")

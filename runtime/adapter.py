@@ -35,6 +35,7 @@ from .install import (check_fresh, check_not_flat_sharded, install, uninstall,
                       unwrapped_under_distributed)
 from .layer import AdaptedLayer, LayerState
 from .moves import move_all
+from .oversize import NearFullSizeWarning, near_full_size
 from .record import ModuleRecord
 from .weights import warn_large_updates
 
@@ -344,6 +345,8 @@ def attach(model: nn.Module, program_or_path: Program | str | Path, *,
     check_fresh(model)
     targets = bind(model, program)
     names = trained_modules.bind_trained(model, program.trained, {t.module_name for t in targets})
+    for warning in near_full_size(targets):
+        warnings.warn(warning, NearFullSizeWarning, stacklevel=2)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     adapted = _wrap(model, program, targets, generator, warm_up,
                     {name: model.get_submodule(name) for name in names})

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from qcircuit.errors import QCError, Span
+from qcircuit.errors import QCError, Span, with_article
 
 if TYPE_CHECKING:   # imported when used: ``qcompile`` imports this package first, light
     from torch import nn
@@ -116,8 +116,8 @@ def bind(model: nn.Module, program: Program) -> tuple[Target, ...]:
                                   span, expected="a pattern naming supported layers only")
                 if shape is None:
                     raise QCError(
-                        f"pattern {str(pattern)!r} matches module {name!r}, a "
-                        f"{type(modules[name]).__name__}, not a linear layer "
+                        f"pattern {str(pattern)!r} matches module {name!r}, "
+                        f"{with_article(type(modules[name]).__name__)}, not a linear layer "
                         "(nn.Linear or Conv1D)", span,
                         expected="a pattern naming linear layers only (anchor a regex with $)")
                 if (name, rule.circuit) in claimed:

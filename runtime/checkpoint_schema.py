@@ -289,6 +289,8 @@ def _show(value: object) -> str:
     """A short, safe rendering of a JSON value for an error message."""
     kind = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             int: "an integer", float: "a number", type(None): "null"}.get(type(value), "?")
+    if value is None:
+        return kind
     if isinstance(value, (dict, list)):
         return f"{kind} of {len(value)} entries"
     text = json.dumps(value)

@@ -12,9 +12,10 @@ full disk, running out of memory) print one line ``qcompile: error: …`` on std
 exit with status 2; Ctrl-C prints ``qcompile: interrupted`` and exits 130, SIGTERM
 ``qcompile: terminated`` and 143, both after the checkpoint writer has cleaned up.
 Any other exception is a bug in qcircuit and keeps its traceback. Warnings (a circuit
-that is not universal) go to stderr too, so stdout holds only the report. Nothing
-touches the network: embedded models are built from their stored configs with
-``from_config``, and directories are read with ``local_files_only=True``.
+that is not universal, one nearly as large as its layer: ``oversize.py``) go to stderr
+too, so stdout holds only the report. Nothing touches the network: embedded models are
+built from their stored configs with ``from_config``, and directories are read with
+``local_files_only=True``.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Sequence
 
 import torch
@@ -37,6 +39,7 @@ from .adapter import attach
 from .bind import bind
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .models import EMBEDDED_MODELS, embedded_config_dict, load_model
+from .oversize import NearFullSizeWarning, near_full_size
 from .report import (build_report, checkpoint_bytes, format_table, not_universal, options_text,
                      rank_text, to_json)
 
@@ -59,9 +62,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+#: ``qcompile --help`` ends with the subcommands (argparse's own subparsers would make the
+#: first positional argument, the .qc file, a subcommand name)
+SUBCOMMANDS = """subcommands:
+  import-reference CHECKPOINT --model NAME_OR_DIR --out DIR [--force]
+                        convert a checkpoint of the QuanTA reference implementation
+                        into an adapter (qcompile import-reference --help)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qcompile", description="Report what a QuanTA adapter (.qc) costs on a "
-                "model: matched layers, circuit dims, parameters, FLOPs per token, rank bound.")
+                "model: matched layers, circuit dims,\nparameters, FLOPs per token, rank bound.",
+                epilog=SUBCOMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", nargs="?", help="the adapter's .qc file")
     p.add_argument("--model", "-m", help="embedded model name (see --list-models) or a local "
                    "directory with config.json")
@@ -220,14 +232,15 @@ def run(args: argparse.Namespace) -> int:
     targets = bind(loaded.model, program)
     report = build_report(loaded.name, type(loaded.model).__name__, loaded.total_params,
                           targets, {k: program.option(k) for k in OPTION_DEFAULTS})
-    for warning in not_universal(report):
-        print(f"qcompile: warning: {warning}", file=sys.stderr)
     if args.out is not None:
         size = checkpoint_bytes(report, GATE_BYTES)
         if size > args.max_bytes:
             raise QCError(f"--out: the checkpoint would hold {size:,} bytes of gates, over the "
                           f"cap of {args.max_bytes:,}", expected="a smaller adapter, or "
                           "--max-bytes N to raise the cap")
+    for warning in not_universal(report) + near_full_size(targets):   # a refusal is one line
+        print(f"qcompile: warning: {warning}", file=sys.stderr)
+    if args.out is not None:
         write_checkpoint(loaded.model, program, args.out, args.seed)
     pictures = diagrams(report) if args.draw else {}
     if args.json:
@@ -274,8 +287,12 @@ def check_out(out: str, force: bool) -> None:
 
 
 def write_checkpoint(model, program, out: str, seed: int) -> None:
-    """Attach the program to ``model`` with ``seed`` and save the adapter to ``out``."""
-    save_checkpoint(attach(model, program, seed=seed), out)
+    """Attach the program to ``model`` with ``seed`` and save the adapter to ``out``
+    (``attach``'s size warnings are the report's, already printed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NearFullSizeWarning)
+        adapted = attach(model, program, seed=seed)
+    save_checkpoint(adapted, out)
 
 
 def save_checkpoint(adapted, out: str) -> None:

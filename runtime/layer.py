@@ -64,6 +64,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qcircuit import Circuit, QCError
+from qcircuit.errors import with_article
 from qcircuit.ir import OPTION_DEFAULTS
 
 from . import quantized
@@ -106,7 +107,8 @@ class AdaptedLayer(LayerTensors, nn.Module):
     def __init__(self, base: nn.Module, branches: Sequence[Branch], *, name: str = "layer"):
         super().__init__()
         if not isinstance(base, (nn.Linear, Conv1D)):
-            raise QCError(f"cannot adapt a {type(base).__name__}: only nn.Linear and Conv1D")
+            raise QCError(f"cannot adapt {with_article(type(base).__name__)}: only nn.Linear "
+                          "and Conv1D")
         names = [b.name for b in branches]
         if not names or len(set(names)) != len(names):
             raise QCError(f"{name}: a layer takes one or more branches with distinct circuit "

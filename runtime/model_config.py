@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 from typing import Any, Mapping
 
-from qcircuit.errors import QCError
+from qcircuit.errors import QCError, with_article
 
 MAX_CONFIG_BYTES = 1 << 20  #: a published config.json is a few KiB
 MAX_DEPTH = 32  #: nesting of objects and lists (real configs: 3 or 4)
@@ -79,7 +79,7 @@ def parse_config_text(data: bytes, where: str) -> Any:
 def check_config(fields: Any, where: str) -> dict[str, Any]:
     """Check ``fields`` against the schema (module docstring); return them unchanged."""
     if not isinstance(fields, dict):
-        raise QCError(f"{where}: expected a JSON object, got a {type(fields).__name__}")
+        raise QCError(f"{where}: expected a JSON object, got {with_article(type(fields).__name__)}")
     model_type = fields.get("model_type")
     if not isinstance(model_type, str) or model_type not in _known_model_types():
         raise QCError(f"{where}: unknown model_type {model_type!r}",

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from qcircuit import QCError
+from qcircuit.errors import with_article
 
 from .quant_schemes import BNB4, BNB8, EXTRA, TORCHAO_INT8, Scheme, Storage, library, nbytes
 
@@ -123,7 +124,8 @@ def scheme_of(module: nn.Module, where: str = "layer") -> Scheme | None:
                           f"(supported: {SUPPORTED})")
         scheme = TORCHAO_INT8
     elif weight is not None and (not _from(weight, "torch") or not weight.is_floating_point()):
-        raise QCError(f"{where}: its weight is a {type(weight).__name__} of {weight.dtype}, "
+        raise QCError(f"{where}: its weight is {with_article(type(weight).__name__)} of "
+                      f"{weight.dtype}, "
                       f"not a supported quantized type (supported: {SUPPORTED})")
     else:
         return None

@@ -36,6 +36,7 @@ from torch import nn
 
 import qcircuit
 from qcircuit import Program, QCError, parse
+from qcircuit.errors import with_article
 from qcircuit.ir import OPTION_DEFAULTS
 
 from .bind import Target, bind, by_layer
@@ -98,7 +99,8 @@ class LayerRecord:
             return (f"shape mismatch: checkpoint {self.in_features} -> {self.out_features} "
                     f"features, model {other.in_features} -> {other.out_features} features")
         if self.kind != other.kind:
-            return f"checkpoint adapts a {self.kind}, model has a {other.kind}"
+            return (f"checkpoint adapts {with_article(self.kind)}, model has "
+                    f"{with_article(other.kind)}")
         if self.branches != other.branches:
             return f"different circuits: {_branch_difference(self.branches, other.branches)}"
         return None
@@ -128,7 +130,8 @@ class ModuleRecord:
     def difference(self, other: "ModuleRecord") -> str | None:
         """How ``other`` (the model's module) differs from this saved one, in a few words."""
         if self.kind != other.kind:
-            return f"the checkpoint trained a {self.kind}, the model has a {other.kind}"
+            return (f"the checkpoint trained {with_article(self.kind)}, the model has "
+                    f"{with_article(other.kind)}")
         if self.tensors != other.tensors:
             return (f"tensors differ: checkpoint {_shapes_text(self.tensors)}, model "
                     f"{_shapes_text(other.tensors)}")
@@ -417,6 +420,7 @@ def dtype_warning(record: AdapterRecord, model) -> str | None:
         return None
     stored = "/".join(sorted({t.dtype for t in (record.tensors or {}).values()}))
     gates = "float64" if now == "float64" else "float32"   # branch.gate_dtype's rule
-    return (f"this adapter was saved from a {saved} model and is loaded into a {now} model: "
+    return (f"this adapter was saved from {with_article(saved)} model and is loaded into "
+            f"{with_article(now)} model: "
             f"its {stored} gates are loaded as {gates} and the base layers compute in {now}, "
             f"so outputs differ from the saved model's by {now} rounding")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from qcircuit import Circuit, Program, QCError, parse
 
 from .adapter import Adapted, fold_all, attach
 from .bind import layer_shape
+from .oversize import NearFullSizeWarning
 from .reference_files import gate_key, read_reference
 
 __all__ = ["import_reference", "read_reference", "reference_program"]
@@ -121,7 +123,9 @@ def import_reference(model: nn.Module, checkpoint: str | Path) -> Adapted:
     real or on the meta device): ``W0 + T(θ) − T(θ0)`` in every adapted layer. Call
     ``.save(dir)`` on the result to write a qcircuit/PEFT adapter."""
     program, tensors = reference_program(model, read_reference(checkpoint))
-    adapted = attach(model, program, fold=False)
+    with warnings.catch_warnings():   # the circuits are the checkpoint's, trained already
+        warnings.simplefilter("ignore", NearFullSizeWarning)
+        adapted = attach(model, program, fold=False)
     for name, layer in adapted.layers.items():
         layer.load_tensors(name, tensors)
     return fold_all(adapted)  # like attach and load: one circuit per forward

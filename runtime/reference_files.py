@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from qcircuit import QCError
+from qcircuit.errors import with_article
 from qcircuit.ir import MAX_QUDITS
 
 from .checkpoint import MAX_GATE_ABS
@@ -99,7 +100,8 @@ class _Budget:
 
 def _checked(path: Path, key: str, tensor: object) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
-        raise QCError(f"{path}: {key[:200]} holds a {type(tensor).__name__}, not a tensor")
+        raise QCError(f"{path}: {key[:200]} holds {with_article(type(tensor).__name__)}, "
+                      "not a tensor")
     t = tensor.detach().clone()
     if not bool(torch.isfinite(t).all()) or float(t.abs().max()) > MAX_GATE_ABS:
         raise QCError(f"{path}: gate {key[:200]} holds a non-finite entry or one beyond "
@@ -145,7 +147,7 @@ def _read_bin(path: Path, budget: _Budget) -> dict[str, torch.Tensor]:
         raise QCError(f"cannot read {path} as a weights-only torch checkpoint: "
                       f"{str(e)[:300]}") from None
     if not isinstance(state, dict):
-        raise QCError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise QCError(f"{path} holds {with_article(type(state).__name__)}, not a state dict")
     out = {}
     for key, value in state.items():
         if gate_key(key) is not None:

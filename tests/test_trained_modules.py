@@ -2,7 +2,7 @@
 the adapter and is restored by every door.
 
 A tiny BERT for sequence classification (hidden 32, 2 layers, 3 labels) stands in for
-the trial's all-MiniLM-L6-v2 (``test_minilm_head.py`` runs the real one): its
+the trial's all-MiniLM-L6-v2 (``test_minilm_task_head.py`` runs the real one): its
 ``classifier`` starts random, so an adapter that does not carry it cannot give back the
 trained model. Each door — qcircuit's ``load``, PEFT's ``PeftModel.from_pretrained``,
 transformers' ``load_adapter`` — must give a base model whose own head is a *different*
