@@ -57,7 +57,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import opt_einsum as oe  # noqa: E402
@@ -69,6 +68,7 @@ from qcircuit.compiler.schedule import build_schedule  # noqa: E402
 from qcircuit.compiler.schedule_exec import Workspace, run_schedule  # noqa: E402
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
 from qcircuit.compiler import choice, token_bucket, triton_route, tuning  # noqa: E402
+from tables import write_table  # noqa: E402
 
 THREADS = 2
 # rounds per token count: a 16-token step takes milliseconds, so its median is taken over
@@ -481,10 +481,7 @@ def main() -> None:
             emit(f"# route choice at {tokens} tokens:")
             for row in compile_circuit(CIRCUIT).explain(tokens, device).splitlines():
                 emit("#   " + row)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)) or ".")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, output)
+    write_table(output, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ import quality_tasks as qt  # noqa: E402
 from qcircuit import parse  # noqa: E402
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
 from qcircuit.runtime import attach  # noqa: E402
+from tables import write_table  # noqa: E402
 
 TARGETS = ("attention.self.value", "attention.output.dense")
 RHO = 0.1                      # ‖ΔW‖ / ‖W‖ of each teacher weight
@@ -415,9 +416,7 @@ def main() -> None:
     lines += ["", "qudits auto N with all_pairs (the compiled plans):"] + dims_table()
     text = "\n".join(line.rstrip() for line in lines) + "\n"
     print(text)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_table(out, text)
     log(f"wrote {out}")
 
 

@@ -51,6 +51,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_tasks as qt  # noqa: E402
+from tables import write_table  # noqa: E402
 
 RHO = 0.1              # ‖ΔW‖ / ‖W‖ of every teacher layer
 BATCH = {"teacher": 8, "classification": 16}
@@ -298,7 +299,7 @@ def main() -> None:
         lines.append("")
     text = "\n".join(lines).rstrip() + "\n"
     print(text)
-    out.write_text(text)
+    write_table(out, text)
     log(f"wrote {out}")
 
 

@@ -56,6 +56,7 @@ from quantized_step import cpu_name  # noqa: E402
 
 from qcircuit import parse  # noqa: E402
 from qcircuit.runtime import attach  # noqa: E402
+from tables import write_table  # noqa: E402
 
 MARGIN = 0.05
 LR, HEAD_LR, BATCH = 1e-3, 3e-3, 16
@@ -200,8 +201,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     out = Path(args.output or Path(__file__).resolve().parent / "quantized_quality.txt")
-    out.with_suffix(".tmp").write_text(text)
-    out.with_suffix(".tmp").replace(out)
+    write_table(out, text)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tables import write_table  # noqa: E402
 
 KINDS = ("float32", "bnb nf4", "bnb int8", "torchao int8")
 PROGRAM = "circuit attn { qudits 16 8 8  all_pairs }\napply attn to q_proj, v_proj\n"
@@ -212,9 +213,7 @@ def main() -> None:
     text = "\n".join(header(args.device, args.threads, args.rounds) + table(rows)) + "\n"
     print(text, end="")
     out = Path(args.output or HERE / f"quantized_step{'_cuda' if args.device == 'cuda' else ''}.txt")
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_table(out, text)
 
 
 if __name__ == "__main__":

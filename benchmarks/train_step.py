@@ -33,10 +33,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
+from tables import write_table  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROGRAM = os.path.join(HERE, "..", "examples", "llama2_qv.qc")
@@ -199,10 +199,7 @@ def main() -> None:
                          f"{vs(r['peak'], lora['peak'] if lora else None)}")
             print(lines[-1], flush=True)
     lines.append(f"# load average {os.getloadavg()[0]:.1f} at the end")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)) or ".")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, output)
+    write_table(output, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import quality_tasks as qt  # noqa: E402
 
 from qcircuit import Circuit, parse  # noqa: E402
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
+from tables import write_table  # noqa: E402
 
 RHO, TEACHER_SEED = 0.1, 100  # as finetune_quality.py
 MATRICES = ("encoder.layer.0.attention.self.query.weight",
@@ -206,7 +207,7 @@ def main() -> None:
                      f"{sec:>5}")
     text = "\n".join(line.rstrip() for line in lines) + "\n"
     print(text)
-    out.write_text(text)
+    write_table(out, text)
 
 
 if __name__ == "__main__":
