@@ -15,9 +15,10 @@ adapter learns. A task score asks what a user asks: does fine-tuning a 4-bit mod
 the quality of fine-tuning the float one?
 
 Each run: a fresh base, a linear head from a probe on that base's frozen embeddings, then
-QuanTA (qudits 8·8·6, ``repeat 2 { all_pairs }``, ``freeze_one``, on every query and value
-layer) and the head trained together: Adam with cosine decay, 50 steps of 16 sentences, the
-rates ``finetune_quality.py``'s full table chose for this arm (1e-3; head 3e-3); seeds 0,
+QuanTA (qudits 8·8·6, ``repeat 2 { all_pairs }``, on every query and value layer; ``--init``
+``zero_last``, the default, or ``freeze_one``) and the head trained together: Adam with
+cosine decay, 50 steps of 16 sentences, the rate ``finetune_quality.py``'s full table chose
+for the arm (``zero_last`` 3e-3, ``freeze_one`` 1e-3; head 3e-3); seeds 0,
 1, 2 with the same data and gates on every base. Scores: test accuracy and test
 cross-entropy. On NF4 it also merges (requantizing) and exports
 (``merge_and_unload(dtype=torch.float32)``) and scores both. A control runs the same on
@@ -31,8 +32,9 @@ Stated margin, fixed before the run: the NF4 median test accuracy is within ``MA
 points of the float32 median (about twice the seed-to-seed spread of this arm in
 ``finetune_quality.txt``, a third of its gain over the probe).
 
-Usage: ``python benchmarks/quantized_quality.py [--threads 1] [--steps 50] [--output FILE]``;
-writes benchmarks/quantized_quality.txt.
+Usage: ``python benchmarks/quantized_quality.py [--init zero_last|freeze_one] [--threads 1]
+[--steps 50] [--output FILE]``; writes benchmarks/quantized_quality.txt
+(``quantized_quality_freeze_one.txt`` with ``--init freeze_one``).
 """
 from __future__ import annotations
 
@@ -59,9 +61,8 @@ from qcircuit.runtime import attach  # noqa: E402
 from tables import write_table  # noqa: E402
 
 MARGIN = 0.05
-LR, HEAD_LR, BATCH = 1e-3, 3e-3, 16
+RATES, HEAD_LR, BATCH = {"zero_last": 3e-3, "freeze_one": 1e-3}, 3e-3, 16
 SEEDS = (0, 1, 2)
-PROGRAM = qt.QUANTA.format(init="freeze_one")
 
 
 def load_nf4() -> nn.Module:
@@ -109,11 +110,12 @@ def score(model: nn.Module, head: nn.Module, test: list) -> tuple[float, float]:
     return right / n, loss / n
 
 
-def finetune(model: nn.Module, head: nn.Module, train: list, seed: int, steps: int):
+def finetune(model: nn.Module, head: nn.Module, train: list, seed: int, steps: int,
+             init: str):
     """QuanTA + head, trained together; returns the Adapted handle and ms per step."""
-    adapted = attach(model, parse(PROGRAM), seed=seed, warm_up=qt.WARM_UP)
+    adapted = attach(model, parse(qt.QUANTA.format(init=init)), seed=seed, warm_up=qt.WARM_UP)
     head = head.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": adapted.trainable_parameters(), "lr": LR},
+    opt = torch.optim.Adam([{"params": adapted.trainable_parameters(), "lr": RATES[init]},
                             {"params": list(head.parameters()), "lr": HEAD_LR}])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     rng, order, times = random.Random(seed), [], []
@@ -134,10 +136,14 @@ def finetune(model: nn.Module, head: nn.Module, train: list, seed: int, steps: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--init", choices=tuple(RATES), default="zero_last")
+    ap.add_argument("--lr", type=float, help="the circuit's rate (default: the arm's, above)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--output")
     args = ap.parse_args()
+    if args.lr is not None:
+        RATES[args.init] = args.lr
     torch.set_num_threads(args.threads)
     started = time.time()
     base, tokenizer = qt.load_base()
@@ -157,7 +163,8 @@ def main() -> None:
                 feats[kind] = qt.embed_all(model, [b for b, _ in splits["train"]])
             head = probe_head(feats[kind], labels, seed)
             add(f"{kind}: linear probe (frozen)", score(model, head, splits["test"]))
-            adapted, ms = finetune(model, head, splits["train"], seed, args.steps)
+            adapted, ms = finetune(model, head, splits["train"], seed, args.steps,
+                                   args.init)
             add(f"{kind}: QuanTA + head", (*score(model, head, splits["test"]), ms))
             if kind == "NF4":
                 with warnings.catch_warnings():
@@ -176,8 +183,8 @@ def main() -> None:
 
     float_acc, nf4_acc = med("float32: QuanTA + head", 0), med("NF4: QuanTA + head", 0)
     lines = [f"# quantized_quality: all-MiniLM-L6-v2, float32 vs NF4 base; QuanTA 8·8·6 repeat 2 "
-             f"all_pairs (freeze_one) on query, value + linear head; {args.steps} steps, batch "
-             f"{BATCH}, lr {LR:g} (head {HEAD_LR:g}), seeds {list(SEEDS)}",
+             f"all_pairs ({args.init}) on query, value + linear head; {args.steps} steps, batch "
+             f"{BATCH}, lr {RATES[args.init]:g} (head {HEAD_LR:g}), seeds {list(SEEDS)}",
              f"# torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} cores, "
              f"torch.set_num_threads({args.threads}), load average {os.getloadavg()[1]:.1f}, "
              f"{time.time() - started:.0f} s in all",
@@ -200,7 +207,8 @@ def main() -> None:
                  " points (the same function: what remains is float rounding)")
     text = "\n".join(lines) + "\n"
     print(text, end="")
-    out = Path(args.output or Path(__file__).resolve().parent / "quantized_quality.txt")
+    suffix = "" if args.init == "zero_last" else f"_{args.init}"
+    out = Path(args.output or Path(__file__).resolve().parent / f"quantized_quality{suffix}.txt")
     write_table(out, text)
 
 
