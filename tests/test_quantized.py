@@ -427,3 +427,27 @@ def test_the_docs_example_runs(base_dir, tmp_path):
     assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.bfloat16
     # the default init (zero_last) keeps no frozen copy: a float layer stays unfolded too
     assert {s.value for s in scope["adapted_full"].states.values()} == {"unfolded"}
+
+
+def test_unmerge_of_a_merged_state_from_a_state_dict_is_refused(base_dir):
+    """A merged state restored by ``load_state_dict`` holds requantized bytes, not the
+    original ones, which only the merging process kept: unmerge refuses, writing nothing."""
+    merged = attach(load_quantized(base_dir, "int8"), parse(PROGRAM), seed=0)
+    with torch.no_grad():
+        for g in merged.trainable_parameters():
+            g.add_(0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the update is partly lost to requantization
+        merged.merge()
+    state = merged.model.state_dict()
+    restored = attach(load_quantized(base_dir, "int8"), parse(PROGRAM), seed=1)
+    restored.model.load_state_dict(state)
+    assert {s.value for s in restored.states.values()} == {"merged"}
+    before = {n: snapshot(layer.base_layer) for n, layer in restored.layers.items()}
+    y = logits(restored)
+    with pytest.raises(QCError, match=r"the original quantized weight is not in memory"):
+        restored.unmerge()
+    assert all(same_storage(snapshot(layer.base_layer), before[n])
+               for n, layer in restored.layers.items())
+    assert torch.equal(logits(restored), y)
+    assert rel(y, logits(merged)) <= F32
