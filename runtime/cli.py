@@ -38,6 +38,7 @@ from qcircuit.parser import parse_file
 from .adapter import attach
 from .bind import bind
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from .console import interrupt_received
 from .models import EMBEDDED_MODELS, embedded_config_dict, load_model
 from .oversize import NearFullSizeWarning, near_full_size
 from .report import (build_report, checkpoint_bytes, format_table, not_universal, options_text,
@@ -323,26 +324,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _quiet_transformers()
         return work(args)
-    except BrokenPipeError:  # e.g. `qcompile … | head`: stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
-    except QCError as e:
-        _say(f"error: {e.one_line()}")
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        _say(f"error: {where}{e.strerror or e}")
-    except (MemoryError, _TorchOutOfMemory):
-        _say("error: out of memory (try a smaller adapter or model)")
-    except KeyboardInterrupt:
-        _say("interrupted")
-        return EXIT_INTERRUPTED
-    except Terminated:
-        _say("terminated")
-        return EXIT_TERMINATED
+    except BaseException as e:  # noqa: BLE001 - each kind becomes its exit status below
+        return _failure(e)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _failure(e: BaseException) -> int:
+    """The exit status for ``e`` (one line on stderr), or ``e`` raised again if unexpected.
+    After a Ctrl-C whatever ``e`` is counts as the interrupt: a library may turn the
+    ``KeyboardInterrupt`` into its own error (transformers' lazy imports do)."""
+    if interrupt_received() or isinstance(e, KeyboardInterrupt):
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+    if isinstance(e, Terminated):
+        _say("terminated")
+        return EXIT_TERMINATED
+    if isinstance(e, BrokenPipeError):  # e.g. `qcompile … | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    if isinstance(e, QCError):
+        _say(f"error: {e.one_line()}")
+    elif isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        _say(f"error: {where}{e.strerror or e}")
+    elif isinstance(e, (MemoryError, _TorchOutOfMemory)):
+        _say("error: out of memory (try a smaller adapter or model)")
+    else:
+        raise e
     return EXIT_USAGE
 
 

@@ -270,6 +270,26 @@ def test_ctrl_c_while_qcompile_starts(delay):
         assert (proc.returncode, out, err) == (130, "", "qcompile: interrupted\n")
 
 
+def test_an_interrupt_a_library_turned_into_its_own_error_still_exits_130(monkeypatch, capsys):
+    """transformers' lazy imports turn a KeyboardInterrupt into their own error ("Could not
+    import module 'LlamaConfig'"): after a Ctrl-C, qcompile reports the interrupt, not that."""
+    from qcircuit.runtime import cli, console
+
+    def interrupted_inside_a_library(args):
+        console._received.append(signal.SIGINT)   # the handler saw Ctrl-C ...
+        raise RuntimeError("Could not import module 'LlamaConfig'")   # ... the library says this
+
+    monkeypatch.setattr(cli, "run", interrupted_inside_a_library)
+    try:
+        assert cli.main([PAPER, "-m", "llama-2-7b"]) == 130
+    finally:
+        console._received.clear()
+    assert capsys.readouterr().err == "qcompile: interrupted\n"
+    monkeypatch.setattr(cli, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):   # without a Ctrl-C: not hidden
+        cli.main([PAPER, "-m", "llama-2-7b"])
+
+
 # --- report building ------------------------------------------------------------------------
 def test_build_report_groups_by_pattern_and_shape(tiny_llama):
     from qcircuit.compiler import compile
