@@ -28,6 +28,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    """Tiny test models carry circuits near their layers' size on purpose: the warning is
+    checked in test_oversize.py (pytest.warns records whatever this filter says). Added
+    here, after the environment above is set: naming the category imports qcircuit."""
+    config.addinivalue_line("filterwarnings",
+                            "ignore::qcircuit.runtime.oversize.NearFullSizeWarning")
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same torch seed."""
