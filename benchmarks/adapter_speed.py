@@ -53,7 +53,6 @@ import ctypes
 import functools
 import gc
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -68,7 +67,7 @@ from qcircuit.compiler.schedule import build_schedule  # noqa: E402
 from qcircuit.compiler.schedule_exec import Workspace, run_schedule  # noqa: E402
 from qcircuit.compiler import compile as compile_circuit  # noqa: E402
 from qcircuit.compiler import choice, token_bucket, triton_route, tuning  # noqa: E402
-from tables import write_table  # noqa: E402
+from tables import cpu_name, write_table  # noqa: E402
 
 THREADS = 2
 # rounds per token count: a 16-token step takes milliseconds, so its median is taken over
@@ -89,13 +88,7 @@ def machine(device: str = "cpu") -> str:
                 f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, float32, host "
                 f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, load average "
                 f"{os.getloadavg()[0]:.1f} at start")
-    model = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
             f"float32, load average {os.getloadavg()[0]:.1f} at start")
 

@@ -54,11 +54,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_tasks as qt  # noqa: E402
 from finetune_quality import probe_head  # noqa: E402
-from quantized_step import cpu_name  # noqa: E402
 
 from qcircuit import parse  # noqa: E402
 from qcircuit.runtime import attach  # noqa: E402
-from tables import write_table  # noqa: E402
+from tables import cpu_name, write_table  # noqa: E402
 
 MARGIN = 0.05
 RATES, HEAD_LR, BATCH = {"zero_last": 3e-3, "freeze_one": 1e-3}, 3e-3, 16

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tables import write_table  # noqa: E402
+from tables import cpu_name, write_table  # noqa: E402
 
 KINDS = ("float32", "bnb nf4", "bnb int8", "torchao int8")
 PROGRAM = "circuit attn { qudits 16 8 8  all_pairs }\napply attn to q_proj, v_proj\n"
@@ -167,14 +166,6 @@ def quantized_rows(device: str = "cpu", rounds: int = 7, threads: int = 2,
     median = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     ref = median.get("float32", next(iter(median.values())))
     return [Row(k, weights[k], *mem[k], median[k], median[k] / ref) for k in kinds]
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in
-                    Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def header(device: str, threads: int, rounds: int) -> list[str]:

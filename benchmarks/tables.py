@@ -1,7 +1,9 @@
-"""Writing a benchmark's table: whole or not at all (a temporary file beside it, renamed)."""
+"""What every benchmark table needs: the CPU's name for its header, and writing it whole or
+not at all (a temporary file beside it, renamed)."""
 from __future__ import annotations
 
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -17,3 +19,12 @@ def write_table(path: str | Path, text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what ``platform`` says)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in
+                    Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -36,7 +36,7 @@ import sys
 import time
 
 import torch
-from tables import write_table  # noqa: E402
+from tables import cpu_name, write_table  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROGRAM = os.path.join(HERE, "..", "examples", "llama2_qv.qc")
@@ -132,13 +132,7 @@ def machine(args: argparse.Namespace) -> str:
     if args.device == "cuda":
         return (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
                 f"bfloat16 weights, load average {load:.1f} at start")
-    model = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, float32, "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, float32, "
             f"{args.threads} threads, load average {load:.1f} at start")
 
 
